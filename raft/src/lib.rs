@@ -1,0 +1,130 @@
+//! capstan-raft: the replicated log under the store.
+//!
+//! [`types`] declares openraft's type configuration and the protobuf form of its types;
+//! [`log_store`] keeps the log and vote in RocksDB, synced before acknowledged;
+//! [`state_machine`] applies committed entries to the store and publishes watch events;
+//! [`network`] carries Raft messages between planes; [`start`] puts them together.
+//!
+//! Invariants: this crate serves no client API (that is the plane's, in `src/`); the store
+//! under it never learns of Raft beyond opaque meta values written with each apply.
+
+// openraft's traits return its `StorageError`, which is large; boxing it here would only
+// be undone at the trait boundary.
+#![allow(clippy::result_large_err)]
+
+pub mod error;
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+pub mod types;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use prost::Message;
+use tokio::sync::broadcast;
+
+use capstan_store::Store;
+
+pub use error::RaftError;
+pub use state_machine::{RevisionEvents, StateMachine};
+pub use types::{cluster_id, member_id, NodeId, PeerNode, Raft, Response, TypeConfig};
+
+/// How many applied revisions the event channel buffers before a slow watcher lags and
+/// catches up from the store's history instead.
+pub const EVENT_CHANNEL_REVISIONS: usize = 4096;
+const META_CLUSTER_ID: &[u8] = b"cluster_id";
+
+/// Timing and log-compaction settings of a plane's Raft.
+#[derive(Clone, Debug)]
+pub struct RaftConfig {
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_ms_min: u64,
+    pub election_timeout_ms_max: u64,
+    /// Build a snapshot after this many entries since the last one.
+    pub snapshot_entries: u64,
+    /// Entries kept behind a snapshot for followers that are a little behind.
+    pub log_entries_kept: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> RaftConfig {
+        RaftConfig {
+            heartbeat_interval_ms: 100,
+            election_timeout_ms_min: 300,
+            election_timeout_ms_max: 600,
+            snapshot_entries: 10_000,
+            log_entries_kept: 5_000,
+        }
+    }
+}
+
+/// Who this plane is and which cluster it belongs to.
+#[derive(Clone, Debug)]
+pub struct PlaneIdentity {
+    pub node_id: NodeId,
+    pub cluster_id: u64,
+    pub node: PeerNode,
+    /// The members to bootstrap with when the data directory is new.
+    pub initial_members: BTreeMap<NodeId, PeerNode>,
+}
+
+/// A running plane's Raft, with the store it drives and its event channel.
+pub struct PlaneRaft {
+    pub raft: Raft,
+    pub store: Store,
+    pub events: broadcast::Sender<Arc<RevisionEvents>>,
+}
+
+/// Opens the plane's database in `data_dir` and starts its Raft; bootstraps the cluster
+/// when the directory is new.
+pub async fn start(data_dir: PathBuf, identity: &PlaneIdentity, config: &RaftConfig) -> Result<PlaneRaft, RaftError> {
+    std::fs::create_dir_all(&data_dir)?;
+    let store = {
+        let db_dir = data_dir.join("db");
+        tokio::task::spawn_blocking(move || Store::open(&db_dir, &[log_store::CF_RAFT_LOG, log_store::CF_RAFT_META]))
+            .await
+            .map_err(std::io::Error::other)??
+    };
+    check_cluster_id(&store, identity.cluster_id)?;
+    let (events, _) = broadcast::channel(EVENT_CHANNEL_REVISIONS);
+    let state_machine = StateMachine::new(store.clone(), data_dir.join("snapshots"), events.clone())?;
+    let log_store = log_store::LogStore::new(store.db().clone());
+    let raft_config = openraft::Config {
+        cluster_name: format!("{:x}", identity.cluster_id),
+        heartbeat_interval: config.heartbeat_interval_ms,
+        election_timeout_min: config.election_timeout_ms_min,
+        election_timeout_max: config.election_timeout_ms_max,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_entries),
+        max_in_snapshot_log_to_keep: config.log_entries_kept,
+        ..Default::default()
+    }
+    .validate()?;
+    let raft = Raft::new(identity.node_id, Arc::new(raft_config), network::NoPeers, log_store, state_machine).await?;
+    if !raft.is_initialized().await? {
+        tracing::info!(members = identity.initial_members.len(), "bootstrapping a new cluster");
+        if let Err(error) = raft.initialize(identity.initial_members.clone()).await {
+            tracing::warn!(%error, "bootstrap refused");
+        }
+    }
+    Ok(PlaneRaft { raft, store, events })
+}
+
+/// A data directory remembers its cluster; a plane configured for another refuses it.
+fn check_cluster_id(store: &Store, expected: u64) -> Result<(), RaftError> {
+    let db = store.db();
+    let family = db.cf_handle(log_store::CF_RAFT_META).expect("opened with the store");
+    match db.get_cf(family, META_CLUSTER_ID).map_err(capstan_store::StoreError::from)? {
+        Some(raw) => {
+            let found = u64::decode(raw.as_slice()).map_err(error::DecodeError::from)?;
+            if found != expected {
+                return Err(RaftError::ClusterMismatch { found, expected });
+            }
+        }
+        None => {
+            db.put_cf(family, META_CLUSTER_ID, expected.encode_to_vec()).map_err(capstan_store::StoreError::from)?
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,253 @@
+//! openraft's state machine over the store. Each entry is applied in one RocksDB batch
+//! together with the applied log ID (and membership), so the store and Raft never disagree
+//! about what has been applied. Watch events of each applied command are published on a
+//! bounded broadcast channel; a watcher that falls behind reads the store's history.
+//!
+//! Snapshots are files: the store's export, plus a `.meta` file with the snapshot's
+//! protobuf `SnapshotMeta`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    EntryPayload, ErrorSubject, ErrorVerb, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageIOError, StoredMembership,
+};
+use prost::Message;
+use tokio::sync::broadcast;
+
+use capstan_proto::{mvccpb, raftpb};
+use capstan_store::Store;
+
+use crate::error::DecodeError;
+use crate::types::{self, Entry, NodeId, PeerNode, Response, StorageError, TypeConfig};
+
+const META_APPLIED: &[u8] = b"raft/applied";
+const META_MEMBERSHIP: &[u8] = b"raft/membership";
+const SNAPSHOT_FILE: &str = "current.snap";
+const SNAPSHOT_META_FILE: &str = "current.meta";
+const RECEIVING_FILE: &str = "receiving.snap";
+
+/// The last applied log ID and the membership in force, as openraft asks for them.
+type AppliedState = (Option<LogId<NodeId>>, StoredMembership<NodeId, PeerNode>);
+
+/// The events of one applied revision, as published to watchers.
+#[derive(Debug)]
+pub struct RevisionEvents {
+    pub revision: i64,
+    pub events: Vec<mvccpb::Event>,
+}
+
+/// The state machine: the store plus where its snapshots live.
+#[derive(Clone)]
+pub struct StateMachine {
+    store: Store,
+    snapshot_dir: PathBuf,
+    events: broadcast::Sender<Arc<RevisionEvents>>,
+}
+
+fn sm_error(verb: ErrorVerb, error: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::new(ErrorSubject::StateMachine, verb, openraft::AnyError::new(&error)).into()
+}
+
+fn snapshot_error(verb: ErrorVerb, error: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::new(ErrorSubject::Snapshot(None), verb, openraft::AnyError::new(&error)).into()
+}
+
+impl StateMachine {
+    pub fn new(
+        store: Store,
+        snapshot_dir: PathBuf,
+        events: broadcast::Sender<Arc<RevisionEvents>>,
+    ) -> std::io::Result<StateMachine> {
+        std::fs::create_dir_all(&snapshot_dir)?;
+        Ok(StateMachine { store, snapshot_dir, events })
+    }
+
+    fn read_applied(&self) -> Result<AppliedState, StorageError> {
+        let reader = self.store.reader();
+        let decode = |name: &[u8]| reader.meta(name).map_err(|error| sm_error(ErrorVerb::Read, error));
+        let applied = decode(META_APPLIED)?
+            .map(|raw| raftpb::LogId::decode(raw.as_slice()))
+            .transpose()
+            .map_err(|error| sm_error(ErrorVerb::Read, DecodeError::from(error)))?
+            .map(|id| types::log_id_from_pb(&id));
+        let membership = decode(META_MEMBERSHIP)?
+            .map(|raw| raftpb::StoredMembership::decode(raw.as_slice()))
+            .transpose()
+            .map_err(|error| sm_error(ErrorVerb::Read, DecodeError::from(error)))?
+            .map(types::stored_membership_from_pb)
+            .unwrap_or_default();
+        Ok((applied, membership))
+    }
+
+    fn apply_entry(&self, entry: Entry) -> Result<Response, StorageError> {
+        let mut meta: Vec<(&[u8], Vec<u8>)> = vec![(META_APPLIED, types::log_id_to_pb(&entry.log_id).encode_to_vec())];
+        match entry.payload {
+            EntryPayload::Normal(command) => {
+                let applied = self.store.apply(&command, &meta).map_err(|error| sm_error(ErrorVerb::Write, error))?;
+                if !applied.events.is_empty() {
+                    // No receivers is fine: nobody watches.
+                    let _ = self
+                        .events
+                        .send(Arc::new(RevisionEvents { revision: applied.revision, events: applied.events }));
+                }
+                Ok(Response { result: Some(applied.response), revision: applied.revision })
+            }
+            EntryPayload::Membership(membership) => {
+                let stored = StoredMembership::new(Some(entry.log_id), membership);
+                meta.push((META_MEMBERSHIP, types::stored_membership_to_pb(&stored).encode_to_vec()));
+                self.store.put_meta(&meta).map_err(|error| sm_error(ErrorVerb::Write, error))?;
+                Ok(Response { result: None, revision: self.store.revision() })
+            }
+            EntryPayload::Blank => {
+                self.store.put_meta(&meta).map_err(|error| sm_error(ErrorVerb::Write, error))?;
+                Ok(Response { result: None, revision: self.store.revision() })
+            }
+        }
+    }
+
+    fn snapshot_path(&self) -> PathBuf {
+        self.snapshot_dir.join(SNAPSHOT_FILE)
+    }
+
+    fn snapshot_meta_path(&self) -> PathBuf {
+        self.snapshot_dir.join(SNAPSHOT_META_FILE)
+    }
+
+    /// Makes `data` the current snapshot with `meta`: data first, then meta, each renamed
+    /// into place, so a crash leaves the old pair or a new data file the old meta ignores.
+    fn keep_snapshot(&self, data: &Path, meta: &SnapshotMeta<NodeId, PeerNode>) -> std::io::Result<()> {
+        let encoded = raftpb::SnapshotMeta {
+            last_log_id: meta.last_log_id.as_ref().map(types::log_id_to_pb),
+            last_membership: Some(types::stored_membership_to_pb(&meta.last_membership)),
+            snapshot_id: meta.snapshot_id.clone(),
+        };
+        let meta_tmp = self.snapshot_dir.join("current.meta.tmp");
+        std::fs::write(&meta_tmp, encoded.encode_to_vec())?;
+        std::fs::rename(data, self.snapshot_path())?;
+        std::fs::rename(meta_tmp, self.snapshot_meta_path())
+    }
+
+    fn current_snapshot_meta(&self) -> Result<Option<SnapshotMeta<NodeId, PeerNode>>, StorageError> {
+        let raw = match std::fs::read(self.snapshot_meta_path()) {
+            Ok(raw) => raw,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(snapshot_error(ErrorVerb::Read, error)),
+        };
+        let meta = raftpb::SnapshotMeta::decode(raw.as_slice())
+            .map_err(|error| snapshot_error(ErrorVerb::Read, DecodeError::from(error)))?;
+        Ok(Some(SnapshotMeta {
+            last_log_id: meta.last_log_id.as_ref().map(types::log_id_from_pb),
+            last_membership: types::stored_membership_from_pb(meta.last_membership.unwrap_or_default()),
+            snapshot_id: meta.snapshot_id,
+        }))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let building = this.snapshot_dir.join("building.snap");
+            // The export and the applied state come from one RocksDB snapshot.
+            let exported = this
+                .store
+                .export(&building, &[META_APPLIED, META_MEMBERSHIP])
+                .map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
+            let decode_error = |error: prost::DecodeError| snapshot_error(ErrorVerb::Read, DecodeError::from(error));
+            let last_log_id = exported.meta[0]
+                .as_deref()
+                .map(raftpb::LogId::decode)
+                .transpose()
+                .map_err(decode_error)?
+                .map(|id| types::log_id_from_pb(&id));
+            let last_membership = exported.meta[1]
+                .as_deref()
+                .map(raftpb::StoredMembership::decode)
+                .transpose()
+                .map_err(decode_error)?
+                .map(types::stored_membership_from_pb)
+                .unwrap_or_default();
+            let snapshot_id = match &last_log_id {
+                Some(id) => format!("{}-{}-{}", id.leader_id.term, id.leader_id.node_id, id.index),
+                None => "empty".to_string(),
+            };
+            let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id };
+            this.keep_snapshot(&building, &meta).map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
+            tracing::info!(snapshot = %meta.snapshot_id, bytes = exported.bytes, "built snapshot");
+            Ok(meta)
+        })
+        .await
+        .map_err(|error| snapshot_error(ErrorVerb::Write, error))
+        .and_then(|meta| meta)
+        .and_then(|meta| {
+            let file =
+                std::fs::File::open(self.snapshot_path()).map_err(|error| snapshot_error(ErrorVerb::Read, error))?;
+            Ok(Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) })
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, PeerNode>), StorageError> {
+        self.read_applied()
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || entries.into_iter().map(|entry| this.apply_entry(entry)).collect())
+            .await
+            .map_err(|error| sm_error(ErrorVerb::Write, error))?
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        let file = tokio::fs::File::create(self.snapshot_dir.join(RECEIVING_FILE))
+            .await
+            .map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
+        Ok(Box::new(file))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, PeerNode>,
+        snapshot: Box<tokio::fs::File>,
+    ) -> Result<(), StorageError> {
+        let mut file = *snapshot;
+        tokio::io::AsyncWriteExt::flush(&mut file).await.map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
+        file.sync_all().await.map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
+        drop(file);
+        let this = self.clone();
+        let meta = meta.clone();
+        tokio::task::spawn_blocking(move || {
+            let received = this.snapshot_dir.join(RECEIVING_FILE);
+            this.store.import(&received).map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
+            this.keep_snapshot(&received, &meta).map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
+            tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
+            Ok(())
+        })
+        .await
+        .map_err(|error| snapshot_error(ErrorVerb::Write, error))?
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let Some(meta) = self.current_snapshot_meta()? else { return Ok(None) };
+        let file = tokio::fs::File::open(self.snapshot_path())
+            .await
+            .map_err(|error| snapshot_error(ErrorVerb::Read, error))?;
+        Ok(Some(Snapshot { meta, snapshot: Box::new(file) }))
+    }
+}

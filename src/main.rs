@@ -1,0 +1,27 @@
+//! `capstan`: parses the command line, sets up logging and runs the chosen subcommand.
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = capstan::cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| cli.default_log_filter().into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("capstan: cannot start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(capstan::cli::run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("capstan: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

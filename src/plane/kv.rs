@@ -1,0 +1,127 @@
+//! etcd's KV service: Range, Put, DeleteRange, Txn, Compact.
+
+use std::sync::Arc;
+
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use capstan_proto::etcdserverpb::{self as pb, kv_server::Kv};
+use capstan_proto::raftpb::{command, Command};
+use capstan_store::CommandResponse;
+
+use super::{status, Plane, REQUEST_BYTES_MAX};
+
+pub struct KvService(pub Arc<Plane>);
+
+fn check_size(request: &impl Message) -> Result<(), Status> {
+    if request.encoded_len() > REQUEST_BYTES_MAX {
+        return Err(status::request_too_large());
+    }
+    Ok(())
+}
+
+/// Whether a txn writes anything on either branch (a read-only txn is served like a read
+/// when the quota is exhausted, as in etcd).
+fn txn_writes(request: &pb::TxnRequest) -> bool {
+    use pb::request_op::Request as Op;
+    request.success.iter().chain(&request.failure).any(|op| match &op.request {
+        Some(Op::RequestPut(_)) => true,
+        Some(Op::RequestTxn(nested)) => txn_writes(nested),
+        _ => false,
+    })
+}
+
+impl KvService {
+    async fn write(&self, request: command::Request) -> Result<CommandResponse, Status> {
+        self.0.propose(Command { request: Some(request) }).await
+    }
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn range(&self, request: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
+        let request = request.into_inner();
+        check_size(&request)?;
+        if !request.serializable {
+            self.0.linearizable_barrier().await?;
+        }
+        let plane = self.0.clone();
+        let mut response = tokio::task::spawn_blocking(move || plane.store.range(&request))
+            .await
+            .map_err(|error| Status::internal(error.to_string()))?
+            .map_err(|error| status::from_store(&error))?;
+        self.0.complete_header(&mut response.header);
+        Ok(Response::new(response))
+    }
+
+    async fn put(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+        let request = request.into_inner();
+        check_size(&request)?;
+        self.0.check_quota()?;
+        match self.write(command::Request::Put(request)).await? {
+            CommandResponse::Put(mut response) => {
+                self.0.complete_header(&mut response.header);
+                Ok(Response::new(response))
+            }
+            other => Err(Status::internal(format!("put answered with {other:?}"))),
+        }
+    }
+
+    async fn delete_range(
+        &self,
+        request: Request<pb::DeleteRangeRequest>,
+    ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        let request = request.into_inner();
+        check_size(&request)?;
+        match self.write(command::Request::DeleteRange(request)).await? {
+            CommandResponse::DeleteRange(mut response) => {
+                self.0.complete_header(&mut response.header);
+                Ok(Response::new(response))
+            }
+            other => Err(Status::internal(format!("delete answered with {other:?}"))),
+        }
+    }
+
+    async fn txn(&self, request: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
+        let request = request.into_inner();
+        check_size(&request)?;
+        capstan_store::check_txn(&request).map_err(|error| status::from_store(&error))?;
+        if txn_writes(&request) {
+            self.0.check_quota()?;
+        }
+        match self.write(command::Request::Txn(request)).await? {
+            CommandResponse::Txn(mut response) => {
+                complete_txn_headers(&self.0, &mut response);
+                Ok(Response::new(response))
+            }
+            other => Err(Status::internal(format!("txn answered with {other:?}"))),
+        }
+    }
+
+    async fn compact(
+        &self,
+        request: Request<pb::CompactionRequest>,
+    ) -> Result<Response<pb::CompactionResponse>, Status> {
+        match self.write(command::Request::Compaction(request.into_inner())).await? {
+            CommandResponse::Compaction(mut response) => {
+                self.0.complete_header(&mut response.header);
+                Ok(Response::new(response))
+            }
+            other => Err(Status::internal(format!("compact answered with {other:?}"))),
+        }
+    }
+}
+
+fn complete_txn_headers(plane: &Plane, response: &mut pb::TxnResponse) {
+    use pb::response_op::Response as Op;
+    plane.complete_header(&mut response.header);
+    for op in &mut response.responses {
+        match &mut op.response {
+            Some(Op::ResponseRange(inner)) => plane.complete_header(&mut inner.header),
+            Some(Op::ResponsePut(inner)) => plane.complete_header(&mut inner.header),
+            Some(Op::ResponseDeleteRange(inner)) => plane.complete_header(&mut inner.header),
+            Some(Op::ResponseTxn(inner)) => complete_txn_headers(plane, inner),
+            None => {}
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! etcd's Maintenance (status, alarms, defragment) and Cluster (membership) services.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use capstan_proto::etcdserverpb::{self as pb, cluster_server::Cluster, maintenance_server::Maintenance};
+
+use super::Plane;
+
+/// The etcd API version Capstan reports; clients use it to decide which features exist.
+pub const ETCD_API_VERSION: &str = "3.5.0";
+
+pub struct MaintenanceService(pub Arc<Plane>);
+pub struct ClusterService(pub Arc<Plane>);
+
+fn not_served(what: &str) -> Status {
+    Status::unimplemented(format!("capstan: {what} is not served yet"))
+}
+
+impl Plane {
+    fn alarm_members(&self) -> Vec<pb::AlarmMember> {
+        let alarms = self.alarms.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut members = Vec::new();
+        if alarms.no_space {
+            members.push(pb::AlarmMember { member_id: self.node_id, alarm: pb::AlarmType::Nospace as i32 });
+        }
+        members
+    }
+
+    /// The members as etcd lists them, voters and learners alike.
+    fn members(&self) -> Vec<pb::Member> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        membership
+            .nodes()
+            .map(|(id, node)| pb::Member {
+                id: *id,
+                name: node.name.clone(),
+                peer_ur_ls: vec![node.peer_url.clone()],
+                client_ur_ls: node.client_urls.clone(),
+                is_learner: !voters.contains(id),
+            })
+            .collect()
+    }
+}
+
+#[tonic::async_trait]
+impl Maintenance for MaintenanceService {
+    async fn alarm(&self, request: Request<pb::AlarmRequest>) -> Result<Response<pb::AlarmResponse>, Status> {
+        use pb::alarm_request::AlarmAction;
+        let plane = &self.0;
+        let request = request.into_inner();
+        let nospace = request.alarm == pb::AlarmType::Nospace as i32 || request.alarm == pb::AlarmType::None as i32;
+        match AlarmAction::try_from(request.action) {
+            Ok(AlarmAction::Get) => {}
+            Ok(AlarmAction::Activate) if nospace => {
+                plane.alarms.lock().unwrap_or_else(|p| p.into_inner()).no_space = true
+            }
+            Ok(AlarmAction::Deactivate) if nospace => {
+                tracing::info!("NOSPACE alarm disarmed");
+                plane.alarms.lock().unwrap_or_else(|p| p.into_inner()).no_space = false;
+            }
+            _ => return Err(Status::invalid_argument("etcdserver: unsupported alarm action or type")),
+        }
+        Ok(Response::new(pb::AlarmResponse {
+            header: plane.header(plane.store.revision()),
+            alarms: plane.alarm_members(),
+        }))
+    }
+
+    async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let plane = &self.0;
+        let metrics = plane.raft.metrics().borrow().clone();
+        let db_size = plane.store.size_bytes() as i64;
+        let voters: Vec<u64> = metrics.membership_config.membership().voter_ids().collect();
+        let errors = plane.alarm_members().iter().map(|_| "NOSPACE".to_string()).collect();
+        Ok(Response::new(pb::StatusResponse {
+            header: plane.header(plane.store.revision()),
+            version: ETCD_API_VERSION.to_string(),
+            db_size,
+            leader: metrics.current_leader.unwrap_or(0),
+            raft_index: metrics.last_log_index.unwrap_or(0),
+            raft_term: metrics.current_term,
+            raft_applied_index: metrics.last_applied.map_or(0, |id| id.index),
+            errors,
+            db_size_in_use: db_size,
+            is_learner: !voters.contains(&plane.node_id),
+        }))
+    }
+
+    async fn defragment(
+        &self,
+        _request: Request<pb::DefragmentRequest>,
+    ) -> Result<Response<pb::DefragmentResponse>, Status> {
+        let plane = self.0.clone();
+        tokio::task::spawn_blocking(move || {
+            let db = plane.store.db();
+            for name in capstan_store::codec::STORE_COLUMN_FAMILIES {
+                if let Some(family) = db.cf_handle(name) {
+                    db.compact_range_cf(family, None::<&[u8]>, None::<&[u8]>);
+                }
+            }
+        })
+        .await
+        .map_err(|error| Status::internal(error.to_string()))?;
+        Ok(Response::new(pb::DefragmentResponse { header: self.0.header(self.0.store.revision()) }))
+    }
+
+    async fn hash(&self, _request: Request<pb::HashRequest>) -> Result<Response<pb::HashResponse>, Status> {
+        Err(not_served("Hash"))
+    }
+
+    async fn hash_kv(&self, _request: Request<pb::HashKvRequest>) -> Result<Response<pb::HashKvResponse>, Status> {
+        Err(not_served("HashKV"))
+    }
+
+    type SnapshotStream = Pin<Box<dyn Stream<Item = Result<pb::SnapshotResponse, Status>> + Send>>;
+
+    async fn snapshot(&self, _request: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        Err(not_served("Snapshot"))
+    }
+
+    async fn move_leader(
+        &self,
+        _request: Request<pb::MoveLeaderRequest>,
+    ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
+        Err(not_served("MoveLeader"))
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn member_add(
+        &self,
+        _request: Request<pb::MemberAddRequest>,
+    ) -> Result<Response<pb::MemberAddResponse>, Status> {
+        Err(not_served("MemberAdd"))
+    }
+
+    async fn member_remove(
+        &self,
+        _request: Request<pb::MemberRemoveRequest>,
+    ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
+        Err(not_served("MemberRemove"))
+    }
+
+    async fn member_update(
+        &self,
+        _request: Request<pb::MemberUpdateRequest>,
+    ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
+        Err(not_served("MemberUpdate"))
+    }
+
+    async fn member_list(
+        &self,
+        _request: Request<pb::MemberListRequest>,
+    ) -> Result<Response<pb::MemberListResponse>, Status> {
+        let plane = &self.0;
+        Ok(Response::new(pb::MemberListResponse {
+            header: plane.header(plane.store.revision()),
+            members: plane.members(),
+        }))
+    }
+
+    async fn member_promote(
+        &self,
+        _request: Request<pb::MemberPromoteRequest>,
+    ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
+        Err(not_served("MemberPromote"))
+    }
+}

@@ -1,0 +1,221 @@
+//! capstan-store: etcd's MVCC key-value semantics on RocksDB.
+//!
+//! Every write command gets the next cluster revision; each key keeps its create and mod
+//! revision, version and lease; old revisions stay readable until they are compacted; the
+//! revision-ordered history feeds watches; leases own keys and delete them when revoked.
+//! The whole state exports to, and imports from, a single snapshot file.
+//!
+//! Layout: [`codec`] owns the RocksDB encoding, [`read`] the read path (ranges, history,
+//! leases) over a RocksDB snapshot, [`apply`] the write path (one command, one atomic
+//! `WriteBatch`), [`snapshot`] export and import.
+//!
+//! Invariants: the store knows nothing of Raft, gRPC or the clock: it applies the commands
+//! it is given in the order given, deterministically. Memory is bounded by the size of one
+//! request or response; no key index is held in memory.
+
+mod apply;
+pub mod codec;
+mod error;
+mod read;
+mod snapshot;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamilyDescriptor, Options, DB};
+
+pub use apply::{check_txn, Applied};
+pub use error::{Result, StoreError};
+pub use read::{EventsPage, KeyRange, Reader};
+pub use snapshot::Exported;
+
+use capstan_proto::etcdserverpb as pb;
+
+/// At most this many operations in each branch of a txn (etcd's `--max-txn-ops`).
+pub const TXN_OPS_MAX: usize = 128;
+/// The longest lease TTL a client may ask for (etcd's `MaxLeaseTTL`).
+pub const LEASE_TTL_SECS_MAX: i64 = 9_000_000_000;
+/// The revision of an empty store; the first write gets revision 2, as in etcd.
+pub const REVISION_INITIAL: i64 = 1;
+
+/// The response of one applied command. Header revisions are filled in; the plane adds
+/// cluster, member and term.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CommandResponse {
+    Put(pb::PutResponse),
+    DeleteRange(pb::DeleteRangeResponse),
+    Txn(pb::TxnResponse),
+    Compaction(pb::CompactionResponse),
+    LeaseGrant(pb::LeaseGrantResponse),
+    LeaseRevoke(pb::LeaseRevokeResponse),
+}
+
+/// The MVCC store. Cheap to clone; clones share one RocksDB.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<DB>,
+    path: PathBuf,
+    /// The newest committed revision; only the apply path writes it.
+    revision: AtomicI64,
+    compacted: AtomicI64,
+}
+
+fn rocksdb_options() -> Options {
+    let mut options = Options::default();
+    options.create_if_missing(true);
+    options.create_missing_column_families(true);
+    options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    options.set_max_background_jobs(2);
+    options.set_bytes_per_sync(1 << 20);
+    options
+}
+
+impl Store {
+    /// Opens (or creates) the store in `path`, with `extra_column_families` for the caller's
+    /// own use in the same RocksDB (the Raft log lives beside the store this way, so one WAL
+    /// sync covers both).
+    pub fn open(path: &Path, extra_column_families: &[&str]) -> Result<Store> {
+        check_not_foreign(path)?;
+        let options = rocksdb_options();
+        let families = STORE_FAMILIES
+            .iter()
+            .chain(extra_column_families)
+            .map(|name| ColumnFamilyDescriptor::new(*name, rocksdb_options()));
+        let db = DB::open_cf_descriptors(&options, path, families).map_err(|error| {
+            let detail = error.to_string();
+            if detail.contains("lock") || detail.contains("Resource temporarily unavailable") {
+                StoreError::Locked { path: path.display().to_string(), detail }
+            } else {
+                StoreError::Rocks(error)
+            }
+        })?;
+        let db = Arc::new(db);
+        let reader = Reader::latest(&db);
+        match reader.meta(codec::META_FORMAT)? {
+            Some(format) if format == codec::FORMAT_V1 => {}
+            Some(other) => {
+                return Err(StoreError::Foreign {
+                    path: path.display().to_string(),
+                    detail: format!("unknown format {:?}", String::from_utf8_lossy(&other)),
+                })
+            }
+            None if reader.is_empty()? => {
+                let mut batch = rocksdb::WriteBatch::default();
+                batch.put_cf(cf(&db, codec::CF_META), codec::META_FORMAT, codec::FORMAT_V1);
+                batch.put_cf(cf(&db, codec::CF_META), codec::META_REVISION, REVISION_INITIAL.to_be_bytes());
+                let mut sync = rocksdb::WriteOptions::default();
+                sync.set_sync(true);
+                db.write_opt(batch, &sync)?;
+            }
+            None => {
+                return Err(StoreError::Foreign {
+                    path: path.display().to_string(),
+                    detail: "holds data but no Capstan format marker".into(),
+                })
+            }
+        }
+        if reader.meta(snapshot::META_IMPORTING)?.is_some() {
+            return Err(StoreError::Corrupt(format!(
+                "a snapshot install into {} was interrupted; the store is incomplete",
+                path.display()
+            )));
+        }
+        let revision = reader.meta_i64(codec::META_REVISION)?.unwrap_or(REVISION_INITIAL);
+        let compacted = reader.meta_i64(codec::META_COMPACTED)?.unwrap_or(0);
+        let scheduled = reader.meta_i64(codec::META_COMPACT_SCHEDULED)?;
+        drop(reader);
+        let store = Store {
+            inner: Arc::new(Inner {
+                db,
+                path: path.to_path_buf(),
+                revision: AtomicI64::new(revision),
+                compacted: AtomicI64::new(compacted),
+            }),
+        };
+        if let Some(until) = scheduled {
+            tracing::info!(until, "resuming an interrupted compaction");
+            store.compact_physically(until)?;
+        }
+        Ok(store)
+    }
+
+    /// The RocksDB handle, for the column families the caller asked for at open.
+    pub fn db(&self) -> &Arc<DB> {
+        &self.inner.db
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The newest committed revision.
+    pub fn revision(&self) -> i64 {
+        self.inner.revision.load(Ordering::Acquire)
+    }
+
+    /// Revisions below this one can no longer be read or watched.
+    pub fn compacted_revision(&self) -> i64 {
+        self.inner.compacted.load(Ordering::Acquire)
+    }
+
+    /// A consistent read view of the newest committed state.
+    pub fn reader(&self) -> Reader<'_> {
+        Reader::snapshot(&self.inner.db)
+    }
+
+    /// Serves a Range request (the read half of etcd's KV API).
+    pub fn range(&self, request: &pb::RangeRequest) -> Result<pb::RangeResponse> {
+        self.reader().range(request)
+    }
+
+    /// Approximate bytes on disk and in memtables, for status and the space quota.
+    pub fn size_bytes(&self) -> u64 {
+        let db = &self.inner.db;
+        let mut total = 0;
+        for name in STORE_FAMILIES {
+            for property in ["rocksdb.total-sst-files-size", "rocksdb.cur-size-all-mem-tables"] {
+                total += db.property_int_value_cf(cf(db, name), property).ok().flatten().unwrap_or(0);
+            }
+        }
+        total
+    }
+
+    fn reload_counters(&self) -> Result<()> {
+        let reader = Reader::latest(&self.inner.db);
+        let revision = reader.meta_i64(codec::META_REVISION)?.unwrap_or(REVISION_INITIAL);
+        let compacted = reader.meta_i64(codec::META_COMPACTED)?.unwrap_or(0);
+        self.inner.revision.store(revision, Ordering::Release);
+        self.inner.compacted.store(compacted, Ordering::Release);
+        Ok(())
+    }
+}
+
+const STORE_FAMILIES: [&str; 5] = codec::STORE_COLUMN_FAMILIES;
+
+/// The handle of a column family the store opened. Every family is opened in `open`, so
+/// a missing one is a programming error, not an input error.
+fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
+    db.cf_handle(name).unwrap_or_else(|| panic!("column family {name} is opened in Store::open"))
+}
+
+/// A directory with files in it that is not a RocksDB is someone else's: refuse it rather
+/// than create a store among their files.
+fn check_not_foreign(path: &Path) -> Result<()> {
+    let foreign = |detail: String| StoreError::Foreign { path: path.display().to_string(), detail };
+    match std::fs::read_dir(path) {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(foreign(error.to_string())),
+        Ok(mut entries) => {
+            if entries.next().is_none() || path.join("CURRENT").exists() {
+                Ok(())
+            } else {
+                Err(foreign("the directory is not empty and holds no RocksDB".into()))
+            }
+        }
+    }
+}

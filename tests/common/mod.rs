@@ -1,0 +1,136 @@
+//! Shared helpers for the integration tests: real `capstan plane` processes on loopback.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// How long a plane may take to start serving.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A loopback address no one listens on right now.
+pub fn free_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local address")
+}
+
+/// A `capstan plane` child process; killed when dropped.
+pub struct PlaneProcess {
+    child: Child,
+    pub client_addr: SocketAddr,
+    pub peer_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub name: String,
+    extra_args: Vec<String>,
+    /// Lines the plane wrote to stderr, as they arrive.
+    log: mpsc::Receiver<String>,
+}
+
+impl PlaneProcess {
+    /// Starts a single plane in `data_dir` and waits until it serves.
+    pub fn start(data_dir: &Path, extra_args: &[&str]) -> PlaneProcess {
+        let mut plane = PlaneProcess::spawn(data_dir, free_addr(), free_addr(), extra_args);
+        plane.wait_until_ready();
+        plane
+    }
+
+    /// Starts a plane without waiting for it.
+    pub fn spawn(data_dir: &Path, client_addr: SocketAddr, peer_addr: SocketAddr, extra_args: &[&str]) -> PlaneProcess {
+        let name = "test-plane".to_string();
+        let extra_args: Vec<String> = extra_args.iter().map(|arg| arg.to_string()).collect();
+        let (child, log) = spawn_plane(&name, data_dir, client_addr, peer_addr, &extra_args);
+        PlaneProcess { child, client_addr, peer_addr, data_dir: data_dir.to_path_buf(), name, extra_args, log }
+    }
+
+    /// The client endpoint as etcdctl and etcd-client take it.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.client_addr)
+    }
+
+    /// Blocks until the plane serves clients and has a leader.
+    pub fn wait_until_ready(&mut self) {
+        self.wait_for_logs(&["plane serving", "leader elected"]);
+    }
+
+    /// Blocks until the plane has logged a line containing each of `needles`, in any
+    /// order; panics with the log so far if it exits or they do not come in time.
+    pub fn wait_for_logs(&mut self, needles: &[&str]) {
+        let mut missing: Vec<&str> = needles.to_vec();
+        let mut seen = Vec::new();
+        let deadline = std::time::Instant::now() + START_TIMEOUT;
+        while !missing.is_empty() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) => {
+                    missing.retain(|needle| !line.contains(needle));
+                    seen.push(line);
+                }
+                Err(_) => panic!("plane never logged {missing:?}; its log:\n{}", seen.join("\n")),
+            }
+        }
+    }
+
+    /// Waits for the process to exit and returns its status and the rest of its log.
+    pub fn wait_for_exit(mut self) -> (std::process::ExitStatus, String) {
+        let status = self.child.wait().expect("wait for plane");
+        let log: Vec<String> = self.log.try_iter().collect();
+        (status, log.join("\n"))
+    }
+
+    /// SIGKILLs the plane and starts it again on the same addresses and data.
+    pub fn kill_and_restart(&mut self) {
+        self.kill();
+        let (child, log) = spawn_plane(&self.name, &self.data_dir, self.client_addr, self.peer_addr, &self.extra_args);
+        self.child = child;
+        self.log = log;
+        self.wait_until_ready();
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PlaneProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn_plane(
+    name: &str,
+    data_dir: &Path,
+    client_addr: SocketAddr,
+    peer_addr: SocketAddr,
+    extra_args: &[String],
+) -> (Child, mpsc::Receiver<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_capstan"))
+        .arg("plane")
+        .args(["--name", name])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--listen-client", &client_addr.to_string()])
+        .args(["--listen-peer", &peer_addr.to_string()])
+        .args(extra_args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn capstan plane");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (lines, log) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, log)
+}

@@ -1,0 +1,160 @@
+//! The `etcd-client` crate (what Rust programs use to talk to etcd) against a real
+//! `capstan plane` process.
+
+mod common;
+
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, EventType, GetOptions, LeaseTimeToLiveOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
+
+use common::PlaneProcess;
+
+/// Bounds every await on the network, so a hang fails the test instead of stalling it.
+const STEP_TIMEOUT: Duration = Duration::from_secs(20);
+
+async fn bounded<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(STEP_TIMEOUT, future).await.expect("step timed out")
+}
+
+async fn connect(plane: &PlaneProcess) -> Client {
+    bounded(Client::connect([plane.endpoint()], None)).await.expect("connect")
+}
+
+fn start() -> (tempfile::TempDir, PlaneProcess) {
+    let dir = tempfile::tempdir().unwrap();
+    let plane = PlaneProcess::start(&dir.path().join("plane"), &[]);
+    (dir, plane)
+}
+
+#[tokio::test]
+async fn kv_txn_and_revisions() {
+    let (_dir, plane) = start();
+    let mut client = connect(&plane).await;
+    let put = bounded(client.put("a", "1", None)).await.unwrap();
+    let first = put.header().unwrap().revision();
+    let header = put.header().unwrap();
+    assert_ne!(header.cluster_id(), 0);
+    assert_ne!(header.member_id(), 0);
+    assert!(header.raft_term() >= 1);
+    bounded(client.put("a", "2", None)).await.unwrap();
+    bounded(client.put("b", "3", None)).await.unwrap();
+
+    let got = bounded(client.get("a", None)).await.unwrap();
+    assert_eq!(got.kvs()[0].value(), b"2");
+    assert_eq!(got.kvs()[0].version(), 2);
+    assert_eq!(got.kvs()[0].create_revision(), first);
+    let old = bounded(client.get("a", Some(GetOptions::new().with_revision(first)))).await.unwrap();
+    assert_eq!(old.kvs()[0].value(), b"1");
+    let all = bounded(client.get("", Some(GetOptions::new().with_all_keys()))).await.unwrap();
+    assert_eq!(all.kvs().iter().map(|kv| kv.key()).collect::<Vec<_>>(), [&b"a"[..], b"b"]);
+
+    let txn = Txn::new()
+        .when([Compare::value("a", CompareOp::Equal, "2"), Compare::version("b", CompareOp::Greater, 0)])
+        .and_then([TxnOp::put("a", "3", None), TxnOp::get("a", None)])
+        .or_else([TxnOp::delete("a", None)]);
+    let response = bounded(client.txn(txn)).await.unwrap();
+    assert!(response.succeeded());
+    let previous = bounded(client.put("a", "4", Some(PutOptions::new().with_prev_key()))).await.unwrap();
+    assert_eq!(previous.prev_key().unwrap().value(), b"3");
+    let deleted = bounded(client.delete("a", None)).await.unwrap();
+    assert_eq!(deleted.deleted(), 1);
+    assert!(bounded(client.get("a", None)).await.unwrap().kvs().is_empty());
+}
+
+#[tokio::test]
+async fn watch_from_now_and_from_an_old_revision() {
+    let (_dir, plane) = start();
+    let mut client = connect(&plane).await;
+    let first = bounded(client.put("k", "old", None)).await.unwrap().header().unwrap().revision();
+
+    let mut live = bounded(client.watch("k", None)).await.unwrap();
+    let created = bounded(live.message()).await.unwrap().unwrap();
+    assert!(created.created());
+    bounded(client.put("k", "new", None)).await.unwrap();
+    let event = bounded(live.message()).await.unwrap().unwrap();
+    assert_eq!(event.events().len(), 1);
+    assert_eq!(event.events()[0].kv().unwrap().value(), b"new");
+    assert_eq!(event.events()[0].event_type(), EventType::Put);
+
+    let mut replay =
+        bounded(client.watch("k", Some(WatchOptions::new().with_start_revision(first).with_prev_key()))).await.unwrap();
+    let mut values = Vec::new();
+    while values.len() < 2 {
+        let response = bounded(replay.message()).await.unwrap().unwrap();
+        for event in response.events() {
+            values.push((event.kv().unwrap().value().to_vec(), event.prev_kv().map(|kv| kv.value().to_vec())));
+        }
+    }
+    assert_eq!(values, [(b"old".to_vec(), None), (b"new".to_vec(), Some(b"old".to_vec()))]);
+
+    // Progress: with every watcher caught up, the server reports the current revision.
+    bounded(live.request_progress()).await.unwrap();
+    let progress = bounded(live.message()).await.unwrap().unwrap();
+    assert_eq!(progress.header().unwrap().revision(), first + 1);
+
+    // A watch from a compacted revision is cancelled with the compact revision.
+    bounded(client.put("k", "newer", None)).await.unwrap();
+    bounded(client.compact(first + 2, None)).await.unwrap();
+    let mut stale = bounded(client.watch("k", Some(WatchOptions::new().with_start_revision(first)))).await.unwrap();
+    let mut cancelled = None;
+    while cancelled.is_none() {
+        let response = bounded(stale.message()).await.unwrap().unwrap();
+        if response.canceled() {
+            cancelled = Some(response.compact_revision());
+        }
+    }
+    assert_eq!(cancelled, Some(first + 2));
+}
+
+#[tokio::test]
+async fn leases_keepalive_attach_revoke_and_expire() {
+    let (_dir, plane) = start();
+    let mut client = connect(&plane).await;
+    let lease = bounded(client.lease_grant(30, None)).await.unwrap();
+    assert_eq!(lease.ttl(), 30);
+    bounded(client.put("held", "v", Some(PutOptions::new().with_lease(lease.id())))).await.unwrap();
+    let (mut keeper, mut responses) = bounded(client.lease_keep_alive(lease.id())).await.unwrap();
+    bounded(keeper.keep_alive()).await.unwrap();
+    let kept = bounded(responses.message()).await.unwrap().unwrap();
+    assert_eq!((kept.id(), kept.ttl()), (lease.id(), 30));
+    let ttl =
+        bounded(client.lease_time_to_live(lease.id(), Some(LeaseTimeToLiveOptions::new().with_keys()))).await.unwrap();
+    assert_eq!(ttl.granted_ttl(), 30);
+    assert!(ttl.ttl() > 0 && ttl.ttl() <= 30);
+    assert_eq!(ttl.keys(), [b"held".to_vec()]);
+    let leases = bounded(client.leases()).await.unwrap();
+    assert_eq!(leases.leases().iter().map(|lease| lease.id()).collect::<Vec<_>>(), [lease.id()]);
+    bounded(client.lease_revoke(lease.id())).await.unwrap();
+    assert!(bounded(client.get("held", None)).await.unwrap().kvs().is_empty());
+    let missing = bounded(client.lease_time_to_live(lease.id(), None)).await.unwrap_err();
+    assert!(missing.to_string().contains("requested lease not found"), "{missing}");
+
+    // A lease nobody keeps alive expires, and the leader deletes its keys.
+    let short = bounded(client.lease_grant(1, None)).await.unwrap();
+    let put = bounded(client.put("ephemeral", "v", Some(PutOptions::new().with_lease(short.id())))).await.unwrap();
+    let start = put.header().unwrap().revision();
+    let mut watch =
+        bounded(client.watch("ephemeral", Some(WatchOptions::new().with_start_revision(start)))).await.unwrap();
+    let mut kinds = Vec::new();
+    while kinds.len() < 2 {
+        let response = bounded(watch.message()).await.unwrap().unwrap();
+        kinds.extend(response.events().iter().map(|event| event.event_type()));
+    }
+    assert_eq!(kinds, [EventType::Put, EventType::Delete]);
+}
+
+#[tokio::test]
+async fn status_and_member_list() {
+    let (_dir, plane) = start();
+    let mut client = connect(&plane).await;
+    let status = bounded(client.status()).await.unwrap();
+    assert_eq!(status.leader(), status.header().unwrap().member_id());
+    assert!(status.raft_applied_index() >= 1);
+    assert!(status.db_size() > 0);
+    let members = bounded(client.member_list()).await.unwrap();
+    assert_eq!(members.members().len(), 1);
+    assert_eq!(members.members()[0].name(), "test-plane");
+    assert_eq!(members.members()[0].client_urls(), [plane.endpoint()]);
+}

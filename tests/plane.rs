@@ -1,0 +1,178 @@
+//! A real `capstan plane` process under restarts and bad input: acknowledged writes
+//! survive kill -9, a data directory in use or of another kind is refused with a one-line
+//! error, malformed requests get a gRPC error and the plane keeps serving, and a full
+//! quota raises NOSPACE.
+
+mod common;
+
+use std::time::Duration;
+
+use etcd_client::{AlarmAction, AlarmOptions, AlarmType, Client};
+
+use common::{free_addr, PlaneProcess};
+
+const STEP_TIMEOUT: Duration = Duration::from_secs(20);
+
+async fn bounded<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(STEP_TIMEOUT, future).await.expect("step timed out")
+}
+
+#[tokio::test]
+async fn acknowledged_writes_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut plane = PlaneProcess::start(&dir.path().join("plane"), &[]);
+    let mut client = bounded(Client::connect([plane.endpoint()], None)).await.unwrap();
+    let mut last = 0;
+    for index in 0..200 {
+        last = bounded(client.put(format!("key{index:03}"), format!("value{index}"), None))
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision();
+    }
+    let lease = bounded(client.lease_grant(600, None)).await.unwrap();
+    plane.kill_and_restart();
+    let mut client = bounded(Client::connect([plane.endpoint()], None)).await.unwrap();
+    let all = bounded(client.get("key", Some(etcd_client::GetOptions::new().with_prefix()))).await.unwrap();
+    assert_eq!(all.kvs().len(), 200, "every acknowledged put is there after kill -9");
+    assert_eq!(all.header().unwrap().revision(), last);
+    assert_eq!(all.kvs()[199].value(), b"value199");
+    let leases = bounded(client.leases()).await.unwrap();
+    assert_eq!(leases.leases()[0].id(), lease.id());
+    let next = bounded(client.put("after", "restart", None)).await.unwrap();
+    assert_eq!(next.header().unwrap().revision(), last + 1);
+}
+
+#[test]
+fn a_data_dir_in_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("plane");
+    let _first = PlaneProcess::start(&data, &[]);
+    let second = PlaneProcess::spawn(&data, free_addr(), free_addr(), &[]);
+    let (status, log) = second.wait_for_exit();
+    assert!(!status.success());
+    assert!(log.contains("in use by another process"), "{log}");
+}
+
+#[test]
+fn a_foreign_data_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("plane");
+    std::fs::create_dir_all(data.join("db")).unwrap();
+    std::fs::write(data.join("db").join("precious.txt"), "someone else's file").unwrap();
+    let plane = PlaneProcess::spawn(&data, free_addr(), free_addr(), &[]);
+    let (status, log) = plane.wait_for_exit();
+    assert!(!status.success());
+    assert!(log.contains("is not a Capstan store"), "{log}");
+    assert!(data.join("db").join("precious.txt").exists());
+}
+
+#[test]
+fn a_data_dir_of_another_cluster_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("plane");
+    drop(PlaneProcess::start(&data, &[]));
+    let plane = PlaneProcess::spawn(&data, free_addr(), free_addr(), &["--initial-cluster-token", "another"]);
+    let (status, log) = plane.wait_for_exit();
+    assert!(!status.success());
+    assert!(log.contains("belongs to cluster"), "{log}");
+}
+
+#[test]
+fn bad_flags_are_refused_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let plane =
+        PlaneProcess::spawn(&dir.path().join("p"), free_addr(), free_addr(), &["--initial-cluster", "nonsense"]);
+    let (status, log) = plane.wait_for_exit();
+    assert!(!status.success());
+    assert!(log.contains("is not name=peer-url"), "{log}");
+}
+
+/// Sends raw bytes as the body of a KV/Put call.
+async fn send_raw_put(endpoint: &str, body: Vec<u8>) -> tonic::Status {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string()).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/etcdserverpb.KV/Put");
+    let result: Result<tonic::Response<Vec<u8>>, tonic::Status> =
+        grpc.unary(tonic::Request::new(body), path, raw::RawCodec).await;
+    result.expect_err("garbage must be refused")
+}
+
+#[tokio::test]
+async fn malformed_protobuf_is_an_error_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let plane = PlaneProcess::start(&dir.path().join("plane"), &[]);
+    for garbage in [vec![0xff; 64], vec![0x0a, 0x80], b"\x12\x05abc".to_vec()] {
+        let status = bounded(send_raw_put(&plane.endpoint(), garbage)).await;
+        assert!(matches!(status.code(), tonic::Code::Internal | tonic::Code::InvalidArgument), "{status:?}");
+    }
+    let mut client = bounded(Client::connect([plane.endpoint()], None)).await.unwrap();
+    bounded(client.put("still", "serving", None)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_full_quota_raises_nospace_and_deletes_still_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let plane = PlaneProcess::start(&dir.path().join("plane"), &["--quota-backend-bytes", "200000"]);
+    let mut client = bounded(Client::connect([plane.endpoint()], None)).await.unwrap();
+    let value = vec![b'v'; 64 * 1024];
+    let mut refused = None;
+    for index in 0..64 {
+        if let Err(error) = bounded(client.put(format!("fill{index}"), value.clone(), None)).await {
+            refused = Some(error.to_string());
+            break;
+        }
+    }
+    let refused = refused.expect("the quota must be reached");
+    assert!(refused.contains("etcdserver: mvcc: database space exceeded"), "{refused}");
+    let alarms = bounded(client.alarm(AlarmAction::Get, AlarmType::None, None)).await.unwrap();
+    assert_eq!(alarms.alarms().len(), 1);
+    assert_eq!(alarms.alarms()[0].alarm(), AlarmType::Nospace);
+    bounded(client.delete("fill", Some(etcd_client::DeleteOptions::new().with_prefix()))).await.unwrap();
+    let disarm = AlarmOptions::new();
+    bounded(client.alarm(AlarmAction::Deactivate, AlarmType::Nospace, Some(disarm))).await.unwrap();
+    assert!(bounded(client.alarm(AlarmAction::Get, AlarmType::None, None)).await.unwrap().alarms().is_empty());
+}
+
+mod raw {
+    //! A codec that sends and receives raw bytes, to put garbage on the wire.
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+    use tonic::Status;
+
+    pub struct RawCodec;
+    pub struct RawEncoder;
+    pub struct RawDecoder;
+
+    impl Codec for RawCodec {
+        type Encode = Vec<u8>;
+        type Decode = Vec<u8>;
+        type Encoder = RawEncoder;
+        type Decoder = RawDecoder;
+        fn encoder(&mut self) -> RawEncoder {
+            RawEncoder
+        }
+        fn decoder(&mut self) -> RawDecoder {
+            RawDecoder
+        }
+    }
+
+    impl Encoder for RawEncoder {
+        type Item = Vec<u8>;
+        type Error = Status;
+        fn encode(&mut self, item: Vec<u8>, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            bytes::BufMut::put_slice(buf, &item);
+            Ok(())
+        }
+    }
+
+    impl Decoder for RawDecoder {
+        type Item = Vec<u8>;
+        type Error = Status;
+        fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+            let bytes = bytes::Buf::copy_to_bytes(buf, bytes::Buf::remaining(buf));
+            Ok(Some(bytes.to_vec()))
+        }
+    }
+}

@@ -1,31 +1,136 @@
-//! `capstan dev`: a local cluster on 127.0.0.1 for trying Capstan out. For now it is one
-//! plane, in this process, serving clients on 127.0.0.1:2379; Ctrl-C stops it and the data
-//! stays in `--data-dir` for the next run.
+//! `capstan dev`: a local 3-plane cluster on 127.0.0.1, each plane a supervised child
+//! process (restarted with back-off if it dies), data under `--data-dir` so a restart of
+//! `capstan dev` keeps it. Client ports follow etcd's local-cluster convention (2379,
+//! 22379, 32379); Ctrl-C stops every plane.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
 
+use anyhow::Context;
 use clap::Args;
-
-use crate::plane::PlaneConfig;
+use tokio::process::{Child, Command};
 
 #[derive(Args, Debug)]
 pub struct DevArgs {
     /// Where the local cluster keeps its data.
     #[arg(long, default_value = ".capstan-dev")]
     pub data_dir: PathBuf,
-    #[arg(long, default_value = "127.0.0.1:2379")]
-    pub listen_client: SocketAddr,
-    #[arg(long, default_value = "127.0.0.1:2380")]
-    pub listen_peer: SocketAddr,
+    /// Client ports of the planes (their peer ports are one higher).
+    #[arg(long, value_delimiter = ',', default_value = "2379,22379,32379")]
+    pub client_ports: Vec<u16>,
+}
+
+/// The longest a crashed plane waits before it is started again.
+const RESTART_BACKOFF_MS_MAX: u64 = 10_000;
+/// How long planes get to stop after SIGTERM before they are killed.
+const STOP_GRACE_MS: u64 = 5_000;
+
+struct DevPlane {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
-    let config = PlaneConfig::single("dev-1", args.data_dir.join("dev-1"), args.listen_client, args.listen_peer);
-    let endpoint = args.listen_client;
-    println!("capstan dev: one plane serving the etcd v3 API on {endpoint}; data in {}", args.data_dir.display());
-    println!("  etcdctl --endpoints={endpoint} put hello world");
-    println!("  capstan ctl --endpoints={endpoint} get hello");
-    println!("Ctrl-C stops it.");
-    crate::plane::run(config, crate::shutdown_signal()).await
+    if args.client_ports.is_empty() || args.client_ports.len() % 2 == 0 {
+        anyhow::bail!("--client-ports must name an odd number of planes (3 or 5), not {}", args.client_ports.len());
+    }
+    let planes: Vec<DevPlane> = args
+        .client_ports
+        .iter()
+        .enumerate()
+        .map(|(index, &port)| DevPlane { name: format!("dev-{}", index + 1), client_port: port, peer_port: port + 1 })
+        .collect();
+    let initial_cluster = planes
+        .iter()
+        .map(|plane| format!("{}=http://127.0.0.1:{}", plane.name, plane.peer_port))
+        .collect::<Vec<_>>()
+        .join(",");
+    let endpoints = planes.iter().map(|plane| format!("127.0.0.1:{}", plane.client_port)).collect::<Vec<_>>().join(",");
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    let exe = std::env::current_exe().context("cannot find the capstan binary")?;
+
+    println!("capstan dev: {} planes on 127.0.0.1, data in {}", planes.len(), args.data_dir.display());
+    for plane in &planes {
+        println!("  {}: clients 127.0.0.1:{}, peers 127.0.0.1:{}", plane.name, plane.client_port, plane.peer_port);
+    }
+    println!("Try:");
+    println!("  etcdctl --endpoints={endpoints} put hello world");
+    println!("  etcdctl --endpoints={endpoints} endpoint status -w table");
+    println!("  capstan ctl --endpoints={endpoints} get hello");
+    println!("Ctrl-C stops the cluster.");
+
+    let (stop, _) = tokio::sync::watch::channel(false);
+    let mut supervisors = Vec::new();
+    for plane in planes {
+        let mut command = Command::new(&exe);
+        command
+            .arg("plane")
+            .args(["--name", &plane.name])
+            .arg("--data-dir")
+            .arg(args.data_dir.join(&plane.name))
+            .args(["--listen-client", &format!("127.0.0.1:{}", plane.client_port)])
+            .args(["--listen-peer", &format!("127.0.0.1:{}", plane.peer_port)])
+            .args(["--initial-cluster", &initial_cluster])
+            .stdin(Stdio::null());
+        supervisors.push(tokio::spawn(supervise(plane.name, command, stop.subscribe())));
+    }
+    crate::shutdown_signal().await;
+    println!("capstan dev: stopping");
+    let _ = stop.send(true);
+    for supervisor in supervisors {
+        supervisor.await.context("a supervisor panicked")??;
+    }
+    Ok(())
+}
+
+/// Keeps one plane running until `stop` turns true, then stops it.
+async fn supervise(
+    name: String,
+    mut command: Command,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut backoff_ms = 250;
+    loop {
+        let mut child = command.spawn().with_context(|| format!("cannot start plane {name}"))?;
+        let started = tokio::time::Instant::now();
+        let exited = tokio::select! {
+            exited = child.wait() => exited,
+            _ = stopped(&mut stop) => return stop_child(&name, child).await,
+        };
+        let status = exited.with_context(|| format!("cannot wait for plane {name}"))?;
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff_ms = 250;
+        }
+        tracing::warn!(plane = %name, %status, backoff_ms, "plane exited; restarting");
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(backoff_ms)) => {}
+            _ = stopped(&mut stop) => return Ok(()),
+        }
+        backoff_ms = (backoff_ms * 2).min(RESTART_BACKOFF_MS_MAX);
+    }
+}
+
+/// Resolves once `stop` turns true (or its sender is gone).
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// SIGTERM, then SIGKILL after a grace period.
+async fn stop_child(name: &str, mut child: Child) -> anyhow::Result<()> {
+    if let Some(pid) = child.id() {
+        // SAFETY: sending a signal to our own child process; the pid is alive (not reaped).
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    }
+    match tokio::time::timeout(Duration::from_millis(STOP_GRACE_MS), child.wait()).await {
+        Ok(status) => {
+            status.with_context(|| format!("cannot wait for plane {name}"))?;
+        }
+        Err(_) => {
+            tracing::warn!(plane = %name, "plane did not stop in time; killing it");
+            child.kill().await.with_context(|| format!("cannot kill plane {name}"))?;
+        }
+    }
+    Ok(())
 }

@@ -15,6 +15,7 @@
 pub mod error;
 pub mod log_store;
 pub mod network;
+pub mod service;
 pub mod state_machine;
 pub mod types;
 
@@ -28,6 +29,7 @@ use tokio::sync::broadcast;
 use capstan_store::Store;
 
 pub use error::RaftError;
+pub use service::PeerService;
 pub use state_machine::{RevisionEvents, StateMachine};
 pub use types::{cluster_id, member_id, NodeId, PeerNode, Raft, Response, TypeConfig};
 
@@ -35,6 +37,8 @@ pub use types::{cluster_id, member_id, NodeId, PeerNode, Raft, Response, TypeCon
 /// catches up from the store's history instead.
 pub const EVENT_CHANNEL_REVISIONS: usize = 4096;
 const META_CLUSTER_ID: &[u8] = b"cluster_id";
+/// Snapshots travel to followers in chunks of this size.
+pub const SNAPSHOT_CHUNK_BYTES: u64 = 1 << 20;
 
 /// Timing and log-compaction settings of a plane's Raft.
 #[derive(Clone, Debug)]
@@ -66,7 +70,9 @@ pub struct PlaneIdentity {
     pub node_id: NodeId,
     pub cluster_id: u64,
     pub node: PeerNode,
-    /// The members to bootstrap with when the data directory is new.
+    /// The members to bootstrap with when the data directory is new. Every initial member
+    /// bootstraps with exactly this map (openraft requires identical configs), so it holds
+    /// names and peer URLs only; each plane publishes its client URLs once it runs.
     pub initial_members: BTreeMap<NodeId, PeerNode>,
 }
 
@@ -98,10 +104,12 @@ pub async fn start(data_dir: PathBuf, identity: &PlaneIdentity, config: &RaftCon
         election_timeout_max: config.election_timeout_ms_max,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_entries),
         max_in_snapshot_log_to_keep: config.log_entries_kept,
+        snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
         ..Default::default()
     }
     .validate()?;
-    let raft = Raft::new(identity.node_id, Arc::new(raft_config), network::NoPeers, log_store, state_machine).await?;
+    let network = network::GrpcNetwork::new(identity.cluster_id);
+    let raft = Raft::new(identity.node_id, Arc::new(raft_config), network, log_store, state_machine).await?;
     if !raft.is_initialized().await? {
         tracing::info!(members = identity.initial_members.len(), "bootstrapping a new cluster");
         if let Err(error) = raft.initialize(identity.initial_members.clone()).await {

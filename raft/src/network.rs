@@ -1,63 +1,190 @@
-//! The transport between planes. A single plane has no peers, so nothing here is called
-//! yet; replication over the `RaftPeer` gRPC service is the multi-plane work (issue 3) and
-//! replaces this with a tonic client per peer.
+//! The Raft transport between planes: a tonic client per peer for the `RaftPeer` service.
+//!
+//! One channel per peer URL is shared by every replication stream to that peer. A failed
+//! call is reported as `Unreachable`, so openraft backs off instead of retrying at once.
+//! An AppendEntries batch larger than [`PEER_MESSAGE_BYTES_MAX`] is cut short and reported
+//! as a partial success, which openraft continues from.
 
-use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, SnapshotMismatch, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
 };
+use prost::Message;
+use tonic::transport::{Channel, Endpoint};
 
-use crate::types::{NodeId, PeerNode, TypeConfig};
+use capstan_proto::raftpb::{self, raft_peer_client::RaftPeerClient};
 
-/// Peers are unreachable until the gRPC transport lands; openraft backs off on
-/// `Unreachable` rather than retrying at once.
-pub struct NoPeers;
+use crate::types::{self, NodeId, PeerNode, TypeConfig};
+
+/// The largest peer message a plane sends or accepts.
+pub const PEER_MESSAGE_BYTES_MAX: usize = 16 << 20;
+const CONNECT_TIMEOUT_MS: u64 = 1_000;
+
+/// Creates peer clients; channels are cached by peer URL.
+#[derive(Clone)]
+pub struct GrpcNetwork {
+    cluster_id: u64,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl GrpcNetwork {
+    pub fn new(cluster_id: u64) -> GrpcNetwork {
+        GrpcNetwork { cluster_id, channels: Arc::default() }
+    }
+
+    fn channel(&self, peer_url: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut channels = self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(channel) = channels.get(peer_url) {
+            return Ok(channel.clone());
+        }
+        let channel = Endpoint::from_shared(peer_url.to_string())?
+            .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        channels.insert(peer_url.to_string(), channel.clone());
+        Ok(channel)
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &PeerNode) -> PeerClient {
+        let client = self.channel(&node.peer_url).map(|channel| {
+            RaftPeerClient::new(channel)
+                .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX)
+        });
+        PeerClient {
+            cluster_id: self.cluster_id,
+            target,
+            node: node.clone(),
+            client: client.map_err(|error| error.to_string()),
+        }
+    }
+}
+
+/// The client of one peer.
+pub struct PeerClient {
+    cluster_id: u64,
+    target: NodeId,
+    node: PeerNode,
+    /// The client, or why the peer's URL cannot be used.
+    client: Result<RaftPeerClient<Channel>, String>,
+}
 
 #[derive(Debug, thiserror::Error)]
-#[error("plane {0} is unreachable: this build replicates to no peers")]
-struct NoTransport(PeerNode);
+#[error("plane {peer} ({target:x}) is unreachable: {reason}")]
+struct PeerUnreachable {
+    peer: PeerNode,
+    target: NodeId,
+    reason: String,
+}
 
-impl RaftNetworkFactory<TypeConfig> for NoPeers {
-    type Network = NoPeerClient;
+impl PeerClient {
+    fn unreachable<E: std::error::Error>(&self, reason: impl ToString) -> RPCError<NodeId, PeerNode, E> {
+        let error = PeerUnreachable { peer: self.node.clone(), target: self.target, reason: reason.to_string() };
+        RPCError::Unreachable(Unreachable::new(&error))
+    }
 
-    async fn new_client(&mut self, _target: NodeId, node: &PeerNode) -> NoPeerClient {
-        NoPeerClient(node.clone())
+    /// The client for a call bounded by `option`'s deadline.
+    fn client<E: std::error::Error>(&self) -> Result<RaftPeerClient<Channel>, RPCError<NodeId, PeerNode, E>> {
+        self.client.clone().map_err(|reason| self.unreachable(reason))
     }
 }
 
-pub struct NoPeerClient(PeerNode);
-
-impl NoPeerClient {
-    fn unreachable<E: std::error::Error>(&self) -> RPCError<NodeId, PeerNode, E> {
-        RPCError::Unreachable(Unreachable::new(&NoTransport(self.0.clone())))
-    }
+/// Runs `call` within the RPC's deadline; failures become `Unreachable`.
+macro_rules! call {
+    ($self:ident, $option:ident, $call:expr) => {
+        match tokio::time::timeout($option.hard_ttl(), $call).await {
+            Err(_) => Err($self.unreachable(format!("no answer within {:?}", $option.hard_ttl()))),
+            Ok(Err(status)) => Err($self.unreachable(status.message())),
+            Ok(Ok(response)) => Ok(response.into_inner()),
+        }
+    };
 }
 
-impl RaftNetwork<TypeConfig> for NoPeerClient {
+impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
-        _rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId>>> {
-        Err(self.unreachable())
+        let mut client = self.client()?;
+        let mut entries = Vec::with_capacity(rpc.entries.len());
+        let mut bytes = 0;
+        for entry in &rpc.entries {
+            let encoded = types::entry_to_pb(entry);
+            bytes += encoded.encoded_len();
+            if bytes > PEER_MESSAGE_BYTES_MAX && !entries.is_empty() {
+                break;
+            }
+            entries.push(encoded);
+        }
+        let sent_all = entries.len() == rpc.entries.len();
+        let last_sent = rpc.entries.get(entries.len().wrapping_sub(1)).map(|entry| entry.log_id);
+        let request = raftpb::AppendEntriesRequest {
+            cluster_id: self.cluster_id,
+            vote: Some(types::vote_to_pb(&rpc.vote)),
+            prev_log_id: rpc.prev_log_id.as_ref().map(types::log_id_to_pb),
+            entries,
+            leader_commit: rpc.leader_commit.as_ref().map(types::log_id_to_pb),
+        };
+        let response = call!(self, option, client.append_entries(request))?;
+        let response = types::append_response_from_pb(response).map_err(|error| self.unreachable(error))?;
+        Ok(match response {
+            AppendEntriesResponse::Success if !sent_all => AppendEntriesResponse::PartialSuccess(last_sent),
+            other => other,
+        })
     }
 
     async fn install_snapshot(
         &mut self,
-        _rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId, InstallSnapshotError>>>
     {
-        Err(self.unreachable())
+        let mut client = self.client()?;
+        let request = raftpb::InstallSnapshotRequest {
+            cluster_id: self.cluster_id,
+            vote: Some(types::vote_to_pb(&rpc.vote)),
+            meta: Some(types::snapshot_meta_to_pb(&rpc.meta)),
+            offset: rpc.offset,
+            data: rpc.data,
+            done: rpc.done,
+        };
+        let response = call!(self, option, client.install_snapshot(request))?;
+        if let Some(mismatch) = response.mismatch {
+            let mismatch = SnapshotMismatch {
+                expect: types::segment_from_pb(mismatch.expect.unwrap_or_default()),
+                got: types::segment_from_pb(mismatch.got.unwrap_or_default()),
+            };
+            let error = RaftError::APIError(InstallSnapshotError::SnapshotMismatch(mismatch));
+            return Err(RPCError::RemoteError(RemoteError::new_with_node(self.target, self.node.clone(), error)));
+        }
+        let vote = response
+            .vote
+            .as_ref()
+            .map(types::vote_from_pb)
+            .ok_or_else(|| self.unreachable("snapshot answer without a vote"))?;
+        Ok(InstallSnapshotResponse { vote })
     }
 
     async fn vote(
         &mut self,
-        _rpc: VoteRequest<NodeId>,
-        _option: RPCOption,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId>>> {
-        Err(self.unreachable())
+        let mut client = self.client()?;
+        let response = call!(self, option, client.vote(types::vote_request_to_pb(self.cluster_id, &rpc)))?;
+        types::vote_response_from_pb(response).map_err(|error| self.unreachable(error))
     }
 }

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use capstan_proto::raftpb;
-use openraft::{EntryPayload, LeaderId, LogId, Membership, StoredMembership, Vote};
+use openraft::raft::{AppendEntriesResponse, VoteRequest, VoteResponse};
+use openraft::{EntryPayload, LeaderId, LogId, Membership, SnapshotSegmentId, StoredMembership, Vote};
 
 use crate::error::DecodeError;
 
@@ -149,6 +150,87 @@ pub fn entry_from_pb(entry: raftpb::Entry) -> Result<Entry, DecodeError> {
         Payload::Membership(membership) => EntryPayload::Membership(membership_from_pb(membership)),
     };
     Ok(Entry { log_id, payload })
+}
+
+pub fn snapshot_meta_to_pb(meta: &openraft::SnapshotMeta<NodeId, PeerNode>) -> raftpb::SnapshotMeta {
+    raftpb::SnapshotMeta {
+        last_log_id: meta.last_log_id.as_ref().map(log_id_to_pb),
+        last_membership: Some(stored_membership_to_pb(&meta.last_membership)),
+        snapshot_id: meta.snapshot_id.clone(),
+    }
+}
+
+pub fn snapshot_meta_from_pb(meta: raftpb::SnapshotMeta) -> openraft::SnapshotMeta<NodeId, PeerNode> {
+    openraft::SnapshotMeta {
+        last_log_id: meta.last_log_id.as_ref().map(log_id_from_pb),
+        last_membership: stored_membership_from_pb(meta.last_membership.unwrap_or_default()),
+        snapshot_id: meta.snapshot_id,
+    }
+}
+
+pub fn append_response_to_pb(response: &AppendEntriesResponse<NodeId>) -> raftpb::AppendEntriesResponse {
+    use raftpb::append_entries_response::Result as Outcome;
+    let result = match response {
+        AppendEntriesResponse::Success => Outcome::Success(raftpb::Empty {}),
+        AppendEntriesResponse::PartialSuccess(matching) => {
+            Outcome::PartialSuccess(raftpb::PartialSuccess { matching: matching.as_ref().map(log_id_to_pb) })
+        }
+        AppendEntriesResponse::Conflict => Outcome::Conflict(raftpb::Empty {}),
+        AppendEntriesResponse::HigherVote(vote) => Outcome::HigherVote(vote_to_pb(vote)),
+    };
+    raftpb::AppendEntriesResponse { result: Some(result) }
+}
+
+pub fn append_response_from_pb(
+    response: raftpb::AppendEntriesResponse,
+) -> Result<AppendEntriesResponse<NodeId>, DecodeError> {
+    use raftpb::append_entries_response::Result as Outcome;
+    Ok(match response.result.ok_or(DecodeError::Missing("append_entries_response.result"))? {
+        Outcome::Success(_) => AppendEntriesResponse::Success,
+        Outcome::PartialSuccess(partial) => {
+            AppendEntriesResponse::PartialSuccess(partial.matching.as_ref().map(log_id_from_pb))
+        }
+        Outcome::Conflict(_) => AppendEntriesResponse::Conflict,
+        Outcome::HigherVote(vote) => AppendEntriesResponse::HigherVote(vote_from_pb(&vote)),
+    })
+}
+
+pub fn vote_request_to_pb(cluster_id: u64, request: &VoteRequest<NodeId>) -> raftpb::VoteRequest {
+    raftpb::VoteRequest {
+        cluster_id,
+        vote: Some(vote_to_pb(&request.vote)),
+        last_log_id: request.last_log_id.as_ref().map(log_id_to_pb),
+    }
+}
+
+pub fn vote_request_from_pb(request: raftpb::VoteRequest) -> Result<VoteRequest<NodeId>, DecodeError> {
+    let vote = request.vote.as_ref().map(vote_from_pb).ok_or(DecodeError::Missing("vote_request.vote"))?;
+    Ok(VoteRequest { vote, last_log_id: request.last_log_id.as_ref().map(log_id_from_pb) })
+}
+
+pub fn vote_response_to_pb(response: &VoteResponse<NodeId>) -> raftpb::VoteResponse {
+    raftpb::VoteResponse {
+        vote: Some(vote_to_pb(&response.vote)),
+        vote_granted: response.vote_granted,
+        last_log_id: response.last_log_id.as_ref().map(log_id_to_pb),
+    }
+}
+
+pub fn vote_response_from_pb(response: raftpb::VoteResponse) -> Result<VoteResponse<NodeId>, DecodeError> {
+    let vote = response.vote.as_ref().map(vote_from_pb).ok_or(DecodeError::Missing("vote_response.vote"))?;
+    Ok(VoteResponse {
+        vote,
+        vote_granted: response.vote_granted,
+        last_log_id: response.last_log_id.as_ref().map(log_id_from_pb),
+    })
+}
+
+pub fn segment_to_pb(segment: &SnapshotSegmentId) -> raftpb::SnapshotSegment {
+    raftpb::SnapshotSegment { snapshot_id: segment.id.clone(), offset: segment.offset }
+}
+
+pub fn segment_from_pb(segment: raftpb::SnapshotSegment) -> SnapshotSegmentId {
+    SnapshotSegmentId { id: segment.snapshot_id, offset: segment.offset }
 }
 
 #[cfg(test)]

@@ -142,21 +142,58 @@ pub struct LeaseService(pub Arc<Plane>);
 
 type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<pb::LeaseKeepAliveResponse, Status>> + Send>>;
 
-impl LeaseService {
-    /// Renews lease `id` and returns its TTL; 0 when the lease does not exist (etcd's
-    /// keep-alive answer for an unknown or expired lease).
-    fn keep_alive(&self, id: i64) -> Result<i64, Status> {
-        let plane = &self.0;
-        if plane.raft.metrics().borrow().current_leader != Some(plane.node_id) {
-            return Err(Status::unavailable(status::NO_LEADER));
-        }
-        match plane.store.reader().lease(id).map_err(|error| status::from_store(&error))? {
+impl Plane {
+    /// Renews lease `id` on this plane, the leader, and returns its TTL; 0 when the lease
+    /// does not exist (etcd's keep-alive answer for an unknown or expired lease).
+    pub(super) fn keep_alive_local(&self, id: i64) -> Result<i64, Status> {
+        match self.store.reader().lease(id).map_err(|error| status::from_store(&error))? {
             Some(ttl) => {
-                plane.lessor.renew(id, ttl);
+                self.lessor.renew(id, ttl);
                 Ok(ttl)
             }
             None => Ok(0),
         }
+    }
+
+    /// A lease's TTLs and keys, as this plane, the leader, knows them.
+    pub(super) fn time_to_live_local(
+        &self,
+        request: &pb::LeaseTimeToLiveRequest,
+    ) -> Result<pb::LeaseTimeToLiveResponse, Status> {
+        let reader = self.store.reader();
+        let granted = reader.lease(request.id).map_err(|error| status::from_store(&error))?;
+        let Some(granted_ttl) = granted else {
+            return Err(status::from_store(&StoreError::LeaseNotFound { id: request.id }));
+        };
+        let keys = if request.keys {
+            reader.lease_keys(request.id).map_err(|error| status::from_store(&error))?
+        } else {
+            Vec::new()
+        };
+        let ttl = self.lessor.remaining_secs(request.id).unwrap_or(granted_ttl);
+        Ok(pb::LeaseTimeToLiveResponse {
+            header: self.header(self.store.revision()),
+            id: request.id,
+            ttl,
+            granted_ttl,
+            keys,
+        })
+    }
+}
+
+impl LeaseService {
+    /// Renews lease `id` on the leader and returns its TTL (0: no such lease).
+    async fn keep_alive(&self, id: i64) -> Result<i64, Status> {
+        let plane = &self.0;
+        plane
+            .with_leader(|| async {
+                if plane.is_leader() {
+                    return plane.keep_alive_local(id);
+                }
+                let answer = plane.leader_client()?.lease_keep_alive(pb::LeaseKeepAliveRequest { id }).await?;
+                Ok(answer.into_inner().ttl)
+            })
+            .await
     }
 }
 
@@ -213,7 +250,7 @@ impl Lease for LeaseService {
         tokio::spawn(async move {
             while let Some(next) = incoming.next().await {
                 let answer = match next {
-                    Ok(request) => service.keep_alive(request.id).map(|ttl| pb::LeaseKeepAliveResponse {
+                    Ok(request) => service.keep_alive(request.id).await.map(|ttl| pb::LeaseKeepAliveResponse {
                         header: service.0.header(service.0.store.revision()),
                         id: request.id,
                         ttl,
@@ -235,25 +272,15 @@ impl Lease for LeaseService {
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
         let plane = &self.0;
         let request = request.into_inner();
-        plane.linearizable_barrier().await?;
-        let reader = plane.store.reader();
-        let granted = reader.lease(request.id).map_err(|error| status::from_store(&error))?;
-        let Some(granted_ttl) = granted else {
-            return Err(status::from_store(&StoreError::LeaseNotFound { id: request.id }));
-        };
-        let keys = if request.keys {
-            reader.lease_keys(request.id).map_err(|error| status::from_store(&error))?
-        } else {
-            Vec::new()
-        };
-        let ttl = plane.lessor.remaining_secs(request.id).unwrap_or(granted_ttl);
-        Ok(Response::new(pb::LeaseTimeToLiveResponse {
-            header: plane.header(plane.store.revision()),
-            id: request.id,
-            ttl,
-            granted_ttl,
-            keys,
-        }))
+        let response = plane
+            .with_leader(|| async {
+                if plane.is_leader() {
+                    return plane.time_to_live_local(&request);
+                }
+                Ok(plane.leader_client()?.lease_time_to_live(request).await?.into_inner())
+            })
+            .await?;
+        Ok(Response::new(response))
     }
 
     async fn lease_leases(

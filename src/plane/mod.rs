@@ -6,6 +6,7 @@
 //! ([`lease::Lessor`]). Watches read the event channel the state machine feeds and fall
 //! back to the store's history when they fall behind ([`watch`]).
 
+mod forward;
 mod kv;
 mod lease;
 mod maintenance;
@@ -78,17 +79,17 @@ impl PlaneConfig {
         let names: Vec<String> = self.initial_cluster.iter().map(|(name, _)| name.clone()).collect();
         let mut initial_members = BTreeMap::new();
         for (name, peer_url) in &self.initial_cluster {
-            let client_urls = if *name == self.name { self.advertise_client_urls.clone() } else { Vec::new() };
-            let node = PeerNode { name: name.clone(), peer_url: peer_url.clone(), client_urls };
+            let node = PeerNode { name: name.clone(), peer_url: peer_url.clone(), client_urls: Vec::new() };
             if initial_members.insert(capstan_raft::member_id(token, name), node).is_some() {
                 anyhow::bail!("--initial-cluster names {name} twice");
             }
         }
         let node_id = capstan_raft::member_id(token, &self.name);
-        let node = initial_members
+        let mut node = initial_members
             .get(&node_id)
             .cloned()
             .with_context(|| format!("--initial-cluster does not name this plane ({})", self.name))?;
+        node.client_urls = self.advertise_client_urls.clone();
         Ok(PlaneIdentity { node_id, cluster_id: capstan_raft::cluster_id(token, &names), node, initial_members })
     }
 }
@@ -106,9 +107,11 @@ pub struct Plane {
     events: tokio::sync::broadcast::Sender<Arc<RevisionEvents>>,
     node_id: NodeId,
     cluster_id: u64,
+    identity: PlaneIdentity,
     config: PlaneConfig,
     alarms: Mutex<Alarms>,
     lessor: lease::Lessor,
+    forwarder: forward::Forwarder,
 }
 
 impl Plane {
@@ -124,26 +127,60 @@ impl Plane {
         *header = self.header(revision);
     }
 
-    /// Replicates `command` and returns what applying it produced.
+    /// Replicates `command` (through the leader, from a follower) and returns what applying
+    /// it produced.
     async fn propose(&self, command: Command) -> Result<CommandResponse, Status> {
         let size = command.encoded_len();
         if size > REQUEST_BYTES_MAX {
             return Err(status::request_too_large());
         }
+        self.with_leader(|| async {
+            if self.is_leader() {
+                self.propose_local(command.clone()).await
+            } else {
+                self.forward_propose(command.clone()).await
+            }
+        })
+        .await
+    }
+
+    /// Runs `attempt` against the current leader until it succeeds or fails for a reason
+    /// other than "not leader" (which means nothing was done), waiting for a leader and for
+    /// leadership to change between tries; gives up with etcd's timeout error.
+    async fn with_leader<T, Attempt, Outcome>(&self, mut attempt: Attempt) -> Result<T, Status>
+    where
+        Attempt: FnMut() -> Outcome,
+        Outcome: std::future::Future<Output = Result<T, Status>>,
+    {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(PROPOSE_TIMEOUT_MS);
-        self.wait_for_leader(deadline).await?;
-        let written = tokio::time::timeout_at(deadline, self.raft.client_write(command))
-            .await
-            .map_err(|_| Status::unavailable(status::TIMEOUT))?;
-        match written {
+        let mut metrics = self.raft.metrics();
+        loop {
+            self.wait_for_leader(deadline).await?;
+            metrics.borrow_and_update();
+            match tokio::time::timeout_at(deadline, attempt()).await {
+                Err(_) => return Err(Status::unavailable(status::TIMEOUT)),
+                Ok(Err(refused)) if refused.message() == status::NOT_LEADER => {
+                    match tokio::time::timeout_at(deadline, metrics.changed()).await {
+                        Err(_) => return Err(Status::unavailable(status::TIMEOUT)),
+                        Ok(Err(_)) => return Err(Status::unavailable(status::STOPPED)),
+                        Ok(Ok(())) => continue,
+                    }
+                }
+                Ok(outcome) => return outcome,
+            }
+        }
+    }
+
+    /// Replicates `command` from this plane, which must lead.
+    async fn propose_local(&self, command: Command) -> Result<CommandResponse, Status> {
+        match self.raft.client_write(command).await {
             Ok(written) => match written.data.result {
                 Some(Ok(response)) => Ok(response),
                 Some(Err(error)) => Err(status::from_store(&error)),
                 None => Err(Status::internal("a command entry applied without a response")),
             },
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                Err(Status::unavailable(status::NO_LEADER))
-            }
+            // Refused before anything was appended: safe to retry on the new leader.
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(status::not_leader()),
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(error))) => {
                 Err(Status::failed_precondition(error.to_string()))
             }
@@ -157,17 +194,25 @@ impl Plane {
     /// Waits until this plane's state includes every write acknowledged before the call:
     /// the leader confirms it still leads (read-index) and this plane applies up to there.
     async fn linearizable_barrier(&self) -> Result<(), Status> {
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(PROPOSE_TIMEOUT_MS);
-        self.wait_for_leader(deadline).await?;
-        match tokio::time::timeout_at(deadline, self.raft.ensure_linearizable()).await {
-            Err(_) => Err(Status::unavailable(status::TIMEOUT)),
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::APIError(_))) => Err(Status::unavailable(status::NO_LEADER)),
-            Ok(Err(RaftError::Fatal(error))) => {
-                tracing::error!(%error, "raft stopped");
-                Err(Status::unavailable(status::STOPPED))
+        self.with_leader(|| async {
+            if self.is_leader() {
+                return match self.raft.ensure_linearizable().await {
+                    Ok(_) => Ok(()),
+                    Err(RaftError::APIError(_)) => Err(status::not_leader()),
+                    Err(RaftError::Fatal(error)) => {
+                        tracing::error!(%error, "raft stopped");
+                        Err(Status::unavailable(status::STOPPED))
+                    }
+                };
             }
-        }
+            let read_index = self.forward_read_index().await?;
+            let mut metrics = self.raft.metrics();
+            let applied = |metrics: &openraft::RaftMetrics<NodeId, PeerNode>| {
+                metrics.last_applied.is_some_and(|applied| applied.index >= read_index)
+            };
+            metrics.wait_for(applied).await.map(|_| ()).map_err(|_| Status::unavailable(status::STOPPED))
+        })
+        .await
     }
 
     /// Waits, as etcd does, until the cluster has a leader (for example while the first
@@ -206,6 +251,9 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(config.listen_client)
         .await
         .with_context(|| format!("cannot listen for clients on {}", config.listen_client))?;
+    let peer_listener = tokio::net::TcpListener::bind(config.listen_peer)
+        .await
+        .with_context(|| format!("cannot listen for peers on {}", config.listen_peer))?;
     let started = capstan_raft::start(config.data_dir.clone(), &identity, &config.raft)
         .await
         .with_context(|| format!("cannot start the plane in {}", config.data_dir.display()))?;
@@ -218,6 +266,8 @@ pub async fn run(
         lessor: lease::Lessor::new(&config.raft),
         config,
         alarms: Mutex::new(Alarms::default()),
+        forwarder: forward::Forwarder::default(),
+        identity,
     });
     tracing::info!(
         name = %plane.config.name,
@@ -229,14 +279,86 @@ pub async fn run(
     );
     let lessor_task = tokio::spawn(lease::run_expiry(plane.clone()));
     let leadership_task = tokio::spawn(log_leadership(plane.raft.clone()));
+    let publish_task = tokio::spawn(publish_client_urls(plane.clone()));
+    let peer_service = capstan_raft::PeerService::new(plane.raft.clone(), plane.cluster_id);
+    let (stop_peers, peers_stopped) = tokio::sync::oneshot::channel::<()>();
+    let peer_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                capstan_proto::raftpb::raft_peer_server::RaftPeerServer::new(peer_service)
+                    .max_decoding_message_size(capstan_raft::network::PEER_MESSAGE_BYTES_MAX)
+                    .max_encoding_message_size(capstan_raft::network::PEER_MESSAGE_BYTES_MAX),
+            )
+            .add_service(
+                capstan_proto::raftpb::plane_peer_server::PlanePeerServer::new(forward::PlanePeerService(
+                    plane.clone(),
+                ))
+                .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(usize::MAX),
+            )
+            .serve_with_incoming_shutdown(TcpListenerStream::new(peer_listener), async {
+                let _ = peers_stopped.await;
+            }),
+    );
     let served = serve(plane.clone(), listener, shutdown).await;
     lessor_task.abort();
     leadership_task.abort();
+    publish_task.abort();
+    let _ = stop_peers.send(());
+    if let Ok(Err(error)) = peer_task.await {
+        tracing::warn!(%error, "peer server stopped with an error");
+    }
     let raft_stopped = started.raft.shutdown().await;
     served?;
     raft_stopped.map_err(|error| anyhow::anyhow!("raft did not stop cleanly: {error}"))?;
     tracing::info!("plane stopped");
     Ok(())
+}
+
+/// Makes the membership carry this plane's client URLs (the bootstrap membership has only
+/// peer URLs), so MemberList shows them and peers can forward to them.
+async fn publish_client_urls(plane: Arc<Plane>) {
+    let mut metrics = plane.raft.metrics();
+    loop {
+        let (leading, published) = {
+            let current = metrics.borrow_and_update();
+            let published = current.membership_config.membership().get_node(&plane.node_id).cloned();
+            (current.current_leader == Some(plane.node_id), published)
+        };
+        if published.as_ref() == Some(&plane.identity.node) {
+            tracing::info!(urls = ?plane.identity.node.client_urls, "client URLs published");
+            return;
+        }
+        if published.is_some() && plane.leader().is_some() {
+            let outcome = if leading {
+                let update = BTreeMap::from([(plane.node_id, plane.identity.node.clone())]);
+                plane
+                    .raft
+                    .change_membership(openraft::ChangeMembers::SetNodes(update), true)
+                    .await
+                    .map(|_| ())
+                    .map_err(|error| error.to_string())
+            } else {
+                let request = capstan_proto::raftpb::PublishMemberRequest {
+                    member_id: plane.node_id,
+                    node: Some(capstan_raft::types::peer_to_pb(&plane.identity.node)),
+                };
+                match plane.leader_client() {
+                    Ok(mut client) => {
+                        client.publish_member(request).await.map(|_| ()).map_err(|status| status.message().to_string())
+                    }
+                    Err(status) => Err(status.message().to_string()),
+                }
+            };
+            match outcome {
+                Ok(()) => continue,
+                Err(error) => tracing::warn!(%error, "could not publish client URLs; will retry"),
+            }
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Logs every change of leader, as etcd does ("elected leader", "lost leader").

@@ -8,6 +8,12 @@ pub const NO_SPACE: &str = "etcdserver: mvcc: database space exceeded";
 pub const REQUEST_TOO_LARGE: &str = "etcdserver: request is too large";
 pub const NO_LEADER: &str = "etcdserver: no leader";
 pub const LEADER_CHANGED: &str = "etcdserver: leader changed";
+/// The plane asked is not the leader; nothing was done, so asking again is safe.
+pub const NOT_LEADER: &str = "etcdserver: not leader";
+
+pub fn not_leader() -> Status {
+    Status::unavailable(NOT_LEADER)
+}
 pub const STOPPED: &str = "etcdserver: server stopped";
 pub const TIMEOUT: &str = "etcdserver: request timed out";
 

@@ -38,9 +38,20 @@ impl PlaneProcess {
         plane
     }
 
-    /// Starts a plane without waiting for it.
+    /// Starts a plane named `test-plane` without waiting for it.
     pub fn spawn(data_dir: &Path, client_addr: SocketAddr, peer_addr: SocketAddr, extra_args: &[&str]) -> PlaneProcess {
-        let name = "test-plane".to_string();
+        PlaneProcess::spawn_named("test-plane", data_dir, client_addr, peer_addr, extra_args)
+    }
+
+    /// Starts a plane without waiting for it.
+    pub fn spawn_named(
+        name: &str,
+        data_dir: &Path,
+        client_addr: SocketAddr,
+        peer_addr: SocketAddr,
+        extra_args: &[&str],
+    ) -> PlaneProcess {
+        let name = name.to_string();
         let extra_args: Vec<String> = extra_args.iter().map(|arg| arg.to_string()).collect();
         let (child, log) = spawn_plane(&name, data_dir, client_addr, peer_addr, &extra_args);
         PlaneProcess { child, client_addr, peer_addr, data_dir: data_dir.to_path_buf(), name, extra_args, log }
@@ -51,9 +62,9 @@ impl PlaneProcess {
         format!("http://{}", self.client_addr)
     }
 
-    /// Blocks until the plane serves clients and has a leader.
+    /// Blocks until the plane serves clients, has a leader and has published its URLs.
     pub fn wait_until_ready(&mut self) {
-        self.wait_for_logs(&["plane serving", "leader elected"]);
+        self.wait_for_logs(&["plane serving", "leader elected", "client URLs published"]);
     }
 
     /// Blocks until the plane has logged a line containing each of `needles`, in any
@@ -84,10 +95,15 @@ impl PlaneProcess {
     /// SIGKILLs the plane and starts it again on the same addresses and data.
     pub fn kill_and_restart(&mut self) {
         self.kill();
+        self.restart();
+        self.wait_until_ready();
+    }
+
+    /// Starts the (killed) plane again on the same addresses and data, without waiting.
+    pub fn restart(&mut self) {
         let (child, log) = spawn_plane(&self.name, &self.data_dir, self.client_addr, self.peer_addr, &self.extra_args);
         self.child = child;
         self.log = log;
-        self.wait_until_ready();
     }
 
     pub fn kill(&mut self) {
@@ -133,4 +149,47 @@ fn spawn_plane(
         }
     });
     (child, log)
+}
+
+/// Planes started together as one cluster.
+pub struct Cluster {
+    pub planes: Vec<PlaneProcess>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts `size` planes and waits until each serves, knows the leader and has
+    /// published its URLs.
+    pub fn start(size: usize) -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let addrs: Vec<(SocketAddr, SocketAddr)> = (0..size).map(|_| (free_addr(), free_addr())).collect();
+        let initial = addrs
+            .iter()
+            .enumerate()
+            .map(|(index, (_, peer))| format!("plane-{index}=http://{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut planes: Vec<PlaneProcess> = addrs
+            .iter()
+            .enumerate()
+            .map(|(index, (client, peer))| {
+                let name = format!("plane-{index}");
+                PlaneProcess::spawn_named(
+                    &name,
+                    &dir.path().join(&name),
+                    *client,
+                    *peer,
+                    &["--initial-cluster", &initial],
+                )
+            })
+            .collect();
+        for plane in &mut planes {
+            plane.wait_until_ready();
+        }
+        Cluster { planes, _dir: dir }
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.planes.iter().map(|plane| plane.endpoint()).collect()
+    }
 }

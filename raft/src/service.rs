@@ -1,0 +1,111 @@
+//! The server side of the Raft transport: the `RaftPeer` gRPC service a plane serves on its
+//! peer address. Requests from another cluster, or that do not decode, are refused with a
+//! clear status; nothing a peer sends can panic the plane.
+
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest};
+use tonic::{Request, Response, Status};
+
+use capstan_proto::raftpb::{self, raft_peer_server::RaftPeer};
+
+use crate::error::DecodeError;
+use crate::types::{self, NodeId, Raft};
+
+pub struct PeerService {
+    raft: Raft,
+    cluster_id: u64,
+}
+
+impl PeerService {
+    pub fn new(raft: Raft, cluster_id: u64) -> PeerService {
+        PeerService { raft, cluster_id }
+    }
+
+    fn check_cluster(&self, cluster_id: u64) -> Result<(), Status> {
+        if cluster_id != self.cluster_id {
+            tracing::warn!(
+                theirs = format!("{cluster_id:x}"),
+                ours = format!("{:x}", self.cluster_id),
+                "refused a peer of another cluster"
+            );
+            return Err(Status::failed_precondition(format!(
+                "cluster ID mismatch: the request is for cluster {cluster_id:x}, this plane belongs to {:x}",
+                self.cluster_id
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn malformed(error: DecodeError) -> Status {
+    Status::invalid_argument(format!("malformed raft message: {error}"))
+}
+
+fn raft_status<E: std::error::Error>(error: RaftError<NodeId, E>) -> Status {
+    Status::unavailable(format!("raft: {error}"))
+}
+
+#[tonic::async_trait]
+impl RaftPeer for PeerService {
+    async fn append_entries(
+        &self,
+        request: Request<raftpb::AppendEntriesRequest>,
+    ) -> Result<Response<raftpb::AppendEntriesResponse>, Status> {
+        let request = request.into_inner();
+        self.check_cluster(request.cluster_id)?;
+        let vote =
+            request.vote.as_ref().map(types::vote_from_pb).ok_or(DecodeError::Missing("vote")).map_err(malformed)?;
+        let entries =
+            request.entries.into_iter().map(types::entry_from_pb).collect::<Result<Vec<_>, _>>().map_err(malformed)?;
+        let rpc = AppendEntriesRequest {
+            vote,
+            prev_log_id: request.prev_log_id.as_ref().map(types::log_id_from_pb),
+            entries,
+            leader_commit: request.leader_commit.as_ref().map(types::log_id_from_pb),
+        };
+        let response = self.raft.append_entries(rpc).await.map_err(raft_status)?;
+        Ok(Response::new(types::append_response_to_pb(&response)))
+    }
+
+    async fn vote(&self, request: Request<raftpb::VoteRequest>) -> Result<Response<raftpb::VoteResponse>, Status> {
+        let request = request.into_inner();
+        self.check_cluster(request.cluster_id)?;
+        let rpc = types::vote_request_from_pb(request).map_err(malformed)?;
+        let response = self.raft.vote(rpc).await.map_err(raft_status)?;
+        Ok(Response::new(types::vote_response_to_pb(&response)))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<raftpb::InstallSnapshotRequest>,
+    ) -> Result<Response<raftpb::InstallSnapshotResponse>, Status> {
+        let request = request.into_inner();
+        self.check_cluster(request.cluster_id)?;
+        let vote =
+            request.vote.as_ref().map(types::vote_from_pb).ok_or(DecodeError::Missing("vote")).map_err(malformed)?;
+        let meta = request.meta.ok_or(DecodeError::Missing("meta")).map_err(malformed)?;
+        let rpc = InstallSnapshotRequest {
+            vote,
+            meta: types::snapshot_meta_from_pb(meta),
+            offset: request.offset,
+            data: request.data,
+            done: request.done,
+        };
+        match self.raft.install_snapshot(rpc).await {
+            Ok(response) => Ok(Response::new(raftpb::InstallSnapshotResponse {
+                vote: Some(types::vote_to_pb(&response.vote)),
+                mismatch: None,
+            })),
+            Err(RaftError::APIError(InstallSnapshotError::SnapshotMismatch(mismatch))) => {
+                Ok(Response::new(raftpb::InstallSnapshotResponse {
+                    vote: None,
+                    mismatch: Some(raftpb::SnapshotMismatch {
+                        expect: Some(types::segment_to_pb(&mismatch.expect)),
+                        got: Some(types::segment_to_pb(&mismatch.got)),
+                    }),
+                }))
+            }
+            Err(error) => Err(raft_status(error)),
+        }
+    }
+}

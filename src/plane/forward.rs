@@ -1,0 +1,195 @@
+//! Followers serve every client request by asking the leader for what only the leader
+//! can do: replicate a command, confirm a read index, renew or inspect a lease, change the
+//! membership. The leader serves these on its peer address as the `PlanePeer` service.
+//!
+//! Errors travel as the gRPC status etcd would return, so a client of a follower sees
+//! exactly what a client of the leader sees.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use capstan_proto::etcdserverpb as pb;
+use capstan_proto::raftpb::{
+    self, plane_peer_client::PlanePeerClient, plane_peer_server::PlanePeer, propose_response, Command,
+};
+use capstan_raft::{NodeId, PeerNode};
+use capstan_store::CommandResponse;
+
+use super::{status, Plane};
+
+const CLUSTER_HEADER: &str = "capstan-cluster-id";
+const CONNECT_TIMEOUT_MS: u64 = 1_000;
+
+type AddCluster = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send + Sync>;
+pub type LeaderClient = PlanePeerClient<InterceptedService<Channel, AddCluster>>;
+
+/// Channels to peers' `PlanePeer` service, by peer URL.
+#[derive(Default)]
+pub struct Forwarder {
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl Forwarder {
+    fn channel(&self, peer_url: &str) -> Result<Channel, Status> {
+        let mut channels = self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(channel) = channels.get(peer_url) {
+            return Ok(channel.clone());
+        }
+        let channel = Endpoint::from_shared(peer_url.to_string())
+            .map_err(|error| Status::internal(format!("bad peer URL {peer_url}: {error}")))?
+            .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        channels.insert(peer_url.to_string(), channel.clone());
+        Ok(channel)
+    }
+}
+
+impl Plane {
+    /// The leader's ID and node, if there is a leader.
+    pub(super) fn leader(&self) -> Option<(NodeId, PeerNode)> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let leader = metrics.current_leader?;
+        let node = metrics.membership_config.membership().get_node(&leader)?.clone();
+        Some((leader, node))
+    }
+
+    pub(super) fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.node_id)
+    }
+
+    /// A client of the leader's `PlanePeer` service.
+    pub(super) fn leader_client(&self) -> Result<LeaderClient, Status> {
+        let (_, node) = self.leader().ok_or_else(|| Status::unavailable(status::NO_LEADER))?;
+        let channel = self.forwarder.channel(&node.peer_url)?;
+        let cluster: MetadataValue<_> = format!("{:x}", self.cluster_id)
+            .parse()
+            .map_err(|_| Status::internal("cluster ID is not a valid header value"))?;
+        let add_cluster: AddCluster = Box::new(move |mut request: Request<()>| {
+            request.metadata_mut().insert(CLUSTER_HEADER, cluster.clone());
+            Ok(request)
+        });
+        Ok(PlanePeerClient::with_interceptor(channel, add_cluster))
+    }
+
+    /// Has the leader replicate `command`.
+    pub(super) async fn forward_propose(&self, command: Command) -> Result<CommandResponse, Status> {
+        use propose_response::Response as Answer;
+        let mut client = self.leader_client()?;
+        let answer = client.propose(raftpb::ProposeRequest { command: Some(command) }).await?.into_inner();
+        Ok(match answer.response.ok_or_else(|| Status::internal("the leader sent an empty propose response"))? {
+            Answer::Put(response) => CommandResponse::Put(response),
+            Answer::DeleteRange(response) => CommandResponse::DeleteRange(response),
+            Answer::Txn(response) => CommandResponse::Txn(response),
+            Answer::Compaction(response) => CommandResponse::Compaction(response),
+            Answer::LeaseGrant(response) => CommandResponse::LeaseGrant(response),
+            Answer::LeaseRevoke(response) => CommandResponse::LeaseRevoke(response),
+        })
+    }
+
+    /// The log index the leader says a linearizable read must wait for.
+    pub(super) async fn forward_read_index(&self) -> Result<u64, Status> {
+        let mut client = self.leader_client()?;
+        Ok(client.read_index(raftpb::ReadIndexRequest {}).await?.into_inner().read_index)
+    }
+}
+
+/// The leader's side of forwarding.
+pub struct PlanePeerService(pub Arc<Plane>);
+
+impl PlanePeerService {
+    fn check_cluster<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let theirs = request.metadata().get(CLUSTER_HEADER).and_then(|value| value.to_str().ok()).unwrap_or("");
+        let ours = format!("{:x}", self.0.cluster_id);
+        if theirs != ours {
+            return Err(Status::failed_precondition(format!(
+                "cluster ID mismatch: the request is for cluster {theirs:?}, this plane belongs to {ours}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn require_leader(&self) -> Result<(), Status> {
+        if self.0.is_leader() {
+            Ok(())
+        } else {
+            Err(status::not_leader())
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl PlanePeer for PlanePeerService {
+    async fn propose(
+        &self,
+        request: Request<raftpb::ProposeRequest>,
+    ) -> Result<Response<raftpb::ProposeResponse>, Status> {
+        use propose_response::Response as Answer;
+        self.check_cluster(&request)?;
+        self.require_leader()?;
+        let command =
+            request.into_inner().command.ok_or_else(|| Status::invalid_argument("propose without a command"))?;
+        let answer = match self.0.propose_local(command).await? {
+            CommandResponse::Put(response) => Answer::Put(response),
+            CommandResponse::DeleteRange(response) => Answer::DeleteRange(response),
+            CommandResponse::Txn(response) => Answer::Txn(response),
+            CommandResponse::Compaction(response) => Answer::Compaction(response),
+            CommandResponse::LeaseGrant(response) => Answer::LeaseGrant(response),
+            CommandResponse::LeaseRevoke(response) => Answer::LeaseRevoke(response),
+        };
+        Ok(Response::new(raftpb::ProposeResponse { response: Some(answer) }))
+    }
+
+    async fn read_index(
+        &self,
+        request: Request<raftpb::ReadIndexRequest>,
+    ) -> Result<Response<raftpb::ReadIndexResponse>, Status> {
+        self.check_cluster(&request)?;
+        self.require_leader()?;
+        let (read_log_id, _) = self.0.raft.get_read_log_id().await.map_err(|_| status::not_leader())?;
+        Ok(Response::new(raftpb::ReadIndexResponse { read_index: read_log_id.map_or(0, |id| id.index) }))
+    }
+
+    async fn lease_keep_alive(
+        &self,
+        request: Request<pb::LeaseKeepAliveRequest>,
+    ) -> Result<Response<pb::LeaseKeepAliveResponse>, Status> {
+        self.check_cluster(&request)?;
+        self.require_leader()?;
+        let id = request.into_inner().id;
+        let ttl = self.0.keep_alive_local(id)?;
+        Ok(Response::new(pb::LeaseKeepAliveResponse { header: self.0.header(self.0.store.revision()), id, ttl }))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        request: Request<pb::LeaseTimeToLiveRequest>,
+    ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
+        self.check_cluster(&request)?;
+        self.require_leader()?;
+        Ok(Response::new(self.0.time_to_live_local(&request.into_inner())?))
+    }
+
+    async fn publish_member(
+        &self,
+        request: Request<raftpb::PublishMemberRequest>,
+    ) -> Result<Response<raftpb::Empty>, Status> {
+        self.check_cluster(&request)?;
+        self.require_leader()?;
+        let request = request.into_inner();
+        let node = request.node.ok_or_else(|| Status::invalid_argument("publish without a node"))?;
+        let update = BTreeMap::from([(request.member_id, capstan_raft::types::peer_from_pb(node))]);
+        self.0
+            .raft
+            .change_membership(openraft::ChangeMembers::SetNodes(update), true)
+            .await
+            .map_err(|error| Status::unavailable(format!("etcdserver: {error}")))?;
+        Ok(Response::new(raftpb::Empty {}))
+    }
+}

@@ -14,6 +14,20 @@ use etcd_client::{
 };
 use serde_json::{json, Value};
 
+/// Applies an explicit range end, `--prefix` or `--from-key` to any etcd-client options
+/// type (they share these method names but no trait).
+macro_rules! with_key_range {
+    ($options:expr, $range_end:expr, $range:expr) => {{
+        let options = $options;
+        match $range_end {
+            Some(end) => options.with_range(end),
+            None if $range.prefix => options.with_prefix(),
+            None if $range.from_key => options.with_from_key(),
+            None => options,
+        }
+    }};
+}
+
 #[derive(Args, Debug)]
 pub struct CtlArgs {
     /// Comma-separated gRPC endpoints of the cluster.
@@ -218,8 +232,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             consistency,
             print_value_only,
         } => {
-            let mut options = GetOptions::new().with_revision(rev).with_limit(limit);
-            options = apply_get_range(options, range_end, &range);
+            let mut options = with_key_range!(GetOptions::new().with_revision(rev).with_limit(limit), range_end, range);
             if keys_only {
                 options = options.with_keys_only();
             }
@@ -256,14 +269,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             }
         }
         CtlCommand::Del { key, range_end, range, prev_kv } => {
-            let mut options = DeleteOptions::new();
-            if let Some(end) = range_end {
-                options = options.with_range(end);
-            } else if range.prefix {
-                options = options.with_prefix();
-            } else if range.from_key {
-                options = options.with_from_key();
-            }
+            let mut options = with_key_range!(DeleteOptions::new(), range_end, range);
             if prev_kv {
                 options = options.with_prev_key();
             }
@@ -279,14 +285,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             }
         }
         CtlCommand::Watch { key, range_end, range, rev, prev_kv, max_events } => {
-            let mut options = WatchOptions::new().with_start_revision(rev);
-            if let Some(end) = range_end {
-                options = options.with_range(end);
-            } else if range.prefix {
-                options = options.with_prefix();
-            } else if range.from_key {
-                options = options.with_from_key();
-            }
+            let mut options = with_key_range!(WatchOptions::new().with_start_revision(rev), range_end, range);
             if prev_kv {
                 options = options.with_prev_key();
             }
@@ -495,15 +494,6 @@ fn parse_lease_id(text: &str) -> anyhow::Result<i64> {
         .with_context(|| format!("bad lease ID {text:?} (hex expected)"))
 }
 
-fn apply_get_range(options: GetOptions, range_end: Option<String>, range: &RangeArgs) -> GetOptions {
-    match range_end {
-        Some(end) => options.with_range(end),
-        None if range.prefix => options.with_prefix(),
-        None if range.from_key => options.with_from_key(),
-        None => options,
-    }
-}
-
 fn parse_sort_target(text: Option<&str>) -> anyhow::Result<SortTarget> {
     Ok(match text.unwrap_or("key").to_ascii_lowercase().as_str() {
         "key" => SortTarget::Key,
@@ -649,20 +639,15 @@ fn parse_op(line: &str) -> anyhow::Result<TxnOp> {
     Ok(match args.as_slice() {
         [verb, key, value] if verb.as_str() == "put" => TxnOp::put(key.as_str(), value.as_str(), None),
         [verb, key, rest @ ..] if verb.as_str() == "get" => {
-            let options = apply_get_range(
-                GetOptions::new(),
-                rest.first().map(|end| end.to_string()),
-                &RangeArgs { prefix, from_key: false },
-            );
-            TxnOp::get(key.as_str(), Some(options))
+            let range = RangeArgs { prefix, from_key: false };
+            TxnOp::get(
+                key.as_str(),
+                Some(with_key_range!(GetOptions::new(), rest.first().map(|end| end.as_str()), range)),
+            )
         }
         [verb, key, rest @ ..] if verb.as_str() == "del" => {
-            let mut options = DeleteOptions::new();
-            if let Some(end) = rest.first() {
-                options = options.with_range(end.as_str());
-            } else if prefix {
-                options = options.with_prefix();
-            }
+            let range = RangeArgs { prefix, from_key: false };
+            let options = with_key_range!(DeleteOptions::new(), rest.first().map(|end| end.as_str()), range);
             TxnOp::delete(key.as_str(), Some(options))
         }
         _ => bail!("bad txn op {line:?}: want put KEY VALUE, get KEY [END], or del KEY [END]"),

@@ -16,7 +16,7 @@ use capstan_proto::raftpb::{command, Command};
 
 use crate::codec::{self, Version};
 use crate::error::{Result, StoreError};
-use crate::read::{event, key_value, range_in, KeyRange, LiveKeys, Reader};
+use crate::read::{event, key_value, range_in, AtRevision, KeyRange, LiveKeys, Reader};
 use crate::{cf, CommandResponse, Store, LEASE_TTL_SECS_MAX, TXN_OPS_MAX};
 
 /// What applying one command produced.
@@ -368,7 +368,7 @@ impl Apply<'_> {
                     let response = if range.revision <= 0 || range.revision >= current {
                         range_in(self, range, current)?
                     } else {
-                        let view = AtRevisionOf { reader: &self.reader, revision: range.revision };
+                        let view = AtRevision { reader: &self.reader, revision: range.revision };
                         range_in(&view, range, current)?
                     };
                     Response::ResponseRange(response)
@@ -501,17 +501,6 @@ impl LiveKeys for Apply<'_> {
             }
         }
         Ok(())
-    }
-}
-
-struct AtRevisionOf<'r, 'a> {
-    reader: &'r Reader<'a>,
-    revision: i64,
-}
-
-impl LiveKeys for AtRevisionOf<'_, '_> {
-    fn scan(&self, range: &KeyRange, visit: &mut dyn FnMut(Vec<u8>, Version) -> Result<bool>) -> Result<()> {
-        self.reader.scan_at(range, self.revision, visit)
     }
 }
 

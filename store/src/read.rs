@@ -277,9 +277,9 @@ impl<'a> Reader<'a> {
 }
 
 /// A reader fixed at one revision.
-struct AtRevision<'r, 'a> {
-    reader: &'r Reader<'a>,
-    revision: i64,
+pub(crate) struct AtRevision<'r, 'a> {
+    pub(crate) reader: &'r Reader<'a>,
+    pub(crate) revision: i64,
 }
 
 impl LiveKeys for AtRevision<'_, '_> {

@@ -215,7 +215,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             } else {
                 println!("OK");
                 if let Some(previous) = response.prev_key() {
-                    print_kv(previous, false);
+                    print_kv(previous);
                 }
             }
         }
@@ -263,7 +263,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                     if print_value_only {
                         println!("{}", String::from_utf8_lossy(kv.value()));
                     } else {
-                        print_kv(kv, keys_only);
+                        print_kv(kv);
                     }
                 }
             }
@@ -280,7 +280,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             } else {
                 println!("{}", response.deleted());
                 for kv in response.prev_kvs() {
-                    print_kv(kv, false);
+                    print_kv(kv);
                 }
             }
         }
@@ -309,10 +309,10 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                     } else {
                         println!("{}", format!("{:?}", event.event_type()).to_uppercase());
                         if let Some(previous) = event.prev_kv() {
-                            print_kv(previous, false);
+                            print_kv(previous);
                         }
                         if let Some(kv) = event.kv() {
-                            print_kv(kv, false);
+                            print_kv(kv);
                         }
                     }
                     seen += 1;
@@ -344,7 +344,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                     println!();
                     match op {
                         TxnOpResponse::Put(_) => println!("OK"),
-                        TxnOpResponse::Get(get) => get.kvs().iter().for_each(|kv| print_kv(kv, false)),
+                        TxnOpResponse::Get(get) => get.kvs().iter().for_each(print_kv),
                         TxnOpResponse::Delete(delete) => println!("{}", delete.deleted()),
                         TxnOpResponse::Txn(nested) => {
                             println!("{}", if nested.succeeded() { "SUCCESS" } else { "FAILURE" })
@@ -513,11 +513,10 @@ fn parse_sort_order(text: Option<&str>) -> anyhow::Result<SortOrder> {
     })
 }
 
-fn print_kv(kv: &KeyValue, keys_only: bool) {
+/// A key line and a value line, as etcdctl prints them (the value is empty for keys-only).
+fn print_kv(kv: &KeyValue) {
     println!("{}", String::from_utf8_lossy(kv.key()));
-    if !keys_only {
-        println!("{}", String::from_utf8_lossy(kv.value()));
-    }
+    println!("{}", String::from_utf8_lossy(kv.value()));
 }
 
 fn print_json(value: Value) {

@@ -33,7 +33,7 @@ struct DevPlane {
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
-    if args.client_ports.is_empty() || args.client_ports.len() % 2 == 0 {
+    if args.client_ports.is_empty() || args.client_ports.len().is_multiple_of(2) {
         anyhow::bail!("--client-ports must name an odd number of planes (3 or 5), not {}", args.client_ports.len());
     }
     let planes: Vec<DevPlane> = args

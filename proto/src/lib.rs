@@ -14,6 +14,24 @@ pub mod mvccpb {
 
 pub mod etcdserverpb {
     tonic::include_proto!("etcdserverpb");
+
+    impl TxnResponse {
+        /// Calls `visit` on the header of this response and of every response inside it,
+        /// nested txns included (etcd sets them all).
+        pub fn visit_headers(&mut self, visit: &mut impl FnMut(&mut Option<ResponseHeader>)) {
+            use response_op::Response;
+            visit(&mut self.header);
+            for op in &mut self.responses {
+                match &mut op.response {
+                    Some(Response::ResponseRange(inner)) => visit(&mut inner.header),
+                    Some(Response::ResponsePut(inner)) => visit(&mut inner.header),
+                    Some(Response::ResponseDeleteRange(inner)) => visit(&mut inner.header),
+                    Some(Response::ResponseTxn(inner)) => inner.visit_headers(visit),
+                    None => {}
+                }
+            }
+        }
+    }
 }
 
 pub mod raftpb {

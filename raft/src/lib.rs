@@ -81,6 +81,8 @@ pub struct PlaneRaft {
     pub raft: Raft,
     pub store: Store,
     pub events: broadcast::Sender<Arc<RevisionEvents>>,
+    /// The channels to peers, for anything else the plane sends them.
+    pub peer_channels: network::PeerChannels,
 }
 
 /// Opens the plane's database in `data_dir` and starts its Raft; bootstraps the cluster
@@ -108,7 +110,8 @@ pub async fn start(data_dir: PathBuf, identity: &PlaneIdentity, config: &RaftCon
         ..Default::default()
     }
     .validate()?;
-    let network = network::GrpcNetwork::new(identity.cluster_id);
+    let peer_channels = network::PeerChannels::default();
+    let network = network::GrpcNetwork::new(identity.cluster_id, peer_channels.clone());
     let raft = Raft::new(identity.node_id, Arc::new(raft_config), network, log_store, state_machine).await?;
     if !raft.is_initialized().await? {
         tracing::info!(members = identity.initial_members.len(), "bootstrapping a new cluster");
@@ -116,7 +119,7 @@ pub async fn start(data_dir: PathBuf, identity: &PlaneIdentity, config: &RaftCon
             tracing::warn!(%error, "bootstrap refused");
         }
     }
-    Ok(PlaneRaft { raft, store, events })
+    Ok(PlaneRaft { raft, store, events, peer_channels })
 }
 
 /// A data directory remembers its cluster; a plane configured for another refuses it.

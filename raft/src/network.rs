@@ -1,6 +1,7 @@
 //! The Raft transport between planes: a tonic client per peer for the `RaftPeer` service.
 //!
-//! One channel per peer URL is shared by every replication stream to that peer. A failed
+//! One channel per peer URL ([`PeerChannels`]) is shared by every replication stream to
+//! that peer and by the plane's request forwarding. A failed
 //! call is reported as `Unreachable`, so openraft backs off instead of retrying at once.
 //! An AppendEntries batch larger than [`PEER_MESSAGE_BYTES_MAX`] is cut short and reported
 //! as a partial success, which openraft continues from.
@@ -26,19 +27,15 @@ use crate::types::{self, NodeId, PeerNode, TypeConfig};
 pub const PEER_MESSAGE_BYTES_MAX: usize = 16 << 20;
 const CONNECT_TIMEOUT_MS: u64 = 1_000;
 
-/// Creates peer clients; channels are cached by peer URL.
-#[derive(Clone)]
-pub struct GrpcNetwork {
-    cluster_id: u64,
+/// One lazily connected gRPC channel per peer URL, shared by everything a plane sends to
+/// its peers (Raft replication and request forwarding alike). Cheap to clone.
+#[derive(Clone, Default)]
+pub struct PeerChannels {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
-impl GrpcNetwork {
-    pub fn new(cluster_id: u64) -> GrpcNetwork {
-        GrpcNetwork { cluster_id, channels: Arc::default() }
-    }
-
-    fn channel(&self, peer_url: &str) -> Result<Channel, tonic::transport::Error> {
+impl PeerChannels {
+    pub fn channel(&self, peer_url: &str) -> Result<Channel, tonic::transport::Error> {
         let mut channels = self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(channel) = channels.get(peer_url) {
             return Ok(channel.clone());
@@ -54,11 +51,24 @@ impl GrpcNetwork {
     }
 }
 
+/// Creates peer clients over the shared [`PeerChannels`].
+#[derive(Clone)]
+pub struct GrpcNetwork {
+    cluster_id: u64,
+    channels: PeerChannels,
+}
+
+impl GrpcNetwork {
+    pub fn new(cluster_id: u64, channels: PeerChannels) -> GrpcNetwork {
+        GrpcNetwork { cluster_id, channels }
+    }
+}
+
 impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &PeerNode) -> PeerClient {
-        let client = self.channel(&node.peer_url).map(|channel| {
+        let client = self.channels.channel(&node.peer_url).map(|channel| {
             RaftPeerClient::new(channel)
                 .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX)

@@ -5,56 +5,49 @@
 //! Errors travel as the gRPC status etcd would return, so a client of a follower sees
 //! exactly what a client of the leader sees.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use tonic::metadata::MetadataValue;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use capstan_proto::etcdserverpb as pb;
 use capstan_proto::raftpb::{
     self, plane_peer_client::PlanePeerClient, plane_peer_server::PlanePeer, propose_response, Command,
 };
+use capstan_raft::network::PeerChannels;
 use capstan_raft::{NodeId, PeerNode};
 use capstan_store::CommandResponse;
 
 use super::{status, Plane};
 
 const CLUSTER_HEADER: &str = "capstan-cluster-id";
-const CONNECT_TIMEOUT_MS: u64 = 1_000;
 
 type AddCluster = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send + Sync>;
 pub type LeaderClient = PlanePeerClient<InterceptedService<Channel, AddCluster>>;
 
-/// Channels to peers' `PlanePeer` service, by peer URL.
-#[derive(Default)]
+/// How a plane reaches the leader's `PlanePeer` service: the peer channels it shares with
+/// Raft, and the cluster header every call carries.
 pub struct Forwarder {
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: PeerChannels,
+    cluster_header: MetadataValue<Ascii>,
 }
 
 impl Forwarder {
-    fn channel(&self, peer_url: &str) -> Result<Channel, Status> {
-        let mut channels = self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(channel) = channels.get(peer_url) {
-            return Ok(channel.clone());
-        }
-        let channel = Endpoint::from_shared(peer_url.to_string())
-            .map_err(|error| Status::internal(format!("bad peer URL {peer_url}: {error}")))?
-            .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
-            .tcp_nodelay(true)
-            .connect_lazy();
-        channels.insert(peer_url.to_string(), channel.clone());
-        Ok(channel)
+    pub fn new(channels: PeerChannels, cluster_id: u64) -> Forwarder {
+        let cluster_header =
+            MetadataValue::try_from(format!("{cluster_id:x}")).expect("hex digits are a valid header value");
+        Forwarder { channels, cluster_header }
     }
 }
 
 impl Plane {
     /// The leader's ID and node, if there is a leader.
     pub(super) fn leader(&self) -> Option<(NodeId, PeerNode)> {
-        let metrics = self.raft.metrics().borrow().clone();
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
         let leader = metrics.current_leader?;
         let node = metrics.membership_config.membership().get_node(&leader)?.clone();
         Some((leader, node))
@@ -67,10 +60,12 @@ impl Plane {
     /// A client of the leader's `PlanePeer` service.
     pub(super) fn leader_client(&self) -> Result<LeaderClient, Status> {
         let (_, node) = self.leader().ok_or_else(|| Status::unavailable(status::NO_LEADER))?;
-        let channel = self.forwarder.channel(&node.peer_url)?;
-        let cluster: MetadataValue<_> = format!("{:x}", self.cluster_id)
-            .parse()
-            .map_err(|_| Status::internal("cluster ID is not a valid header value"))?;
+        let channel = self
+            .forwarder
+            .channels
+            .channel(&node.peer_url)
+            .map_err(|error| Status::internal(format!("bad peer URL {}: {error}", node.peer_url)))?;
+        let cluster = self.forwarder.cluster_header.clone();
         let add_cluster: AddCluster = Box::new(move |mut request: Request<()>| {
             request.metadata_mut().insert(CLUSTER_HEADER, cluster.clone());
             Ok(request)
@@ -105,11 +100,11 @@ pub struct PlanePeerService(pub Arc<Plane>);
 
 impl PlanePeerService {
     fn check_cluster<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let theirs = request.metadata().get(CLUSTER_HEADER).and_then(|value| value.to_str().ok()).unwrap_or("");
-        let ours = format!("{:x}", self.0.cluster_id);
-        if theirs != ours {
+        let ours = &self.0.forwarder.cluster_header;
+        let theirs = request.metadata().get(CLUSTER_HEADER);
+        if theirs != Some(ours) {
             return Err(Status::failed_precondition(format!(
-                "cluster ID mismatch: the request is for cluster {theirs:?}, this plane belongs to {ours}"
+                "cluster ID mismatch: the request is for cluster {theirs:?}, this plane belongs to {ours:?}"
             )));
         }
         Ok(())

@@ -91,7 +91,7 @@ impl Kv for KvService {
         }
         match self.write(command::Request::Txn(request)).await? {
             CommandResponse::Txn(mut response) => {
-                complete_txn_headers(&self.0, &mut response);
+                response.visit_headers(&mut |header| self.0.complete_header(header));
                 Ok(Response::new(response))
             }
             other => Err(Status::internal(format!("txn answered with {other:?}"))),
@@ -108,20 +108,6 @@ impl Kv for KvService {
                 Ok(Response::new(response))
             }
             other => Err(Status::internal(format!("compact answered with {other:?}"))),
-        }
-    }
-}
-
-fn complete_txn_headers(plane: &Plane, response: &mut pb::TxnResponse) {
-    use pb::response_op::Response as Op;
-    plane.complete_header(&mut response.header);
-    for op in &mut response.responses {
-        match &mut op.response {
-            Some(Op::ResponseRange(inner)) => plane.complete_header(&mut inner.header),
-            Some(Op::ResponsePut(inner)) => plane.complete_header(&mut inner.header),
-            Some(Op::ResponseDeleteRange(inner)) => plane.complete_header(&mut inner.header),
-            Some(Op::ResponseTxn(inner)) => complete_txn_headers(plane, inner),
-            None => {}
         }
     }
 }

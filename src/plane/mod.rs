@@ -266,7 +266,7 @@ pub async fn run(
         lessor: lease::Lessor::new(&config.raft),
         config,
         alarms: Mutex::new(Alarms::default()),
-        forwarder: forward::Forwarder::default(),
+        forwarder: forward::Forwarder::new(started.peer_channels, identity.cluster_id),
         identity,
     });
     tracing::info!(

@@ -318,7 +318,9 @@ impl Apply<'_> {
         self.check_path(request, &mut cursor)?;
         let mut cursor = path.iter().copied();
         let mut response = self.run_txn(request, &mut cursor)?;
-        self.fill_headers(&mut response);
+        // Every response in a txn carries the revision after the txn, as in etcd.
+        let header = self.header();
+        response.visit_headers(&mut |inner| *inner = header);
         Ok(response)
     }
 
@@ -381,21 +383,6 @@ impl Apply<'_> {
             responses.push(pb::ResponseOp { response: Some(response) });
         }
         Ok(pb::TxnResponse { header: None, succeeded, responses })
-    }
-
-    /// Every response in a txn carries the revision after the txn, as in etcd.
-    fn fill_headers(&self, response: &mut pb::TxnResponse) {
-        use pb::response_op::Response;
-        response.header = self.header();
-        for op in &mut response.responses {
-            match &mut op.response {
-                Some(Response::ResponseRange(inner)) => inner.header = self.header(),
-                Some(Response::ResponsePut(inner)) => inner.header = self.header(),
-                Some(Response::ResponseDeleteRange(inner)) => inner.header = self.header(),
-                Some(Response::ResponseTxn(inner)) => self.fill_headers(inner),
-                None => {}
-            }
-        }
     }
 
     /// etcd's compare: true when every key in the range satisfies it; a VALUE compare on no

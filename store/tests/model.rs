@@ -261,19 +261,6 @@ impl Model {
     }
 }
 
-fn header_free_txn(response: &mut pb::TxnResponse) {
-    response.header = None;
-    for op in &mut response.responses {
-        match &mut op.response {
-            Some(pb::response_op::Response::ResponseRange(inner)) => inner.header = None,
-            Some(pb::response_op::Response::ResponsePut(inner)) => inner.header = None,
-            Some(pb::response_op::Response::ResponseDeleteRange(inner)) => inner.header = None,
-            Some(pb::response_op::Response::ResponseTxn(inner)) => header_free_txn(inner),
-            None => {}
-        }
-    }
-}
-
 fn to_request_op(step: &TxnStep) -> pb::RequestOp {
     use pb::request_op::Request;
     let request = match step {
@@ -438,7 +425,7 @@ fn strip_header(response: &mut CommandResponse) {
     match response {
         CommandResponse::Put(r) => r.header = None,
         CommandResponse::DeleteRange(r) => r.header = None,
-        CommandResponse::Txn(r) => header_free_txn(r),
+        CommandResponse::Txn(r) => r.visit_headers(&mut |header| *header = None),
         CommandResponse::Compaction(r) => r.header = None,
         CommandResponse::LeaseGrant(r) => r.header = None,
         CommandResponse::LeaseRevoke(r) => r.header = None,

@@ -56,6 +56,10 @@ pub struct PlaneArgs {
     /// Initial members as `name=peer-url,...` (default: this plane alone).
     #[arg(long)]
     pub initial_cluster: Option<String>,
+    /// `new` bootstraps a cluster of the --initial-cluster members; `existing` joins a
+    /// running cluster that already added this plane (`capstan ctl member add`).
+    #[arg(long, value_enum, default_value = "new")]
+    pub initial_cluster_state: crate::plane::ClusterState,
     /// Distinguishes clusters started from the same member list.
     #[arg(long, default_value = "capstan-cluster")]
     pub initial_cluster_token: String,
@@ -67,6 +71,10 @@ pub struct PlaneArgs {
     /// Entries between Raft snapshots.
     #[arg(long, default_value_t = 10_000)]
     pub snapshot_count: u64,
+    /// Entries kept behind a snapshot for slow followers (etcd's
+    /// --experimental-snapshot-catchup-entries); a follower further behind gets a snapshot.
+    #[arg(long, default_value_t = 5_000)]
+    pub snapshot_catchup_entries: u64,
     /// Writes fail with NOSPACE once the store grows past this many bytes.
     #[arg(long, default_value_t = crate::plane::QUOTA_BYTES_DEFAULT)]
     pub quota_backend_bytes: u64,
@@ -96,11 +104,13 @@ impl PlaneArgs {
                 self.heartbeat_interval_ms
             );
         }
+        config.initial_cluster_state = self.initial_cluster_state;
         config.initial_cluster_token = self.initial_cluster_token;
         config.raft.heartbeat_interval_ms = self.heartbeat_interval_ms;
         config.raft.election_timeout_ms_min = self.election_timeout_ms;
         config.raft.election_timeout_ms_max = self.election_timeout_ms * 2;
         config.raft.snapshot_entries = self.snapshot_count.max(1);
+        config.raft.log_entries_kept = self.snapshot_catchup_entries;
         config.quota_bytes = self.quota_backend_bytes;
         config.watch_progress_notify_interval = Duration::from_secs(self.watch_progress_notify_interval_secs.max(1));
         Ok(config)
@@ -114,9 +124,10 @@ pub fn parse_initial_cluster(text: &str) -> anyhow::Result<Vec<(String, String)>
             let (name, url) = member
                 .split_once('=')
                 .with_context(|| format!("--initial-cluster: {member:?} is not name=peer-url"))?;
-            if name.is_empty() || url.is_empty() {
+            if name.is_empty() {
                 anyhow::bail!("--initial-cluster: {member:?} is not name=peer-url");
             }
+            crate::plane::check_peer_url(url).context("--initial-cluster")?;
             Ok((name.to_string(), url.to_string()))
         })
         .collect()
@@ -139,6 +150,9 @@ mod tests {
         let parsed = parse_initial_cluster("a=http://1:2380,b=http://2:2380").unwrap();
         assert_eq!(parsed, vec![("a".into(), "http://1:2380".into()), ("b".into(), "http://2:2380".into())]);
         assert!(parse_initial_cluster("a").is_err());
-        assert!(parse_initial_cluster("=http://x").is_err());
+        assert!(parse_initial_cluster("=http://x:1").is_err());
+        assert!(parse_initial_cluster("a=").is_err());
+        assert!(parse_initial_cluster("a=localhost:2380").is_err());
+        assert!(parse_initial_cluster("a=http://host").is_err());
     }
 }

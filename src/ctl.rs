@@ -176,7 +176,28 @@ pub enum LeaseCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum MemberCommand {
+    /// List the members.
     List,
+    /// Add a member; prints the flags to start it with.
+    Add {
+        name: String,
+        /// The new member's peer URL.
+        #[arg(long)]
+        peer_urls: String,
+        /// Add it as a learner, which replicates but does not vote until promoted.
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove a member (hex ID).
+    Remove { id: String },
+    /// Change a member's peer URL.
+    Update {
+        id: String,
+        #[arg(long)]
+        peer_urls: String,
+    },
+    /// Make a learner that has caught up a voting member.
+    Promote { id: String },
 }
 
 pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
@@ -390,11 +411,20 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        CtlCommand::Member(MemberCommand::List) => {
+        CtlCommand::Member(command) => member(&mut client, command).await?,
+    }
+    Ok(())
+}
+
+async fn member(client: &mut Client, command: MemberCommand) -> anyhow::Result<()> {
+    let cluster = |header: Option<&etcd_client::ResponseHeader>| header.map_or(0, |header| header.cluster_id());
+    match command {
+        MemberCommand::List => {
             let response = client.member_list().await?;
             for member in response.members() {
+                let started = if member.name().is_empty() { "unstarted" } else { "started" };
                 println!(
-                    "{:x}, started, {}, {}, {}, {}",
+                    "{:x}, {started}, {}, {}, {}, {}",
                     member.id(),
                     member.name(),
                     member.peer_urls().join(","),
@@ -402,6 +432,43 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                     member.is_learner()
                 );
             }
+        }
+        MemberCommand::Add { name, peer_urls, learner } => {
+            let mut options = etcd_client::MemberAddOptions::new();
+            if learner {
+                options = options.with_is_learner();
+            }
+            let response = client.member_add([peer_urls.as_str()], Some(options)).await?;
+            let id = response.member().map_or(0, |member| member.id());
+            println!("Member {id:16x} added to cluster {:16x}\n", cluster(response.header()));
+            let initial_cluster: Vec<String> = response
+                .member_list()
+                .iter()
+                .map(|member| {
+                    let member_name = if member.id() == id { name.as_str() } else { member.name() };
+                    format!("{member_name}={}", member.peer_urls().join(","))
+                })
+                .collect();
+            println!("Start it with:");
+            println!(
+                "capstan plane --name {name} --initial-cluster {} --initial-cluster-state existing",
+                initial_cluster.join(",")
+            );
+        }
+        MemberCommand::Remove { id } => {
+            let id = parse_member_id(&id)?;
+            let response = client.member_remove(id).await?;
+            println!("Member {id:16x} removed from cluster {:16x}", cluster(response.header()));
+        }
+        MemberCommand::Update { id, peer_urls } => {
+            let id = parse_member_id(&id)?;
+            let response = client.member_update(id, vec![peer_urls]).await?;
+            println!("Member {id:16x} updated in cluster {:16x}", cluster(response.header()));
+        }
+        MemberCommand::Promote { id } => {
+            let id = parse_member_id(&id)?;
+            let response = client.member_promote(id).await?;
+            println!("Member {id:16x} promoted in cluster {:16x}", cluster(response.header()));
         }
     }
     Ok(())
@@ -487,6 +554,11 @@ fn read_stdin() -> anyhow::Result<String> {
     let mut text = String::new();
     std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("cannot read standard input")?;
     Ok(text.trim_end_matches('\n').to_string())
+}
+
+fn parse_member_id(text: &str) -> anyhow::Result<u64> {
+    u64::from_str_radix(text.trim_start_matches("0x"), 16)
+        .with_context(|| format!("bad member ID {text:?} (hex expected)"))
 }
 
 fn parse_lease_id(text: &str) -> anyhow::Result<i64> {

@@ -91,20 +91,16 @@ async fn killing_the_leader_loses_no_acknowledged_write() {
         }
     });
     // Let some writes through, kill the leader, and wait for writes to be acknowledged again.
-    let mut before = 0;
-    while before < 50 {
-        bounded(acked.recv()).await.unwrap();
-        before += 1;
+    let mut acknowledged: Vec<String> = Vec::new();
+    while acknowledged.len() < 50 {
+        acknowledged.push(bounded(acked.recv()).await.unwrap());
     }
     cluster.planes[leader].kill();
-    let mut after = 0;
-    while after < 50 {
-        bounded(acked.recv()).await.expect("writes resume on a new leader");
-        after += 1;
+    while acknowledged.len() < 100 {
+        acknowledged.push(bounded(acked.recv()).await.expect("writes resume on a new leader"));
     }
     let _ = stop.send(true);
     writer.await.unwrap();
-    let mut acknowledged: Vec<String> = Vec::new();
     while let Ok(key) = acked.try_recv() {
         acknowledged.push(key);
     }

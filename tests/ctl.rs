@@ -2,28 +2,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use common::PlaneProcess;
 
 fn ctl(plane: &PlaneProcess, args: &[&str], input: &str) -> (bool, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_capstan"))
-        .arg("ctl")
-        .arg(format!("--endpoints={}", plane.client_addr))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-    let output = child.wait_with_output().unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into(),
-        String::from_utf8_lossy(&output.stderr).into(),
-    )
+    common::ctl(&plane.client_addr.to_string(), args, input)
 }
 
 fn ok(plane: &PlaneProcess, args: &[&str]) -> String {

@@ -6,7 +6,7 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Output, Stdio};
 
-use common::PlaneProcess;
+use common::{Cluster, PlaneProcess};
 
 struct Ctl<'a> {
     plane: &'a PlaneProcess,
@@ -79,7 +79,10 @@ fn plane() -> (tempfile::TempDir, PlaneProcess) {
 #[test]
 fn put_get_ranges_and_delete_work_as_with_etcd() {
     let (_dir, plane) = plane();
-    let ctl = Ctl { plane: &plane };
+    put_get_ranges_and_delete_work_as_with_etcd_on(&Ctl { plane: &plane });
+}
+
+fn put_get_ranges_and_delete_work_as_with_etcd_on(ctl: &Ctl) {
     assert_eq!(ctl.ok(&["put", "foo", "bar"]), "OK\n");
     assert_eq!(ctl.ok(&["get", "foo"]), "foo\nbar\n");
     ctl.ok(&["put", "foo2", "b2"]);
@@ -138,7 +141,10 @@ fn old_revisions_compaction_and_their_errors() {
 #[test]
 fn txn_compares_and_branches() {
     let (_dir, plane) = plane();
-    let ctl = Ctl { plane: &plane };
+    txn_compares_and_branches_on(&Ctl { plane: &plane });
+}
+
+fn txn_compares_and_branches_on(ctl: &Ctl) {
     ctl.ok(&["put", "user", "alice"]);
     let success = "value(\"user\") = \"alice\"\n\nput user bob\nget user\n\nput user carol\n\n";
     assert_eq!(ctl.ok_with_input(&["txn"], success.as_bytes()), "SUCCESS\n\nOK\n\nuser\nbob\n");
@@ -161,7 +167,10 @@ fn txn_compares_and_branches() {
 #[test]
 fn watch_replays_history_then_follows_live_writes() {
     let (_dir, plane) = plane();
-    let ctl = Ctl { plane: &plane };
+    watch_replays_history_then_follows_live_writes_on(&Ctl { plane: &plane });
+}
+
+fn watch_replays_history_then_follows_live_writes_on(ctl: &Ctl) {
     let start = ctl.revision_of(&["put", "w/1", "a"]);
     ctl.ok(&["put", "w/2", "b"]);
     ctl.ok(&["del", "w/1"]);
@@ -189,7 +198,10 @@ fn watch_replays_history_then_follows_live_writes() {
 #[test]
 fn leases_grant_attach_keepalive_revoke_and_expire() {
     let (_dir, plane) = plane();
-    let ctl = Ctl { plane: &plane };
+    leases_grant_attach_keepalive_revoke_and_expire_on(&Ctl { plane: &plane });
+}
+
+fn leases_grant_attach_keepalive_revoke_and_expire_on(ctl: &Ctl) {
     let granted = ctl.ok(&["lease", "grant", "60"]);
     let id = granted.split_whitespace().nth(1).expect("lease ID").to_string();
     assert_eq!(granted, format!("lease {id} granted with TTL(60s)\n"));
@@ -259,4 +271,30 @@ fn endpoint_status_and_member_list() {
     let health = ctl.run_with_input(&["endpoint", "health"], b"");
     assert!(health.status.success());
     assert!(String::from_utf8_lossy(&health.stderr).contains("is healthy: successfully committed proposal"));
+}
+
+/// A follower serves etcdctl exactly as a single plane does: writes, txns and lease calls
+/// go through the leader, reads and watches are its own. It caught a lease granted through a
+/// follower never expiring: the deadline was kept by the follower, not the leader.
+#[test]
+fn a_follower_serves_etcdctl_like_a_leader() {
+    let cluster = Cluster::start(3);
+    let status = |plane: &PlaneProcess| -> serde_json::Value {
+        let json: serde_json::Value =
+            serde_json::from_str(&Ctl { plane }.ok(&["endpoint", "status", "-w", "json"])).unwrap();
+        json[0]["Status"].clone()
+    };
+    let follower = cluster
+        .planes
+        .iter()
+        .find(|plane| {
+            let status = status(plane);
+            status["leader"] != status["header"]["member_id"]
+        })
+        .expect("a follower");
+    let ctl = Ctl { plane: follower };
+    put_get_ranges_and_delete_work_as_with_etcd_on(&ctl);
+    txn_compares_and_branches_on(&ctl);
+    watch_replays_history_then_follows_live_writes_on(&ctl);
+    leases_grant_attach_keepalive_revoke_and_expire_on(&ctl);
 }

@@ -24,6 +24,8 @@ pub enum RaftError {
     Fatal(#[from] openraft::error::Fatal<u64>),
     #[error("data directory belongs to cluster {found:x}, this plane is configured for cluster {expected:x}")]
     ClusterMismatch { found: u64, expected: u64 },
+    #[error("data directory belongs to member {found:x}, this plane is configured as member {expected:x}")]
+    MemberMismatch { found: u64, expected: u64 },
     #[error("raft meta: {0}")]
     Decode(#[from] DecodeError),
     #[error("io: {0}")]

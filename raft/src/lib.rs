@@ -31,12 +31,14 @@ use capstan_store::Store;
 pub use error::RaftError;
 pub use service::PeerService;
 pub use state_machine::{RevisionEvents, StateMachine};
-pub use types::{cluster_id, member_id, NodeId, PeerNode, Raft, Response, TypeConfig};
+pub use types::{cluster_id, member_id, new_member_id, NodeId, PeerNode, Raft, Response, TypeConfig};
 
 /// How many applied revisions the event channel buffers before a slow watcher lags and
 /// catches up from the store's history instead.
 pub const EVENT_CHANNEL_REVISIONS: usize = 4096;
 const META_CLUSTER_ID: &[u8] = b"cluster_id";
+const META_MEMBER_ID: &[u8] = b"member_id";
+const META_REMOVED: &[u8] = b"removed";
 /// Snapshots travel to followers in chunks of this size.
 pub const SNAPSHOT_CHUNK_BYTES: u64 = 1 << 20;
 
@@ -72,8 +74,18 @@ pub struct PlaneIdentity {
     pub node: PeerNode,
     /// The members to bootstrap with when the data directory is new. Every initial member
     /// bootstraps with exactly this map (openraft requires identical configs), so it holds
-    /// names and peer URLs only; each plane publishes its client URLs once it runs.
+    /// names and peer URLs only; each plane publishes its client URLs once it runs. Empty
+    /// for a plane joining a running cluster: the leader sends it the membership.
     pub initial_members: BTreeMap<NodeId, PeerNode>,
+}
+
+/// What a data directory remembers of the plane that wrote it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoredIdentity {
+    pub cluster_id: u64,
+    pub node_id: NodeId,
+    /// The cluster removed this member; its data must not serve again.
+    pub removed: bool,
 }
 
 /// A running plane's Raft, with the store it drives and its event channel.
@@ -85,17 +97,42 @@ pub struct PlaneRaft {
     pub peer_channels: network::PeerChannels,
 }
 
-/// Opens the plane's database in `data_dir` and starts its Raft; bootstraps the cluster
-/// when the directory is new.
-pub async fn start(data_dir: PathBuf, identity: &PlaneIdentity, config: &RaftConfig) -> Result<PlaneRaft, RaftError> {
+/// Opens (creating if new) the plane's database in `data_dir`.
+pub async fn open_store(data_dir: PathBuf) -> Result<Store, RaftError> {
     std::fs::create_dir_all(&data_dir)?;
-    let store = {
-        let db_dir = data_dir.join("db");
+    let db_dir = data_dir.join("db");
+    let store =
         tokio::task::spawn_blocking(move || Store::open(&db_dir, &[log_store::CF_RAFT_LOG, log_store::CF_RAFT_META]))
             .await
-            .map_err(std::io::Error::other)??
+            .map_err(std::io::Error::other)??;
+    Ok(store)
+}
+
+/// The identity `store` was written under, if it was ever started.
+pub fn stored_identity(store: &Store) -> Result<Option<StoredIdentity>, RaftError> {
+    let (Some(cluster_id), Some(node_id)) =
+        (read_meta_u64(store, META_CLUSTER_ID)?, read_meta_u64(store, META_MEMBER_ID)?)
+    else {
+        return Ok(None);
     };
-    check_cluster_id(&store, identity.cluster_id)?;
+    let removed = read_meta_u64(store, META_REMOVED)?.is_some();
+    Ok(Some(StoredIdentity { cluster_id, node_id, removed }))
+}
+
+/// Records that the cluster removed this member, so that its data never serves again.
+pub fn mark_removed(store: &Store) -> Result<(), RaftError> {
+    write_meta_u64(store, META_REMOVED, 1)
+}
+
+/// Starts the plane's Raft on `store` (kept in `data_dir`); bootstraps the cluster when the
+/// directory is new and `identity` names initial members.
+pub async fn start(
+    store: Store,
+    data_dir: PathBuf,
+    identity: &PlaneIdentity,
+    config: &RaftConfig,
+) -> Result<PlaneRaft, RaftError> {
+    check_identity(&store, identity)?;
     let (events, _) = broadcast::channel(EVENT_CHANNEL_REVISIONS);
     let state_machine = StateMachine::new(store.clone(), data_dir.join("snapshots"), events.clone())?;
     let log_store = log_store::LogStore::new(store.db().clone());
@@ -113,7 +150,7 @@ pub async fn start(data_dir: PathBuf, identity: &PlaneIdentity, config: &RaftCon
     let peer_channels = network::PeerChannels::default();
     let network = network::GrpcNetwork::new(identity.cluster_id, peer_channels.clone());
     let raft = Raft::new(identity.node_id, Arc::new(raft_config), network, log_store, state_machine).await?;
-    if !raft.is_initialized().await? {
+    if !identity.initial_members.is_empty() && !raft.is_initialized().await? {
         tracing::info!(members = identity.initial_members.len(), "bootstrapping a new cluster");
         if let Err(error) = raft.initialize(identity.initial_members.clone()).await {
             tracing::warn!(%error, "bootstrap refused");
@@ -122,20 +159,37 @@ pub async fn start(data_dir: PathBuf, identity: &PlaneIdentity, config: &RaftCon
     Ok(PlaneRaft { raft, store, events, peer_channels })
 }
 
-/// A data directory remembers its cluster; a plane configured for another refuses it.
-fn check_cluster_id(store: &Store, expected: u64) -> Result<(), RaftError> {
-    let db = store.db();
-    let family = db.cf_handle(log_store::CF_RAFT_META).expect("opened with the store");
-    match db.get_cf(family, META_CLUSTER_ID).map_err(capstan_store::StoreError::from)? {
-        Some(raw) => {
-            let found = u64::decode(raw.as_slice()).map_err(error::DecodeError::from)?;
-            if found != expected {
-                return Err(RaftError::ClusterMismatch { found, expected });
-            }
+/// A data directory remembers its cluster and member; a plane configured as another refuses
+/// it, and a new directory takes the identity it is started with.
+fn check_identity(store: &Store, identity: &PlaneIdentity) -> Result<(), RaftError> {
+    match stored_identity(store)? {
+        Some(stored) if stored.cluster_id != identity.cluster_id => {
+            Err(RaftError::ClusterMismatch { found: stored.cluster_id, expected: identity.cluster_id })
         }
+        Some(stored) if stored.node_id != identity.node_id => {
+            Err(RaftError::MemberMismatch { found: stored.node_id, expected: identity.node_id })
+        }
+        Some(_) => Ok(()),
         None => {
-            db.put_cf(family, META_CLUSTER_ID, expected.encode_to_vec()).map_err(capstan_store::StoreError::from)?
+            write_meta_u64(store, META_CLUSTER_ID, identity.cluster_id)?;
+            write_meta_u64(store, META_MEMBER_ID, identity.node_id)
         }
     }
+}
+
+fn read_meta_u64(store: &Store, name: &[u8]) -> Result<Option<u64>, RaftError> {
+    let db = store.db();
+    let family = db.cf_handle(log_store::CF_RAFT_META).expect("opened with the store");
+    match db.get_cf(family, name).map_err(capstan_store::StoreError::from)? {
+        Some(raw) => Ok(Some(u64::decode(raw.as_slice()).map_err(error::DecodeError::from)?)),
+        None => Ok(None),
+    }
+}
+
+fn write_meta_u64(store: &Store, name: &[u8], value: u64) -> Result<(), RaftError> {
+    let db = store.db();
+    let family = db.cf_handle(log_store::CF_RAFT_META).expect("opened with the store");
+    db.put_cf_opt(family, name, value.encode_to_vec(), &log_store::synced())
+        .map_err(capstan_store::StoreError::from)?;
     Ok(())
 }

@@ -42,7 +42,7 @@ fn write_error(error: impl std::error::Error + 'static) -> StorageError {
     io_error(ErrorSubject::Logs, ErrorVerb::Write, error)
 }
 
-fn synced() -> WriteOptions {
+pub(crate) fn synced() -> WriteOptions {
     let mut options = WriteOptions::default();
     options.set_sync(true);
     options

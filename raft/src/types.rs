@@ -59,6 +59,12 @@ pub fn member_id(cluster_token: &str, name: &str) -> NodeId {
     fnv1a64(format!("{cluster_token}/{name}").as_bytes()).max(1)
 }
 
+/// An ID for a member added to a running cluster, as etcd makes one: from the cluster, the
+/// member's peer URLs and the time, so that re-adding the same URLs later gives a new ID.
+pub fn new_member_id(cluster_id: u64, peer_urls: &[String], unix_nanos: u128) -> NodeId {
+    fnv1a64(format!("{cluster_id:x}|{}|{unix_nanos}", peer_urls.join(",")).as_bytes()).max(1)
+}
+
 /// The cluster ID of the cluster named `cluster_token` whose first members are `names`.
 pub fn cluster_id(cluster_token: &str, names: &[String]) -> u64 {
     let mut sorted = names.to_vec();

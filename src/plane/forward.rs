@@ -59,12 +59,18 @@ impl Plane {
 
     /// A client of the leader's `PlanePeer` service.
     pub(super) fn leader_client(&self) -> Result<LeaderClient, Status> {
-        let (_, node) = self.leader().ok_or_else(|| Status::unavailable(status::NO_LEADER))?;
+        // The leader just went away: "not leader" has the caller wait for the next one.
+        let (_, node) = self.leader().ok_or_else(status::not_leader)?;
+        self.peer_client(&node.peer_url)
+    }
+
+    /// A client of the `PlanePeer` service at `peer_url`, carrying this cluster's ID.
+    pub(super) fn peer_client(&self, peer_url: &str) -> Result<LeaderClient, Status> {
         let channel = self
             .forwarder
             .channels
-            .channel(&node.peer_url)
-            .map_err(|error| Status::internal(format!("bad peer URL {}: {error}", node.peer_url)))?;
+            .channel(peer_url)
+            .map_err(|error| Status::internal(format!("bad peer URL {peer_url}: {error}")))?;
         let cluster = self.forwarder.cluster_header.clone();
         let add_cluster: AddCluster = Box::new(move |mut request: Request<()>| {
             request.metadata_mut().insert(CLUSTER_HEADER, cluster.clone());
@@ -180,11 +186,66 @@ impl PlanePeer for PlanePeerService {
         let request = request.into_inner();
         let node = request.node.ok_or_else(|| Status::invalid_argument("publish without a node"))?;
         let update = BTreeMap::from([(request.member_id, capstan_raft::types::peer_from_pb(node))]);
-        self.0
-            .raft
-            .change_membership(openraft::ChangeMembers::SetNodes(update), true)
-            .await
-            .map_err(|error| Status::unavailable(format!("etcdserver: {error}")))?;
+        self.0.change_members(openraft::ChangeMembers::SetNodes(update), true).await?;
+        Ok(Response::new(raftpb::Empty {}))
+    }
+
+    async fn member_add(
+        &self,
+        request: Request<pb::MemberAddRequest>,
+    ) -> Result<Response<pb::MemberAddResponse>, Status> {
+        self.check_cluster(&request)?;
+        self.require_leader()?;
+        Ok(Response::new(self.0.member_add_local(&request.into_inner()).await?))
+    }
+
+    async fn member_remove(
+        &self,
+        request: Request<pb::MemberRemoveRequest>,
+    ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
+        self.check_cluster(&request)?;
+        self.require_leader()?;
+        Ok(Response::new(self.0.member_remove_local(request.into_inner().id).await?))
+    }
+
+    async fn member_update(
+        &self,
+        request: Request<pb::MemberUpdateRequest>,
+    ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
+        self.check_cluster(&request)?;
+        self.require_leader()?;
+        Ok(Response::new(self.0.member_update_local(&request.into_inner()).await?))
+    }
+
+    async fn member_promote(
+        &self,
+        request: Request<pb::MemberPromoteRequest>,
+    ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
+        self.check_cluster(&request)?;
+        self.require_leader()?;
+        Ok(Response::new(self.0.member_promote_local(request.into_inner().id).await?))
+    }
+
+    async fn cluster_info(
+        &self,
+        _request: Request<raftpb::ClusterInfoRequest>,
+    ) -> Result<Response<raftpb::ClusterInfoResponse>, Status> {
+        Ok(Response::new(raftpb::ClusterInfoResponse { cluster_id: self.0.cluster_id, members: self.0.members() }))
+    }
+
+    async fn member_removed(
+        &self,
+        request: Request<raftpb::MemberRemovedRequest>,
+    ) -> Result<Response<raftpb::Empty>, Status> {
+        self.check_cluster(&request)?;
+        let member_id = request.into_inner().member_id;
+        if member_id != self.0.node_id {
+            return Err(Status::invalid_argument(format!(
+                "member {member_id:x} was removed, this plane is member {:x}",
+                self.0.node_id
+            )));
+        }
+        self.0.removed_from_cluster();
         Ok(Response::new(raftpb::Empty {}))
     }
 }

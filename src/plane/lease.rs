@@ -63,11 +63,11 @@ impl Lessor {
         (((node_id & 0xffff) << 47) | counter) as i64
     }
 
-    fn renew(&self, id: i64, ttl_secs: i64) {
+    pub(super) fn renew(&self, id: i64, ttl_secs: i64) {
         self.state().deadlines.insert(id, Instant::now() + Duration::from_secs(ttl_secs.max(0) as u64));
     }
 
-    fn forget(&self, id: i64) {
+    pub(super) fn forget(&self, id: i64) {
         self.state().deadlines.remove(&id);
     }
 
@@ -124,6 +124,11 @@ pub async fn run_expiry(plane: Arc<Plane>) {
 
 /// This plane just became leader in `term`: every lease gets its full TTL from now.
 async fn promote(plane: &Arc<Plane>, term: u64) {
+    // Leases granted in earlier terms may still be committed but unapplied here; a read
+    // index waits until every entry before this term's first one is applied.
+    if let Err(error) = plane.raft.ensure_linearizable().await {
+        return tracing::warn!(%error, "lost leadership before taking over the leases");
+    }
     let store = plane.store.clone();
     let leases = match tokio::task::spawn_blocking(move || store.reader().leases()).await {
         Ok(Ok(leases)) => leases,
@@ -213,7 +218,6 @@ impl Lease for LeaseService {
         let grant = Command { request: Some(command::Request::LeaseGrant(request)) };
         match plane.propose(grant).await? {
             CommandResponse::LeaseGrant(mut response) => {
-                plane.lessor.renew(response.id, response.ttl);
                 plane.complete_header(&mut response.header);
                 Ok(Response::new(response))
             }
@@ -226,11 +230,9 @@ impl Lease for LeaseService {
         request: Request<pb::LeaseRevokeRequest>,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
         let plane = &self.0;
-        let id = request.get_ref().id;
         let revoke = Command { request: Some(command::Request::LeaseRevoke(request.into_inner())) };
         match plane.propose(revoke).await? {
             CommandResponse::LeaseRevoke(mut response) => {
-                plane.lessor.forget(id);
                 plane.complete_header(&mut response.header);
                 Ok(Response::new(response))
             }

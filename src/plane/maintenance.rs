@@ -1,4 +1,4 @@
-//! etcd's Maintenance (status, alarms, defragment) and Cluster (membership) services.
+//! etcd's Maintenance service: status, alarms, defragment.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -6,7 +6,7 @@ use std::sync::Arc;
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
-use capstan_proto::etcdserverpb::{self as pb, cluster_server::Cluster, maintenance_server::Maintenance};
+use capstan_proto::etcdserverpb::{self as pb, maintenance_server::Maintenance};
 
 use super::Plane;
 
@@ -14,7 +14,6 @@ use super::Plane;
 pub const ETCD_API_VERSION: &str = "3.5.0";
 
 pub struct MaintenanceService(pub Arc<Plane>);
-pub struct ClusterService(pub Arc<Plane>);
 
 fn not_served(what: &str) -> Status {
     Status::unimplemented(format!("capstan: {what} is not served yet"))
@@ -28,23 +27,6 @@ impl Plane {
             members.push(pb::AlarmMember { member_id: self.node_id, alarm: pb::AlarmType::Nospace as i32 });
         }
         members
-    }
-
-    /// The members as etcd lists them, voters and learners alike.
-    fn members(&self) -> Vec<pb::Member> {
-        let metrics = self.raft.metrics().borrow().clone();
-        let membership = metrics.membership_config.membership();
-        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
-        membership
-            .nodes()
-            .map(|(id, node)| pb::Member {
-                id: *id,
-                name: node.name.clone(),
-                peer_ur_ls: vec![node.peer_url.clone()],
-                client_ur_ls: node.client_urls.clone(),
-                is_learner: !voters.contains(id),
-            })
-            .collect()
     }
 }
 
@@ -129,47 +111,5 @@ impl Maintenance for MaintenanceService {
         _request: Request<pb::MoveLeaderRequest>,
     ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
         Err(not_served("MoveLeader"))
-    }
-}
-
-#[tonic::async_trait]
-impl Cluster for ClusterService {
-    async fn member_add(
-        &self,
-        _request: Request<pb::MemberAddRequest>,
-    ) -> Result<Response<pb::MemberAddResponse>, Status> {
-        Err(not_served("MemberAdd"))
-    }
-
-    async fn member_remove(
-        &self,
-        _request: Request<pb::MemberRemoveRequest>,
-    ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
-        Err(not_served("MemberRemove"))
-    }
-
-    async fn member_update(
-        &self,
-        _request: Request<pb::MemberUpdateRequest>,
-    ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
-        Err(not_served("MemberUpdate"))
-    }
-
-    async fn member_list(
-        &self,
-        _request: Request<pb::MemberListRequest>,
-    ) -> Result<Response<pb::MemberListResponse>, Status> {
-        let plane = &self.0;
-        Ok(Response::new(pb::MemberListResponse {
-            header: plane.header(plane.store.revision()),
-            members: plane.members(),
-        }))
-    }
-
-    async fn member_promote(
-        &self,
-        _request: Request<pb::MemberPromoteRequest>,
-    ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
-        Err(not_served("MemberPromote"))
     }
 }

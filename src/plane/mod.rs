@@ -10,7 +10,10 @@ mod forward;
 mod kv;
 mod lease;
 mod maintenance;
+mod membership;
 pub mod status;
+
+pub use membership::check_peer_url;
 mod watch;
 
 use std::collections::BTreeMap;
@@ -26,7 +29,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::Status;
 
 use capstan_proto::etcdserverpb as pb;
-use capstan_proto::raftpb::Command;
+use capstan_proto::raftpb::{command, Command};
 use capstan_raft::{NodeId, PeerNode, PlaneIdentity, Raft, RaftConfig, RevisionEvents};
 use capstan_store::{CommandResponse, Store};
 
@@ -48,8 +51,11 @@ pub struct PlaneConfig {
     pub listen_client: SocketAddr,
     pub listen_peer: SocketAddr,
     pub advertise_client_urls: Vec<String>,
-    /// `name=peer-url` of every initial member, this plane included.
+    /// `name=peer-url` of every initial member, this plane included; when joining a running
+    /// cluster, this plane and members to ask for the cluster.
     pub initial_cluster: Vec<(String, String)>,
+    /// Bootstrap a new cluster, or join a running one that already added this plane.
+    pub initial_cluster_state: ClusterState,
     pub initial_cluster_token: String,
     pub raft: RaftConfig,
     pub quota_bytes: u64,
@@ -67,6 +73,7 @@ impl PlaneConfig {
             listen_peer,
             advertise_client_urls: vec![format!("http://{listen_client}")],
             initial_cluster: vec![(name.to_string(), format!("http://{listen_peer}"))],
+            initial_cluster_state: ClusterState::New,
             initial_cluster_token: "capstan-cluster".to_string(),
             raft: RaftConfig::default(),
             quota_bytes: QUOTA_BYTES_DEFAULT,
@@ -74,7 +81,23 @@ impl PlaneConfig {
         }
     }
 
-    fn identity(&self) -> anyhow::Result<PlaneIdentity> {
+    /// This plane as `--initial-cluster` and `--advertise-client-urls` describe it.
+    fn own_node(&self) -> anyhow::Result<PeerNode> {
+        let (_, peer_url) = self
+            .initial_cluster
+            .iter()
+            .find(|(name, _)| *name == self.name)
+            .with_context(|| format!("--initial-cluster does not name this plane ({})", self.name))?;
+        Ok(PeerNode {
+            name: self.name.clone(),
+            peer_url: peer_url.clone(),
+            client_urls: self.advertise_client_urls.clone(),
+        })
+    }
+
+    /// The identity of a member of a new cluster: everything derives from the token and
+    /// the initial members' names, so every initial member computes the same.
+    fn bootstrap_identity(&self) -> anyhow::Result<PlaneIdentity> {
         let token = &self.initial_cluster_token;
         let names: Vec<String> = self.initial_cluster.iter().map(|(name, _)| name.clone()).collect();
         let mut initial_members = BTreeMap::new();
@@ -85,13 +108,50 @@ impl PlaneConfig {
             }
         }
         let node_id = capstan_raft::member_id(token, &self.name);
-        let mut node = initial_members
-            .get(&node_id)
-            .cloned()
-            .with_context(|| format!("--initial-cluster does not name this plane ({})", self.name))?;
-        node.client_urls = self.advertise_client_urls.clone();
+        let node = self.own_node()?;
         Ok(PlaneIdentity { node_id, cluster_id: capstan_raft::cluster_id(token, &names), node, initial_members })
     }
+
+    /// Who this plane is: what its data directory remembers, else a new cluster's member,
+    /// else a member a running cluster added.
+    async fn identity(&self, store: &Store) -> anyhow::Result<PlaneIdentity> {
+        let stored = capstan_raft::stored_identity(store)?;
+        match (stored, self.initial_cluster_state) {
+            (Some(stored), _) if stored.removed => anyhow::bail!(
+                "member {:x} was removed from cluster {:x}; to rejoin, add it again and start it with an empty data directory",
+                stored.node_id,
+                stored.cluster_id
+            ),
+            (Some(stored), ClusterState::New) => {
+                let bootstrap = self.bootstrap_identity()?;
+                if bootstrap.cluster_id != stored.cluster_id {
+                    anyhow::bail!(
+                        "{} belongs to cluster {:x}, but --initial-cluster and --initial-cluster-token describe cluster {:x} \
+                         (a plane that joined a running cluster restarts with --initial-cluster-state existing)",
+                        self.data_dir.display(),
+                        stored.cluster_id,
+                        bootstrap.cluster_id
+                    );
+                }
+                Ok(PlaneIdentity { node_id: stored.node_id, ..bootstrap })
+            }
+            (Some(stored), ClusterState::Existing) => Ok(PlaneIdentity {
+                node_id: stored.node_id,
+                cluster_id: stored.cluster_id,
+                node: self.own_node()?,
+                initial_members: BTreeMap::new(),
+            }),
+            (None, ClusterState::New) => self.bootstrap_identity(),
+            (None, ClusterState::Existing) => membership::join(self).await,
+        }
+    }
+}
+
+/// etcd's `--initial-cluster-state`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClusterState {
+    New,
+    Existing,
 }
 
 /// Alarms raised on this plane (etcd's Alarm API).
@@ -112,6 +172,8 @@ pub struct Plane {
     alarms: Mutex<Alarms>,
     lessor: lease::Lessor,
     forwarder: forward::Forwarder,
+    /// Notified when the plane must stop on its own (the cluster removed it).
+    stop: tokio::sync::Notify,
 }
 
 impl Plane {
@@ -171,11 +233,24 @@ impl Plane {
         }
     }
 
-    /// Replicates `command` from this plane, which must lead.
+    /// Replicates `command` from this plane, which must lead. The leader's lessor tracks
+    /// the deadlines of the leases granted and revoked here, whichever plane asked.
     async fn propose_local(&self, command: Command) -> Result<CommandResponse, Status> {
+        let revoked_lease = match &command.request {
+            Some(command::Request::LeaseRevoke(revoke)) => Some(revoke.id),
+            _ => None,
+        };
         match self.raft.client_write(command).await {
             Ok(written) => match written.data.result {
-                Some(Ok(response)) => Ok(response),
+                Some(Ok(response)) => {
+                    if let CommandResponse::LeaseGrant(granted) = &response {
+                        self.lessor.renew(granted.id, granted.ttl);
+                    }
+                    if let Some(id) = revoked_lease {
+                        self.lessor.forget(id);
+                    }
+                    Ok(response)
+                }
                 Some(Err(error)) => Err(status::from_store(&error)),
                 None => Err(Status::internal("a command entry applied without a response")),
             },
@@ -219,7 +294,13 @@ impl Plane {
     /// election of a new cluster runs), failing with etcd's "no leader" at `deadline`.
     async fn wait_for_leader(&self, deadline: tokio::time::Instant) -> Result<(), Status> {
         let mut metrics = self.raft.metrics();
-        let has_leader = |metrics: &openraft::RaftMetrics<NodeId, PeerNode>| metrics.current_leader.is_some();
+        // A removed leader stays `current_leader` until the next election, but is no longer
+        // in the membership: that is no leader to send anything to.
+        let has_leader = |metrics: &openraft::RaftMetrics<NodeId, PeerNode>| {
+            metrics
+                .current_leader
+                .is_some_and(|leader| metrics.membership_config.membership().get_node(&leader).is_some())
+        };
         let waited = tokio::time::timeout_at(deadline, async { metrics.wait_for(has_leader).await.map(|_| ()) }).await;
         match waited {
             Ok(Ok(())) => Ok(()),
@@ -247,16 +328,18 @@ pub async fn run(
     config: PlaneConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let identity = config.identity()?;
     let listener = tokio::net::TcpListener::bind(config.listen_client)
         .await
         .with_context(|| format!("cannot listen for clients on {}", config.listen_client))?;
     let peer_listener = tokio::net::TcpListener::bind(config.listen_peer)
         .await
         .with_context(|| format!("cannot listen for peers on {}", config.listen_peer))?;
-    let started = capstan_raft::start(config.data_dir.clone(), &identity, &config.raft)
+    let cannot_start = || format!("cannot start the plane in {}", config.data_dir.display());
+    let store = capstan_raft::open_store(config.data_dir.clone()).await.with_context(cannot_start)?;
+    let identity = config.identity(&store).await?;
+    let started = capstan_raft::start(store, config.data_dir.clone(), &identity, &config.raft)
         .await
-        .with_context(|| format!("cannot start the plane in {}", config.data_dir.display()))?;
+        .with_context(cannot_start)?;
     let plane = Arc::new(Plane {
         raft: started.raft.clone(),
         store: started.store,
@@ -268,6 +351,7 @@ pub async fn run(
         alarms: Mutex::new(Alarms::default()),
         forwarder: forward::Forwarder::new(started.peer_channels, identity.cluster_id),
         identity,
+        stop: tokio::sync::Notify::new(),
     });
     tracing::info!(
         name = %plane.config.name,
@@ -280,6 +364,7 @@ pub async fn run(
     let lessor_task = tokio::spawn(lease::run_expiry(plane.clone()));
     let leadership_task = tokio::spawn(log_leadership(plane.raft.clone()));
     let publish_task = tokio::spawn(publish_client_urls(plane.clone()));
+    let removal_task = tokio::spawn(membership::watch_removal(plane.clone()));
     let peer_service = capstan_raft::PeerService::new(plane.raft.clone(), plane.cluster_id);
     let (stop_peers, peers_stopped) = tokio::sync::oneshot::channel::<()>();
     let peer_task = tokio::spawn(
@@ -304,6 +389,7 @@ pub async fn run(
     lessor_task.abort();
     leadership_task.abort();
     publish_task.abort();
+    removal_task.abort();
     let _ = stop_peers.send(());
     if let Ok(Err(error)) = peer_task.await {
         tracing::warn!(%error, "peer server stopped with an error");
@@ -333,11 +419,9 @@ async fn publish_client_urls(plane: Arc<Plane>) {
             let outcome = if leading {
                 let update = BTreeMap::from([(plane.node_id, plane.identity.node.clone())]);
                 plane
-                    .raft
-                    .change_membership(openraft::ChangeMembers::SetNodes(update), true)
+                    .change_members(openraft::ChangeMembers::SetNodes(update), true)
                     .await
-                    .map(|_| ())
-                    .map_err(|error| error.to_string())
+                    .map_err(|status| status.message().to_string())
             } else {
                 let request = capstan_proto::raftpb::PublishMemberRequest {
                     member_id: plane.node_id,
@@ -402,9 +486,14 @@ async fn serve(
         .add_service(limited!(KvServer::new(kv::KvService(plane.clone()))))
         .add_service(limited!(WatchServer::new(watch::WatchService(plane.clone()))))
         .add_service(limited!(LeaseServer::new(lease::LeaseService(plane.clone()))))
-        .add_service(limited!(ClusterServer::new(maintenance::ClusterService(plane.clone()))))
-        .add_service(limited!(MaintenanceServer::new(maintenance::MaintenanceService(plane))))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .add_service(limited!(ClusterServer::new(membership::ClusterService(plane.clone()))))
+        .add_service(limited!(MaintenanceServer::new(maintenance::MaintenanceService(plane.clone()))))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = plane.stop.notified() => {}
+            }
+        })
         .await
         .context("gRPC server failed")
 }

@@ -2,7 +2,7 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -154,13 +154,18 @@ fn spawn_plane(
 /// Planes started together as one cluster.
 pub struct Cluster {
     pub planes: Vec<PlaneProcess>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Cluster {
     /// Starts `size` planes and waits until each serves, knows the leader and has
     /// published its URLs.
     pub fn start(size: usize) -> Cluster {
+        Cluster::start_with(size, &[])
+    }
+
+    /// [`Cluster::start`] with `extra_args` given to every plane.
+    pub fn start_with(size: usize, extra_args: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let addrs: Vec<(SocketAddr, SocketAddr)> = (0..size).map(|_| (free_addr(), free_addr())).collect();
         let initial = addrs
@@ -174,22 +179,53 @@ impl Cluster {
             .enumerate()
             .map(|(index, (client, peer))| {
                 let name = format!("plane-{index}");
-                PlaneProcess::spawn_named(
-                    &name,
-                    &dir.path().join(&name),
-                    *client,
-                    *peer,
-                    &["--initial-cluster", &initial],
-                )
+                let mut args = vec!["--initial-cluster", &initial];
+                args.extend_from_slice(extra_args);
+                PlaneProcess::spawn_named(&name, &dir.path().join(&name), *client, *peer, &args)
             })
             .collect();
         for plane in &mut planes {
             plane.wait_until_ready();
         }
-        Cluster { planes, _dir: dir }
+        Cluster { planes, dir }
     }
 
     pub fn endpoints(&self) -> Vec<String> {
         self.planes.iter().map(|plane| plane.endpoint()).collect()
     }
+
+    /// `name=peer-url` of every plane, as `--initial-cluster` takes it.
+    pub fn initial_cluster(&self) -> String {
+        self.planes
+            .iter()
+            .map(|plane| format!("{}=http://{}", plane.name, plane.peer_addr))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Where the planes keep their data directories.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Runs `capstan ctl --endpoints=<endpoints> <args>` with `input` on stdin; returns whether it
+/// succeeded, its stdout and its stderr.
+pub fn ctl(endpoints: &str, args: &[&str], input: &str) -> (bool, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_capstan"))
+        .arg("ctl")
+        .arg(format!("--endpoints={endpoints}"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn capstan ctl");
+    child.stdin.take().expect("piped stdin").write_all(input.as_bytes()).expect("write ctl input");
+    let output = child.wait_with_output().expect("wait for capstan ctl");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into(),
+        String::from_utf8_lossy(&output.stderr).into(),
+    )
 }

@@ -124,13 +124,15 @@ pub fn mark_removed(store: &Store) -> Result<(), RaftError> {
     write_meta_u64(store, META_REMOVED, 1)
 }
 
-/// Starts the plane's Raft on `store` (kept in `data_dir`); bootstraps the cluster when the
-/// directory is new and `identity` names initial members.
+/// Starts the plane's Raft on `store` (kept in `data_dir`), talking to peers over
+/// `peer_channels`; bootstraps the cluster when the directory is new and `identity` names
+/// initial members.
 pub async fn start(
     store: Store,
     data_dir: PathBuf,
     identity: &PlaneIdentity,
     config: &RaftConfig,
+    peer_channels: network::PeerChannels,
 ) -> Result<PlaneRaft, RaftError> {
     check_identity(&store, identity)?;
     let (events, _) = broadcast::channel(EVENT_CHANNEL_REVISIONS);
@@ -147,7 +149,6 @@ pub async fn start(
         ..Default::default()
     }
     .validate()?;
-    let peer_channels = network::PeerChannels::default();
     let network = network::GrpcNetwork::new(identity.cluster_id, peer_channels.clone());
     let raft = Raft::new(identity.node_id, Arc::new(raft_config), network, log_store, state_machine).await?;
     if !identity.initial_members.is_empty() && !raft.is_initialized().await? {

@@ -26,15 +26,72 @@ use crate::types::{self, NodeId, PeerNode, TypeConfig};
 /// The largest peer message a plane sends or accepts.
 pub const PEER_MESSAGE_BYTES_MAX: usize = 16 << 20;
 const CONNECT_TIMEOUT_MS: u64 = 1_000;
+/// The first and the longest wait before retrying a peer whose call failed.
+const RETRY_MS_MIN: u64 = 20;
+const RETRY_MS_MAX: u64 = 500;
 
 /// One lazily connected gRPC channel per peer URL, shared by everything a plane sends to
 /// its peers (Raft replication and request forwarding alike). Cheap to clone.
 #[derive(Clone, Default)]
 pub struct PeerChannels {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    faults: Option<Arc<dyn PeerFaults>>,
+}
+
+/// What the network does to one message from this plane to a peer: the hook through which
+/// tests drop, delay and partition peer traffic. Production planes have none.
+pub trait PeerFaults: Send + Sync + 'static {
+    fn fate(&self, peer_url: &str) -> Fate;
+}
+
+impl std::fmt::Debug for dyn PeerFaults {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("PeerFaults")
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fate {
+    Deliver,
+    /// Deliver after a delay.
+    Delay(Duration),
+    /// Lose the request.
+    Drop,
+    /// Deliver the request, lose the answer.
+    DropResponse,
 }
 
 impl PeerChannels {
+    /// Channels whose traffic passes through `faults`.
+    pub fn with_faults(faults: Arc<dyn PeerFaults>) -> PeerChannels {
+        PeerChannels { channels: Arc::default(), faults: Some(faults) }
+    }
+
+    /// What happens to the next message to `peer_url`.
+    pub fn fate(&self, peer_url: &str) -> Fate {
+        self.faults.as_ref().map_or(Fate::Deliver, |faults| faults.fate(peer_url))
+    }
+
+    /// Sends `call` to `peer_url` as the fault hook decides.
+    async fn send<T>(
+        &self,
+        peer_url: &str,
+        call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+    ) -> Result<T, tonic::Status> {
+        match self.fate(peer_url) {
+            Fate::Deliver => call.await,
+            Fate::Delay(delay) => {
+                tokio::time::sleep(delay).await;
+                call.await
+            }
+            Fate::Drop => Err(tonic::Status::unavailable("injected fault: request lost")),
+            Fate::DropResponse => {
+                let _ = call.await;
+                Err(tonic::Status::unavailable("injected fault: response lost"))
+            }
+        }
+    }
+
     pub fn channel(&self, peer_url: &str) -> Result<Channel, tonic::transport::Error> {
         let mut channels = self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(channel) = channels.get(peer_url) {
@@ -75,6 +132,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
         });
         PeerClient {
             cluster_id: self.cluster_id,
+            channels: self.channels.clone(),
             target,
             node: node.clone(),
             client: client.map_err(|error| error.to_string()),
@@ -85,6 +143,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
 /// The client of one peer.
 pub struct PeerClient {
     cluster_id: u64,
+    channels: PeerChannels,
     target: NodeId,
     node: PeerNode,
     /// The client, or why the peer's URL cannot be used.
@@ -114,7 +173,7 @@ impl PeerClient {
 /// Runs `call` within the RPC's deadline; failures become `Unreachable`.
 macro_rules! call {
     ($self:ident, $option:ident, $call:expr) => {
-        match tokio::time::timeout($option.hard_ttl(), $call).await {
+        match tokio::time::timeout($option.hard_ttl(), $self.channels.send(&$self.node.peer_url, $call)).await {
             Err(_) => Err($self.unreachable(format!("no answer within {:?}", $option.hard_ttl()))),
             Ok(Err(status)) => Err($self.unreachable(status.message())),
             Ok(Ok(response)) => Ok(response.into_inner()),
@@ -186,6 +245,13 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             .map(types::vote_from_pb)
             .ok_or_else(|| self.unreachable("snapshot answer without a vote"))?;
         Ok(InstallSnapshotResponse { vote })
+    }
+
+    /// After a failed call openraft waits before retrying the peer: briefly at first, since
+    /// a lost message should cost about a heartbeat, then longer for a peer that is down.
+    fn backoff(&self) -> openraft::network::Backoff {
+        let millis = (0u32..).map(|attempt| (RETRY_MS_MIN << attempt.min(16)).min(RETRY_MS_MAX));
+        openraft::network::Backoff::new(millis.map(Duration::from_millis))
     }
 
     async fn vote(

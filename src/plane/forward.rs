@@ -17,7 +17,7 @@ use capstan_proto::etcdserverpb as pb;
 use capstan_proto::raftpb::{
     self, plane_peer_client::PlanePeerClient, plane_peer_server::PlanePeer, propose_response, Command,
 };
-use capstan_raft::network::PeerChannels;
+use capstan_raft::network::{Fate, PeerChannels};
 use capstan_raft::{NodeId, PeerNode};
 use capstan_store::CommandResponse;
 
@@ -72,7 +72,12 @@ impl Plane {
             .channel(peer_url)
             .map_err(|error| Status::internal(format!("bad peer URL {peer_url}: {error}")))?;
         let cluster = self.forwarder.cluster_header.clone();
+        let (channels, peer_url) = (self.forwarder.channels.clone(), peer_url.to_string());
         let add_cluster: AddCluster = Box::new(move |mut request: Request<()>| {
+            // Injected faults (tests only) lose forwarded requests; delays apply to Raft alone.
+            if matches!(channels.fate(&peer_url), Fate::Drop | Fate::DropResponse) {
+                return Err(Status::unavailable("injected fault: request lost"));
+            }
             request.metadata_mut().insert(CLUSTER_HEADER, cluster.clone());
             Ok(request)
         });

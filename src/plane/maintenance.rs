@@ -96,8 +96,17 @@ impl Maintenance for MaintenanceService {
         Err(not_served("Hash"))
     }
 
-    async fn hash_kv(&self, _request: Request<pb::HashKvRequest>) -> Result<Response<pb::HashKvResponse>, Status> {
-        Err(not_served("HashKV"))
+    async fn hash_kv(&self, request: Request<pb::HashKvRequest>) -> Result<Response<pb::HashKvResponse>, Status> {
+        let plane = self.0.clone();
+        let revision = request.into_inner().revision;
+        let hashed = tokio::task::spawn_blocking(move || {
+            let reader = plane.store.reader();
+            Ok::<_, capstan_store::StoreError>((reader.revision()?, reader.hash_kv(revision)?))
+        })
+        .await
+        .map_err(|error| Status::internal(error.to_string()))?;
+        let (current, (hash, compact_revision)) = hashed.map_err(|error| super::status::from_store(&error))?;
+        Ok(Response::new(pb::HashKvResponse { header: self.0.header(current), hash, compact_revision }))
     }
 
     type SnapshotStream = Pin<Box<dyn Stream<Item = Result<pb::SnapshotResponse, Status>> + Send>>;

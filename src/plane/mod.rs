@@ -30,6 +30,7 @@ use tonic::Status;
 
 use capstan_proto::etcdserverpb as pb;
 use capstan_proto::raftpb::{command, Command};
+use capstan_raft::network::{PeerChannels, PeerFaults};
 use capstan_raft::{NodeId, PeerNode, PlaneIdentity, Raft, RaftConfig, RevisionEvents};
 use capstan_store::{CommandResponse, Store};
 
@@ -40,6 +41,8 @@ pub const REQUEST_BYTES_MAX: usize = 3 * 512 * 1024;
 pub const GRPC_MESSAGE_BYTES_MAX: usize = REQUEST_BYTES_MAX + 512 * 1024;
 /// etcd's default backend quota (`--quota-backend-bytes`).
 pub const QUOTA_BYTES_DEFAULT: u64 = 2 << 30;
+/// How long a stopping plane waits for its clients' requests and streams to finish.
+pub const SHUTDOWN_GRACE_MS: u64 = 3_000;
 /// How long a write or read-index waits for Raft before the client gets a timeout.
 pub const PROPOSE_TIMEOUT_MS: u64 = 7_000;
 
@@ -61,6 +64,8 @@ pub struct PlaneConfig {
     pub quota_bytes: u64,
     /// How often a watch that asked for progress notifications gets one when idle.
     pub watch_progress_notify_interval: Duration,
+    /// Faults injected into peer traffic, for tests; `None` in a real plane.
+    pub peer_faults: Option<Arc<dyn PeerFaults>>,
 }
 
 impl PlaneConfig {
@@ -78,6 +83,7 @@ impl PlaneConfig {
             raft: RaftConfig::default(),
             quota_bytes: QUOTA_BYTES_DEFAULT,
             watch_progress_notify_interval: Duration::from_secs(600),
+            peer_faults: None,
         }
     }
 
@@ -337,7 +343,8 @@ pub async fn run(
     let cannot_start = || format!("cannot start the plane in {}", config.data_dir.display());
     let store = capstan_raft::open_store(config.data_dir.clone()).await.with_context(cannot_start)?;
     let identity = config.identity(&store).await?;
-    let started = capstan_raft::start(store, config.data_dir.clone(), &identity, &config.raft)
+    let channels = config.peer_faults.clone().map_or_else(PeerChannels::default, PeerChannels::with_faults);
+    let started = capstan_raft::start(store, config.data_dir.clone(), &identity, &config.raft, channels)
         .await
         .with_context(cannot_start)?;
     let plane = Arc::new(Plane {
@@ -361,38 +368,66 @@ pub async fn run(
         revision = plane.store.revision(),
         "plane serving"
     );
-    let lessor_task = tokio::spawn(lease::run_expiry(plane.clone()));
-    let leadership_task = tokio::spawn(log_leadership(plane.raft.clone()));
-    let publish_task = tokio::spawn(publish_client_urls(plane.clone()));
-    let removal_task = tokio::spawn(membership::watch_removal(plane.clone()));
+    // The plane's background work lives in one set, aborted together when `run` ends or
+    // is dropped, so nothing outlives the plane holding its store.
+    let mut background = tokio::task::JoinSet::new();
+    background.spawn(lease::run_expiry(plane.clone()));
+    background.spawn(log_leadership(plane.raft.clone()));
+    background.spawn(publish_client_urls(plane.clone()));
+    background.spawn(membership::watch_removal(plane.clone()));
     let peer_service = capstan_raft::PeerService::new(plane.raft.clone(), plane.cluster_id);
     let (stop_peers, peers_stopped) = tokio::sync::oneshot::channel::<()>();
-    let peer_task = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(
-                capstan_proto::raftpb::raft_peer_server::RaftPeerServer::new(peer_service)
-                    .max_decoding_message_size(capstan_raft::network::PEER_MESSAGE_BYTES_MAX)
-                    .max_encoding_message_size(capstan_raft::network::PEER_MESSAGE_BYTES_MAX),
-            )
-            .add_service(
-                capstan_proto::raftpb::plane_peer_server::PlanePeerServer::new(forward::PlanePeerService(
-                    plane.clone(),
-                ))
+    let peer_server = tonic::transport::Server::builder()
+        .add_service(
+            capstan_proto::raftpb::raft_peer_server::RaftPeerServer::new(peer_service)
+                .max_decoding_message_size(capstan_raft::network::PEER_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(capstan_raft::network::PEER_MESSAGE_BYTES_MAX),
+        )
+        .add_service(
+            capstan_proto::raftpb::plane_peer_server::PlanePeerServer::new(forward::PlanePeerService(plane.clone()))
                 .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(usize::MAX),
-            )
-            .serve_with_incoming_shutdown(TcpListenerStream::new(peer_listener), async {
-                let _ = peers_stopped.await;
-            }),
-    );
-    let served = serve(plane.clone(), listener, shutdown).await;
-    lessor_task.abort();
-    leadership_task.abort();
-    publish_task.abort();
-    removal_task.abort();
+        )
+        // Graceful, so that the connection tasks the server spawns end with it and drop
+        // their hold on the plane.
+        .serve_with_incoming_shutdown(TcpListenerStream::new(peer_listener), async {
+            let _ = peers_stopped.await;
+        });
+    let mut peer_task = tokio::spawn(peer_server);
+    // Stopping lets requests in flight finish, but long-lived streams (watches, lease
+    // keep-alives) would hold the plane forever: after a grace period it stops regardless.
+    let (stopping, mut stopping_seen) = tokio::sync::watch::channel(false);
+    let stop_requested = {
+        let plane = plane.clone();
+        async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = plane.stop.notified() => {}
+            }
+            let _ = stopping.send(true);
+        }
+    };
+    let grace_over = async move {
+        let _ = stopping_seen.wait_for(|stopping| *stopping).await;
+        tokio::time::sleep(Duration::from_millis(SHUTDOWN_GRACE_MS)).await;
+    };
+    let served = tokio::select! {
+        served = serve(plane.clone(), listener, stop_requested) => served,
+        () = grace_over => {
+            tracing::warn!(grace_ms = SHUTDOWN_GRACE_MS, "clients still connected after the grace period; stopping anyway");
+            Ok(())
+        }
+    };
+    background.shutdown().await;
     let _ = stop_peers.send(());
-    if let Ok(Err(error)) = peer_task.await {
-        tracing::warn!(%error, "peer server stopped with an error");
+    match tokio::time::timeout(Duration::from_millis(SHUTDOWN_GRACE_MS), &mut peer_task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(error))) => tracing::warn!(%error, "peer server stopped with an error"),
+        Ok(Err(error)) => tracing::warn!(%error, "peer server task failed"),
+        Err(_) => {
+            tracing::warn!("peers still connected after the grace period; stopping anyway");
+            peer_task.abort();
+        }
     }
     let raft_stopped = started.raft.shutdown().await;
     served?;
@@ -487,13 +522,8 @@ async fn serve(
         .add_service(limited!(WatchServer::new(watch::WatchService(plane.clone()))))
         .add_service(limited!(LeaseServer::new(lease::LeaseService(plane.clone()))))
         .add_service(limited!(ClusterServer::new(membership::ClusterService(plane.clone()))))
-        .add_service(limited!(MaintenanceServer::new(maintenance::MaintenanceService(plane.clone()))))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            tokio::select! {
-                () = shutdown => {}
-                () = plane.stop.notified() => {}
-            }
-        })
+        .add_service(limited!(MaintenanceServer::new(maintenance::MaintenanceService(plane))))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
         .context("gRPC server failed")
 }

@@ -110,6 +110,37 @@ impl<'a> Reader<'a> {
         Ok(self.meta_i64(codec::META_COMPACTED)?.unwrap_or(0))
     }
 
+    /// etcd's HashKV: a hash of every key version at or below `revision` (0: the current
+    /// one), back to the compaction, with the compacted revision. Replicas that applied the
+    /// same commands agree on it; the hash is Capstan's own (FNV-1a folded to 32 bits).
+    pub fn hash_kv(&self, revision: i64) -> Result<(u32, i64)> {
+        let (current, compacted) = (self.revision()?, self.compacted_revision()?);
+        let revision = if revision <= 0 { current } else { revision };
+        if revision > current {
+            return Err(StoreError::FutureRevision { requested: revision, current });
+        }
+        if revision < compacted {
+            return Err(StoreError::Compacted { compacted });
+        }
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut mix = |bytes: &[u8]| {
+            for byte in bytes {
+                hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        let mut iter = self.iter(codec::CF_KV, None);
+        iter.seek_to_first();
+        while let (Some(raw), Some(value)) = (iter.key(), iter.value()) {
+            if codec::split_kv_key(raw)?.1 <= revision {
+                mix(raw);
+                mix(value);
+            }
+            iter.next();
+        }
+        iter.status()?;
+        Ok(((hash >> 32) as u32 ^ hash as u32, compacted))
+    }
+
     /// The newest version of `key` at or below `revision`, tombstones included.
     pub(crate) fn version_at(&self, key: &[u8], revision: i64) -> Result<Option<Version>> {
         let prefix = codec::kv_key_prefix(key);

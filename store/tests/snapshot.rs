@@ -54,6 +54,12 @@ fn a_store_copied_through_a_snapshot_is_the_same_store() {
     assert_eq!(target.reader().meta(b"caller/marker").unwrap(), Some(b"m".to_vec()));
     let history = target.events(20, usize::MAX).unwrap();
     assert_eq!(history.events, source.events(20, usize::MAX).unwrap().events);
+    let hash = source.reader().hash_kv(0).unwrap();
+    assert_eq!(target.reader().hash_kv(0).unwrap(), hash, "replicas with the same content hash alike");
+    assert_eq!(hash.1, 20, "with the compacted revision");
+    assert!(matches!(target.reader().hash_kv(19), Err(StoreError::Compacted { compacted: 20 })));
+    let older = target.reader().hash_kv(target.revision() - 1).unwrap();
+    assert_ne!(older.0, hash.0, "an older revision hashes differently");
 
     // It survives a reopen, and goes on from the same revision.
     drop(target);
@@ -61,6 +67,8 @@ fn a_store_copied_through_a_snapshot_is_the_same_store() {
     assert_eq!(everything(&reopened), everything(&source));
     apply(&reopened, put("next", "n", 0));
     assert_eq!(reopened.revision(), source.revision() + 1);
+    assert_eq!(reopened.reader().hash_kv(source.revision()).unwrap(), hash, "a later write leaves the past's hash");
+    assert_ne!(reopened.reader().hash_kv(0).unwrap(), hash);
 }
 
 #[test]

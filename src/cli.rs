@@ -24,13 +24,15 @@ pub enum Command {
     Ctl(crate::ctl::CtlArgs),
     /// Run a local cluster on 127.0.0.1 until Ctrl-C.
     Dev(crate::dev::DevArgs),
+    /// Load a cluster (Capstan or etcd) over the etcd v3 API and report throughput and latency.
+    Bench(crate::bench::BenchArgs),
 }
 
 impl Cli {
     /// Servers log lifecycle events; the client logs only warnings.
     pub fn default_log_filter(&self) -> &'static str {
         match self.command {
-            Command::Ctl(_) => "warn",
+            Command::Ctl(_) | Command::Bench(_) => "warn",
             _ => "info,openraft=warn",
         }
     }
@@ -138,6 +140,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plane(args) => crate::plane::run(args.into_config()?, crate::shutdown_signal()).await,
         Command::Ctl(args) => crate::ctl::run(args).await,
         Command::Dev(args) => crate::dev::run(args).await,
+        Command::Bench(args) => crate::bench::run(args).await,
     }
 }
 

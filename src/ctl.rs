@@ -542,7 +542,7 @@ async fn lease(client: &mut Client, command: LeaseCommand, json: bool) -> anyhow
     Ok(())
 }
 
-fn with_scheme(endpoint: &str) -> String {
+pub fn with_scheme(endpoint: &str) -> String {
     if endpoint.contains("://") {
         endpoint.to_string()
     } else {

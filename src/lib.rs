@@ -4,11 +4,13 @@
 //!   store (`capstan plane`).
 //! - [`ctl`]: the command-line client, speaking only the etcd v3 API (`capstan ctl`).
 //! - [`dev`]: the embedded local cluster (`capstan dev`).
+//! - [`bench`]: load over the etcd v3 API, for Capstan and etcd alike (`capstan bench`).
 //! - [`cli`]: command-line parsing shared by `main`.
 //!
-//! Invariant: `ctl` reaches planes only over the network API, through the `etcd-client`
+//! Invariant: `ctl` and `bench` reach planes only over the network API, through the `etcd-client`
 //! crate, exactly as a user's program would.
 
+pub mod bench;
 pub mod cli;
 pub mod ctl;
 pub mod dev;

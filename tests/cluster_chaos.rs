@@ -6,7 +6,8 @@
 //! - every plane reaches the same revision with the same HashKV;
 //! - no two planes ever saw different leaders in one term;
 //! - the client history is linearizable (`capstan_jepsen::linearizability`, whose own tests
-//!   show it rejecting non-linearizable histories).
+//!   show it rejecting non-linearizable histories; `planes_serving_stale_reads_are_caught`
+//!   shows this whole test failing on a deliberately unsafe cluster).
 //!
 //! A failing case is printed by proptest and its seed saved in
 //! `tests/cluster_chaos.proptest-regressions`, from which the next run replays it first. Faults go through the planes' peer-traffic
@@ -39,7 +40,8 @@ fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
-/// A small deterministic generator, so that a case's seed fixes every random choice.
+/// A small deterministic generator. A case's seed fixes the schedule and each client's
+/// choices; which messages a lossy network drops still depends on timing.
 struct Rng(u64);
 
 impl Rng {
@@ -274,7 +276,9 @@ async fn settle<T, F: std::future::Future<Output = Result<T, etcd_client::Error>
     }
 }
 
-async fn run_case(size: usize, steps: Vec<Step>, seed: u64) {
+/// Runs one case and asserts every property but linearizability, whose verdict it returns
+/// (the first key that fails, with where its history was saved).
+async fn run_case(size: usize, steps: Vec<Step>, seed: u64, stale_reads: bool) -> Result<(), String> {
     let dir = tempfile::tempdir().unwrap();
     let addrs: Vec<(SocketAddr, SocketAddr)> = (0..size).map(|_| (free_addr(), free_addr())).collect();
     let initial_cluster: Vec<(String, String)> = addrs
@@ -296,6 +300,7 @@ async fn run_case(size: usize, steps: Vec<Step>, seed: u64) {
             config.raft.snapshot_entries = 200;
             config.raft.log_entries_kept = 50;
             config.peer_faults = Some(Arc::new(Hook { network: network.clone(), plane: index }));
+            config.unsafe_stale_reads = stale_reads;
             InProcessPlane { config, running: None }
         })
         .collect();
@@ -389,20 +394,32 @@ async fn run_case(size: usize, steps: Vec<Step>, seed: u64) {
     }
     let count: usize = by_key.values().map(Vec::len).sum();
     assert!(count > 50, "too few operations ran ({count}) for the history to say anything");
-    if let Err((key, verdict)) = check_keys(&by_key) {
+    let verdict = check_keys(&by_key).map_err(|(key, verdict)| {
         let saved = std::env::temp_dir().join(format!("capstan-chaos-{key}.history"));
         let _ = std::fs::write(&saved, format!("{:#?}", by_key[&key]));
-        panic!("the history of {key} is not linearizable: {verdict:?}; it is in {}", saved.display());
-    }
+        format!("the history of {key} is not linearizable: {verdict:?}; it is in {}", saved.display())
+    });
 
     for plane in &mut planes {
         plane.stop().await;
     }
+    verdict
 }
 
-fn run(size: usize, steps: Vec<Step>, seed: u64) {
+fn run(size: usize, steps: Vec<Step>, seed: u64, stale_reads: bool) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    runtime.block_on(run_case(size, steps, seed));
+    runtime.block_on(run_case(size, steps, seed, stale_reads))
+}
+
+/// The whole harness catches a broken cluster: planes that answer linearizable reads from
+/// their own state (skipping read-index), with one plane cut off, serve stale reads, and
+/// the history says so.
+#[test]
+fn planes_serving_stale_reads_are_caught() {
+    let isolate_last = |millis| Step { fault: Fault::Partition(0b100), millis };
+    let steps = vec![isolate_last(1_500), Step { fault: Fault::Healthy, millis: 300 }, isolate_last(1_500)];
+    let verdict = run(3, steps, 7, true);
+    assert!(verdict.is_err(), "stale reads went unnoticed");
 }
 
 /// Few cases, since each runs a cluster for seconds; no shrinking, since a smaller schedule
@@ -423,7 +440,9 @@ proptest! {
 
     #[test]
     fn three_planes_stay_linearizable_under_faults(steps in schedule(3), seed in any::<u64>()) {
-        run(3, steps, seed);
+        if let Err(violation) = run(3, steps, seed, false) {
+            panic!("{violation}");
+        }
     }
 }
 
@@ -432,6 +451,8 @@ proptest! {
 
     #[test]
     fn five_planes_stay_linearizable_under_faults(steps in schedule(5), seed in any::<u64>()) {
-        run(5, steps, seed);
+        if let Err(violation) = run(5, steps, seed, false) {
+            panic!("{violation}");
+        }
     }
 }

@@ -77,3 +77,30 @@ fn ctl_watch_replays_and_follows() {
     assert_eq!(lines.next().as_deref(), Some("DELETE"));
     assert!(watch.wait().unwrap().success(), "watch exits after --max-events");
 }
+
+/// `capstan bench` against a plane: every workload runs without errors and reports what it
+/// measured; the put workload's writes are really in the store.
+#[test]
+fn bench_measures_each_workload() {
+    let dir = tempfile::tempdir().unwrap();
+    let plane = PlaneProcess::start(&dir.path().join("plane"), &[]);
+    let bench = |workload: &[&str]| -> serde_json::Value {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_capstan"));
+        command.args(["bench", "--endpoints", &plane.client_addr.to_string(), "--json"]);
+        command.args(["--duration-secs", "1", "--warmup-secs", "0", "--in-flight", "4", "--key-count", "50"]);
+        let output = command.args(workload).output().unwrap();
+        assert!(output.status.success(), "bench {workload:?}: {}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    for workload in [&["put"][..], &["range", "--consistency", "l"], &["range", "--consistency", "s"], &["txn"]] {
+        let result = bench(workload);
+        assert!(result["requests"].as_u64().unwrap() > 0, "{workload:?}: {result}");
+        assert_eq!(result["errors"], 0, "{workload:?}: {result}");
+        assert!(result["p50_ms"].as_f64().unwrap() <= result["p99_ms"].as_f64().unwrap(), "{result}");
+    }
+    let written = ok(&plane, &["get", "bench/", "--prefix", "--count-only", "-w", "json"]);
+    let count: serde_json::Value = serde_json::from_str(&written).unwrap();
+    assert_eq!(count["count"], 50, "the range workload wrote every key it reads");
+    let failover = bench(&["failover"]);
+    assert!(failover["acknowledged"].as_u64().unwrap() > 0, "{failover}");
+}

@@ -123,14 +123,15 @@ const END: usize = usize::MAX;
 
 impl Events {
     fn new<V>(operations: &[Operation<V>]) -> Events {
-        // (time, phase, operation, is_call). At one instant, returns of earlier calls come
-        // first (those operations did not overlap the new ones), then calls, then the
-        // returns of operations that took no time at all.
+        // (time, phase, operation, is_call). At one instant calls come before returns: two
+        // operations whose call and return share a timestamp count as concurrent, the
+        // cautious reading (it can only allow more orders). A return recorded before its
+        // call is taken as instant.
         let mut order: Vec<(u64, u8, usize, bool)> = Vec::with_capacity(operations.len() * 2);
         for (index, operation) in operations.iter().enumerate() {
-            let ret = operation.ret.unwrap_or(u64::MAX);
-            order.push((operation.call, 1, index, true));
-            order.push((ret, if ret == operation.call { 2 } else { 0 }, index, false));
+            let ret = operation.ret.unwrap_or(u64::MAX).max(operation.call);
+            order.push((operation.call, 0, index, true));
+            order.push((ret, 1, index, false));
         }
         order.sort();
         let count = order.len();

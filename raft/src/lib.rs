@@ -161,21 +161,26 @@ pub async fn start(
 }
 
 /// A data directory remembers its cluster and member; a plane configured as another refuses
-/// it, and a new directory takes the identity it is started with.
+/// it, and a new directory takes the identity it is started with (both in one synced write).
 fn check_identity(store: &Store, identity: &PlaneIdentity) -> Result<(), RaftError> {
-    match stored_identity(store)? {
-        Some(stored) if stored.cluster_id != identity.cluster_id => {
-            Err(RaftError::ClusterMismatch { found: stored.cluster_id, expected: identity.cluster_id })
-        }
-        Some(stored) if stored.node_id != identity.node_id => {
-            Err(RaftError::MemberMismatch { found: stored.node_id, expected: identity.node_id })
-        }
-        Some(_) => Ok(()),
-        None => {
-            write_meta_u64(store, META_CLUSTER_ID, identity.cluster_id)?;
-            write_meta_u64(store, META_MEMBER_ID, identity.node_id)
-        }
+    let stored_cluster = read_meta_u64(store, META_CLUSTER_ID)?;
+    let stored_member = read_meta_u64(store, META_MEMBER_ID)?;
+    if let Some(found) = stored_cluster.filter(|found| *found != identity.cluster_id) {
+        return Err(RaftError::ClusterMismatch { found, expected: identity.cluster_id });
     }
+    if let Some(found) = stored_member.filter(|found| *found != identity.node_id) {
+        return Err(RaftError::MemberMismatch { found, expected: identity.node_id });
+    }
+    if stored_cluster.is_some() && stored_member.is_some() {
+        return Ok(());
+    }
+    let db = store.db();
+    let family = db.cf_handle(log_store::CF_RAFT_META).expect("opened with the store");
+    let mut batch = rocksdb::WriteBatch::default();
+    batch.put_cf(family, META_CLUSTER_ID, identity.cluster_id.encode_to_vec());
+    batch.put_cf(family, META_MEMBER_ID, identity.node_id.encode_to_vec());
+    db.write_opt(batch, &log_store::synced()).map_err(capstan_store::StoreError::from)?;
+    Ok(())
 }
 
 fn read_meta_u64(store: &Store, name: &[u8]) -> Result<Option<u64>, RaftError> {

@@ -94,8 +94,8 @@ pub async fn run_expiry(plane: Arc<Plane>) {
             plane.lessor.state().leading_term = None;
             continue;
         }
-        if plane.lessor.state().leading_term != Some(term) {
-            promote(&plane, term).await;
+        if plane.lessor.state().leading_term != Some(term) && !promote(&plane, term).await {
+            continue;
         }
         let now = Instant::now();
         let expired: Vec<i64> = plane
@@ -107,13 +107,16 @@ pub async fn run_expiry(plane: Arc<Plane>) {
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
+            // Proposed here and never forwarded: a deposed leader's deadlines are stale, and
+            // Raft commits its proposal only if it still leads.
             let revoke = Command { request: Some(command::Request::LeaseRevoke(pb::LeaseRevokeRequest { id })) };
-            match plane.propose(revoke).await {
-                Ok(_) => {
-                    tracing::info!(lease = format!("{id:x}"), "lease expired and revoked");
-                    plane.lessor.forget(id);
-                }
+            match plane.propose_local(revoke).await {
+                Ok(_) => tracing::info!(lease = format!("{id:x}"), "lease expired and revoked"),
                 Err(error) if error.code() == tonic::Code::NotFound => plane.lessor.forget(id),
+                Err(error) if error.message() == status::NOT_LEADER => {
+                    plane.lessor.state().leading_term = None;
+                    break;
+                }
                 Err(error) => {
                     tracing::warn!(lease = format!("{id:x}"), %error, "could not revoke an expired lease; will retry")
                 }
@@ -123,24 +126,35 @@ pub async fn run_expiry(plane: Arc<Plane>) {
 }
 
 /// This plane just became leader in `term`: every lease gets its full TTL from now.
-async fn promote(plane: &Arc<Plane>, term: u64) {
+/// Returns whether it took over; until it has, it must not expire anything.
+async fn promote(plane: &Arc<Plane>, term: u64) -> bool {
     // Leases granted in earlier terms may still be committed but unapplied here; a read
     // index waits until every entry before this term's first one is applied.
     if let Err(error) = plane.raft.ensure_linearizable().await {
-        return tracing::warn!(%error, "lost leadership before taking over the leases");
+        tracing::warn!(%error, "could not confirm leadership to take over the leases");
+        return false;
     }
     let store = plane.store.clone();
-    let leases = match tokio::task::spawn_blocking(move || store.reader().leases()).await {
-        Ok(Ok(leases)) => leases,
-        Ok(Err(error)) => return tracing::error!(%error, "cannot list leases"),
-        Err(error) => return tracing::error!(%error, "cannot list leases"),
+    let listed = tokio::task::spawn_blocking(move || store.reader().leases().map_err(|error| error.to_string()))
+        .await
+        .map_err(|error| error.to_string())
+        .and_then(|listed| listed);
+    let leases = match listed {
+        Ok(leases) => leases,
+        Err(error) => {
+            tracing::error!(%error, "cannot list leases");
+            return false;
+        }
     };
     let deadline_base = Instant::now();
     let mut state = plane.lessor.state();
-    state.deadlines =
-        leases.iter().map(|(id, ttl)| (*id, deadline_base + Duration::from_secs((*ttl).max(0) as u64))).collect();
+    // Merged, not replaced: a lease granted since the listing already has its deadline.
+    for (id, ttl) in &leases {
+        state.deadlines.insert(*id, deadline_base + Duration::from_secs((*ttl).max(0) as u64));
+    }
     state.leading_term = Some(term);
     tracing::info!(term, leases = leases.len(), "leading: every lease restarts its TTL");
+    true
 }
 
 pub struct LeaseService(pub Arc<Plane>);
@@ -250,7 +264,14 @@ impl Lease for LeaseService {
         let (responses, outgoing) = tokio::sync::mpsc::channel(KEEPALIVE_RESPONSES_MAX);
         let service = LeaseService(self.0.clone());
         tokio::spawn(async move {
-            while let Some(next) = incoming.next().await {
+            let stopping = service.0.stopping();
+            tokio::pin!(stopping);
+            loop {
+                let next = tokio::select! {
+                    next = incoming.next() => next,
+                    () = &mut stopping => None,
+                };
+                let Some(next) = next else { break };
                 let answer = match next {
                     Ok(request) => service.keep_alive(request.id).await.map(|ttl| pb::LeaseKeepAliveResponse {
                         header: service.0.header(service.0.store.revision()),

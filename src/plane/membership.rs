@@ -82,7 +82,14 @@ impl Plane {
         let mut metrics = self.raft.metrics();
         loop {
             metrics.borrow_and_update();
-            match self.raft.change_membership(changes.clone(), retain).await {
+            // In a task of its own: openraft commits a joint configuration, then the final
+            // one, from this call; a caller that gave up must not leave the cluster joint.
+            let raft = self.raft.clone();
+            let change = changes.clone();
+            let changed = tokio::spawn(async move { raft.change_membership(change, retain).await })
+                .await
+                .map_err(|error| Status::internal(format!("a membership change task failed: {error}")))?;
+            match changed {
                 Ok(_) => return Ok(()),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => return Err(status::not_leader()),
                 Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
@@ -220,10 +227,17 @@ pub(super) async fn watch_removal(plane: Arc<Plane>) {
     let mut metrics = plane.raft.metrics();
     let mut was_member = false;
     loop {
-        let member = metrics.borrow_and_update().membership_config.membership().get_node(&plane.node_id).is_some();
+        let (member, applied) = {
+            let current = metrics.borrow_and_update();
+            let config = &current.membership_config;
+            // Only an applied membership counts: an appended one may still be undone.
+            let applied = config.log_id().as_ref().map_or(0, |id| id.index)
+                <= current.last_applied.as_ref().map_or(0, |id| id.index);
+            (config.membership().get_node(&plane.node_id).is_some(), applied)
+        };
         if member {
             was_member = true;
-        } else if was_member {
+        } else if was_member && applied {
             plane.removed_from_cluster();
             return;
         }
@@ -281,6 +295,7 @@ pub async fn join(config: &PlaneConfig) -> anyhow::Result<PlaneIdentity> {
     let deadline = tokio::time::Instant::now() + Duration::from_millis(JOIN_TIMEOUT_MS);
     let mut backoff = Duration::from_millis(100);
     loop {
+        let mut answered = false;
         for peer_url in &others {
             let channel = channels.channel(peer_url).with_context(|| format!("bad peer URL {peer_url}"))?;
             let mut client = raftpb::plane_peer_client::PlanePeerClient::new(channel);
@@ -298,13 +313,10 @@ pub async fn join(config: &PlaneConfig) -> anyhow::Result<PlaneIdentity> {
                 }
             };
             let Some(member) = info.members.iter().find(|member| member.peer_ur_ls.contains(&node.peer_url)) else {
-                anyhow::bail!(
-                    "cluster {:x} has no member with peer URL {}; add it first: capstan ctl member add {} --peer-urls {}",
-                    info.cluster_id,
-                    node.peer_url,
-                    config.name,
-                    node.peer_url
-                );
+                // This member may lag behind the addition; ask the others too.
+                answered = true;
+                tracing::warn!(peer = %peer_url, cluster = format!("{:x}", info.cluster_id), "not a member there");
+                continue;
             };
             tracing::info!(member = format!("{:x}", member.id), cluster = format!("{:x}", info.cluster_id), "joining");
             return Ok(PlaneIdentity {
@@ -313,6 +325,14 @@ pub async fn join(config: &PlaneConfig) -> anyhow::Result<PlaneIdentity> {
                 node,
                 initial_members: BTreeMap::new(),
             });
+        }
+        if answered {
+            anyhow::bail!(
+                "no member lists this plane's peer URL {}; add it first: capstan ctl member add {} --peer-urls {}",
+                node.peer_url,
+                config.name,
+                node.peer_url
+            );
         }
         if tokio::time::Instant::now() + backoff > deadline {
             anyhow::bail!("no member in --initial-cluster answered within {} s", JOIN_TIMEOUT_MS / 1000);

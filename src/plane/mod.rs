@@ -66,6 +66,9 @@ pub struct PlaneConfig {
     pub watch_progress_notify_interval: Duration,
     /// Faults injected into peer traffic, for tests; `None` in a real plane.
     pub peer_faults: Option<Arc<dyn PeerFaults>>,
+    /// Deliberately unsafe, for proving that the tests catch it: linearizable reads are
+    /// served from this plane's state without read-index. Never set outside tests.
+    pub unsafe_stale_reads: bool,
 }
 
 impl PlaneConfig {
@@ -84,6 +87,7 @@ impl PlaneConfig {
             quota_bytes: QUOTA_BYTES_DEFAULT,
             watch_progress_notify_interval: Duration::from_secs(600),
             peer_faults: None,
+            unsafe_stale_reads: false,
         }
     }
 
@@ -176,13 +180,24 @@ pub struct Plane {
     identity: PlaneIdentity,
     config: PlaneConfig,
     alarms: Mutex<Alarms>,
-    lessor: lease::Lessor,
+    lessor: Arc<lease::Lessor>,
     forwarder: forward::Forwarder,
     /// Notified when the plane must stop on its own (the cluster removed it).
     stop: tokio::sync::Notify,
+    /// Set once the plane is stopping, for long-lived streams to end.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl Plane {
+    /// Resolves once the plane is stopping: watch and keep-alive streams end with it, so
+    /// that stopping never waits on a client.
+    fn stopping(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut stopping = self.stopping.subscribe();
+        async move {
+            let _ = stopping.wait_for(|stopping| *stopping).await;
+        }
+    }
+
     /// The response header etcd puts on every response.
     fn header(&self, revision: i64) -> Option<pb::ResponseHeader> {
         let raft_term = self.raft.metrics().borrow().current_term;
@@ -240,23 +255,31 @@ impl Plane {
     }
 
     /// Replicates `command` from this plane, which must lead. The leader's lessor tracks
-    /// the deadlines of the leases granted and revoked here, whichever plane asked.
+    /// the deadlines of the leases granted and revoked here, whichever plane asked, even
+    /// when the caller has given up waiting (the write runs in a task of its own).
     async fn propose_local(&self, command: Command) -> Result<CommandResponse, Status> {
         let revoked_lease = match &command.request {
             Some(command::Request::LeaseRevoke(revoke)) => Some(revoke.id),
             _ => None,
         };
-        match self.raft.client_write(command).await {
-            Ok(written) => match written.data.result {
-                Some(Ok(response)) => {
-                    if let CommandResponse::LeaseGrant(granted) = &response {
-                        self.lessor.renew(granted.id, granted.ttl);
-                    }
-                    if let Some(id) = revoked_lease {
-                        self.lessor.forget(id);
-                    }
-                    Ok(response)
+        let (raft, lessor) = (self.raft.clone(), self.lessor.clone());
+        let written = tokio::spawn(async move {
+            let written = raft.client_write(command).await;
+            if let Ok(Some(Ok(response))) = written.as_ref().map(|written| &written.data.result) {
+                if let CommandResponse::LeaseGrant(granted) = response {
+                    lessor.renew(granted.id, granted.ttl);
                 }
+                if let Some(id) = revoked_lease {
+                    lessor.forget(id);
+                }
+            }
+            written
+        })
+        .await
+        .map_err(|error| Status::internal(format!("a write task failed: {error}")))?;
+        match written {
+            Ok(written) => match written.data.result {
+                Some(Ok(response)) => Ok(response),
                 Some(Err(error)) => Err(status::from_store(&error)),
                 None => Err(Status::internal("a command entry applied without a response")),
             },
@@ -275,6 +298,9 @@ impl Plane {
     /// Waits until this plane's state includes every write acknowledged before the call:
     /// the leader confirms it still leads (read-index) and this plane applies up to there.
     async fn linearizable_barrier(&self) -> Result<(), Status> {
+        if self.config.unsafe_stale_reads {
+            return Ok(());
+        }
         self.with_leader(|| async {
             if self.is_leader() {
                 return match self.raft.ensure_linearizable().await {
@@ -353,12 +379,13 @@ pub async fn run(
         events: started.events,
         node_id: identity.node_id,
         cluster_id: identity.cluster_id,
-        lessor: lease::Lessor::new(&config.raft),
+        lessor: Arc::new(lease::Lessor::new(&config.raft)),
         config,
         alarms: Mutex::new(Alarms::default()),
         forwarder: forward::Forwarder::new(started.peer_channels, identity.cluster_id),
         identity,
         stop: tokio::sync::Notify::new(),
+        stopping: tokio::sync::watch::channel(false).0,
     });
     tracing::info!(
         name = %plane.config.name,
@@ -394,9 +421,8 @@ pub async fn run(
             let _ = peers_stopped.await;
         });
     let mut peer_task = tokio::spawn(peer_server);
-    // Stopping lets requests in flight finish, but long-lived streams (watches, lease
-    // keep-alives) would hold the plane forever: after a grace period it stops regardless.
-    let (stopping, mut stopping_seen) = tokio::sync::watch::channel(false);
+    // Stopping ends long-lived streams and lets requests in flight finish, for at most a
+    // grace period.
     let stop_requested = {
         let plane = plane.clone();
         async move {
@@ -404,12 +430,15 @@ pub async fn run(
                 () = shutdown => {}
                 () = plane.stop.notified() => {}
             }
-            let _ = stopping.send(true);
+            plane.stopping.send_replace(true);
         }
     };
-    let grace_over = async move {
-        let _ = stopping_seen.wait_for(|stopping| *stopping).await;
-        tokio::time::sleep(Duration::from_millis(SHUTDOWN_GRACE_MS)).await;
+    let grace_over = {
+        let stopping = plane.stopping();
+        async move {
+            stopping.await;
+            tokio::time::sleep(Duration::from_millis(SHUTDOWN_GRACE_MS)).await;
+        }
     };
     let served = tokio::select! {
         served = serve(plane.clone(), listener, stop_requested) => served,

@@ -53,13 +53,19 @@ impl Watch for WatchService {
         let plane = self.0.clone();
         tokio::spawn(async move {
             let watchers = Arc::new(Mutex::new(StreamWatchers::default()));
-            while let Some(next) = incoming.next().await {
-                let Ok(request) = next else { break };
+            let stopping = plane.stopping();
+            tokio::pin!(stopping);
+            loop {
+                let next = tokio::select! {
+                    next = incoming.next() => next,
+                    () = &mut stopping => None,
+                };
+                let Some(Ok(request)) = next else { break };
                 if !handle_request(&plane, &watchers, &out, request).await {
                     break;
                 }
             }
-            // The client went away: stop every watcher of this stream.
+            // The client went away or the plane stops: stop every watcher of this stream.
             let cancels: Vec<_> = lock(&watchers).cancels.drain().collect();
             for (_, cancel) in cancels {
                 let _ = cancel.send(());

@@ -25,7 +25,6 @@ use std::time::Duration;
 use anyhow::Context;
 use openraft::error::{ClientWriteError, RaftError};
 use prost::Message;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::Status;
 
 use capstan_proto::etcdserverpb as pb;
@@ -417,7 +416,7 @@ pub async fn run(
         )
         // Graceful, so that the connection tasks the server spawns end with it and drop
         // their hold on the plane.
-        .serve_with_incoming_shutdown(TcpListenerStream::new(peer_listener), async {
+        .serve_with_incoming_shutdown(incoming(peer_listener), async {
             let _ = peers_stopped.await;
         });
     let mut peer_task = tokio::spawn(peer_server);
@@ -531,6 +530,12 @@ async fn log_leadership(raft: Raft) {
     }
 }
 
+/// Accepted connections with Nagle's algorithm off: requests and answers are small and
+/// latency-bound, and Nagle plus delayed ACKs would hold each for up to 40 ms.
+fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 async fn serve(
     plane: Arc<Plane>,
     listener: tokio::net::TcpListener,
@@ -552,7 +557,7 @@ async fn serve(
         .add_service(limited!(LeaseServer::new(lease::LeaseService(plane.clone()))))
         .add_service(limited!(ClusterServer::new(membership::ClusterService(plane.clone()))))
         .add_service(limited!(MaintenanceServer::new(maintenance::MaintenanceService(plane))))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await
         .context("gRPC server failed")
 }

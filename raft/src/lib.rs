@@ -137,7 +137,7 @@ pub async fn start(
     check_identity(&store, identity)?;
     let (events, _) = broadcast::channel(EVENT_CHANNEL_REVISIONS);
     let state_machine = StateMachine::new(store.clone(), data_dir.join("snapshots"), events.clone())?;
-    let log_store = log_store::LogStore::new(store.db().clone());
+    let log_store = log_store::LogStore::new(store.db().clone())?;
     let raft_config = openraft::Config {
         cluster_name: format!("{:x}", identity.cluster_id),
         heartbeat_interval: config.heartbeat_interval_ms,

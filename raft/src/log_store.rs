@@ -1,8 +1,10 @@
 //! The Raft log and vote in RocksDB, in the plane's one database beside the store.
 //!
 //! `raft_log` maps the big-endian log index to a protobuf `Entry`; `raft_meta` holds the
-//! vote, the last purged log ID and the committed log ID. Appends and votes are synced to
-//! disk (one WAL fsync per append batch) before openraft is told they are durable.
+//! vote, the last purged log ID and the committed log ID. An append is written at once
+//! (readable, not yet durable) and queued for the sync thread, which commits in groups:
+//! one WAL fsync covers every append queued meanwhile, and only then is openraft told they
+//! are durable. Votes are synced before `save_vote` returns.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -24,10 +26,32 @@ const META_VOTE: &[u8] = b"vote";
 const META_PURGED: &[u8] = b"purged";
 const META_COMMITTED: &[u8] = b"committed";
 
-/// The log store; clones share the database.
+/// Appends written but not yet synced, at most; a full queue makes appends wait.
+const SYNC_QUEUE_MAX: usize = 4096;
+
+/// The log store; clones share the database and the sync thread.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
+    /// The callbacks of written appends, in log order, for the sync thread.
+    unsynced: tokio::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+}
+
+/// The sync thread: waits for appends, syncs the WAL once for all that are queued, then
+/// tells openraft they are durable, oldest first. Ends when every `LogStore` is dropped.
+fn sync_appends(db: Arc<DB>, mut unsynced: tokio::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
+    while let Some(first) = unsynced.blocking_recv() {
+        let mut written = vec![first];
+        while let Ok(next) = unsynced.try_recv() {
+            written.push(next);
+        }
+        let synced = db.flush_wal(true);
+        for callback in written {
+            callback.log_io_completed(
+                synced.as_ref().map(|_| ()).map_err(|error| std::io::Error::other(error.to_string())),
+            );
+        }
+    }
 }
 
 fn io_error(subject: ErrorSubject<NodeId>, verb: ErrorVerb, error: impl std::error::Error + 'static) -> StorageError {
@@ -49,8 +73,11 @@ pub(crate) fn synced() -> WriteOptions {
 }
 
 impl LogStore {
-    pub fn new(db: Arc<DB>) -> LogStore {
-        LogStore { db }
+    pub fn new(db: Arc<DB>) -> std::io::Result<LogStore> {
+        let (unsynced, queue) = tokio::sync::mpsc::channel(SYNC_QUEUE_MAX);
+        let sync_db = db.clone();
+        std::thread::Builder::new().name("raft-log-sync".into()).spawn(move || sync_appends(sync_db, queue))?;
+        Ok(LogStore { db, unsynced })
     }
 
     fn family(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -159,19 +186,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for entry in entries {
             batch.put_cf(family, index_key(entry.log_id.index), types::entry_to_pb(&entry).encode_to_vec());
         }
-        // The fsync blocks; keep it off the async workers. Durable before acknowledged.
-        let db = self.db.clone();
-        let written = tokio::task::spawn_blocking(move || db.write_opt(batch, &synced())).await.map_err(write_error)?;
-        match written {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(error) => {
-                callback.log_io_completed(Err(std::io::Error::other(error.to_string())));
-                Err(write_error(error))
-            }
+        // Written now (readable at once, as openraft requires), synced by the sync thread.
+        if let Err(error) = self.db.write(batch) {
+            callback.log_io_completed(Err(std::io::Error::other(error.to_string())));
+            return Err(write_error(error));
         }
+        self.unsynced
+            .send(callback)
+            .await
+            .map_err(|_| write_error(std::io::Error::other("the log sync thread has stopped")))
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {

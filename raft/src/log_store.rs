@@ -39,17 +39,20 @@ pub struct LogStore {
 
 /// The sync thread: waits for appends, syncs the WAL once for all that are queued, then
 /// tells openraft they are durable, oldest first. Ends when every `LogStore` is dropped.
-fn sync_appends(db: Arc<DB>, mut unsynced: tokio::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
+/// It holds the database only while syncing, so that a stopped plane's database closes as
+/// soon as the plane lets go of it.
+fn sync_appends(db: std::sync::Weak<DB>, mut unsynced: tokio::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
     while let Some(first) = unsynced.blocking_recv() {
         let mut written = vec![first];
         while let Ok(next) = unsynced.try_recv() {
             written.push(next);
         }
-        let synced = db.flush_wal(true);
+        let synced = match db.upgrade() {
+            Some(db) => db.flush_wal(true).map_err(|error| error.to_string()),
+            None => Err("the database is closed".to_string()),
+        };
         for callback in written {
-            callback.log_io_completed(
-                synced.as_ref().map(|_| ()).map_err(|error| std::io::Error::other(error.to_string())),
-            );
+            callback.log_io_completed(synced.clone().map_err(std::io::Error::other));
         }
     }
 }
@@ -75,7 +78,7 @@ pub(crate) fn synced() -> WriteOptions {
 impl LogStore {
     pub fn new(db: Arc<DB>) -> std::io::Result<LogStore> {
         let (unsynced, queue) = tokio::sync::mpsc::channel(SYNC_QUEUE_MAX);
-        let sync_db = db.clone();
+        let sync_db = Arc::downgrade(&db);
         std::thread::Builder::new().name("raft-log-sync".into()).spawn(move || sync_appends(sync_db, queue))?;
         Ok(LogStore { db, unsynced })
     }

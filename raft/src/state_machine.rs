@@ -38,6 +38,20 @@ pub struct RevisionEvents {
     pub events: Vec<mvccpb::Event>,
 }
 
+/// Batches of up to this many entries are applied on the async worker itself.
+const APPLY_INLINE_ENTRIES_MAX: usize = 8;
+
+/// Whether applying `entry` is bounded work: one key written, or only meta.
+fn is_small(entry: &Entry) -> bool {
+    use raftpb::command::Request;
+    match &entry.payload {
+        EntryPayload::Normal(command) => {
+            matches!(command.request, Some(Request::Put(_)) | Some(Request::LeaseGrant(_)))
+        }
+        EntryPayload::Blank | EntryPayload::Membership(_) => true,
+    }
+}
+
 /// The state machine: the store plus where its snapshots live.
 #[derive(Clone)]
 pub struct StateMachine {
@@ -204,6 +218,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: Send,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
+        // A few small entries apply faster here than the hand-off to a blocking thread takes
+        // (each is one unsynced RocksDB batch); many, or any whose work grows with the
+        // store (deletes, txns, compaction, revokes), go to a blocking thread.
+        if entries.len() <= APPLY_INLINE_ENTRIES_MAX && entries.iter().all(is_small) {
+            return entries.into_iter().map(|entry| self.apply_entry(entry)).collect();
+        }
         let this = self.clone();
         tokio::task::spawn_blocking(move || entries.into_iter().map(|entry| this.apply_entry(entry)).collect())
             .await

@@ -24,6 +24,7 @@ use crate::types::{self, Entry, NodeId, PeerNode, Response, StorageError, TypeCo
 
 const META_APPLIED: &[u8] = b"raft/applied";
 const META_MEMBERSHIP: &[u8] = b"raft/membership";
+const META_BATCH_PROGRESS: &[u8] = b"raft/batch_progress";
 const SNAPSHOT_FILE: &str = "current.snap";
 const SNAPSHOT_META_FILE: &str = "current.meta";
 const RECEIVING_FILE: &str = "receiving.snap";
@@ -96,29 +97,87 @@ impl StateMachine {
     }
 
     fn apply_entry(&self, entry: Entry) -> Result<Response, StorageError> {
-        let mut meta: Vec<(&[u8], Vec<u8>)> = vec![(META_APPLIED, types::log_id_to_pb(&entry.log_id).encode_to_vec())];
+        let applied_id = types::log_id_to_pb(&entry.log_id).encode_to_vec();
+        let mut meta: Vec<(&[u8], Vec<u8>)> = vec![(META_APPLIED, applied_id.clone())];
         match entry.payload {
+            EntryPayload::Normal(raftpb::Command { request: Some(raftpb::command::Request::Batch(batch)) }) => {
+                self.apply_batch(&entry.log_id, batch.commands)
+            }
             EntryPayload::Normal(command) => {
-                let applied = self.store.apply(&command, &meta).map_err(|error| sm_error(ErrorVerb::Write, error))?;
-                if !applied.events.is_empty() {
-                    // No receivers is fine: nobody watches.
-                    let _ = self
-                        .events
-                        .send(Arc::new(RevisionEvents { revision: applied.revision, events: applied.events }));
-                }
-                Ok(Response { result: Some(applied.response), revision: applied.revision })
+                let (result, revision) = self.apply_command(&command, &meta)?;
+                Ok(Response { result: Some(result), batch: Vec::new(), revision })
             }
             EntryPayload::Membership(membership) => {
                 let stored = StoredMembership::new(Some(entry.log_id), membership);
                 meta.push((META_MEMBERSHIP, types::stored_membership_to_pb(&stored).encode_to_vec()));
                 self.store.put_meta(&meta).map_err(|error| sm_error(ErrorVerb::Write, error))?;
-                Ok(Response { result: None, revision: self.store.revision() })
+                Ok(Response { result: None, batch: Vec::new(), revision: self.store.revision() })
             }
             EntryPayload::Blank => {
                 self.store.put_meta(&meta).map_err(|error| sm_error(ErrorVerb::Write, error))?;
-                Ok(Response { result: None, revision: self.store.revision() })
+                Ok(Response { result: None, batch: Vec::new(), revision: self.store.revision() })
             }
         }
+    }
+
+    /// Applies one command with `meta` in the same write, and publishes its events.
+    fn apply_command(
+        &self,
+        command: &raftpb::Command,
+        meta: &[(&[u8], Vec<u8>)],
+    ) -> Result<(capstan_store::Result<capstan_store::CommandResponse>, i64), StorageError> {
+        let applied = self.store.apply(command, meta).map_err(|error| sm_error(ErrorVerb::Write, error))?;
+        if !applied.events.is_empty() {
+            // No receivers is fine: nobody watches.
+            let _ = self.events.send(Arc::new(RevisionEvents { revision: applied.revision, events: applied.events }));
+        }
+        Ok((applied.response, applied.revision))
+    }
+
+    /// Applies a batch entry command by command, each in its own write. Each write but the
+    /// last records how far into the batch it got (`META_BATCH_PROGRESS`); the last records
+    /// the entry as applied. A batch cut short by a crash (or a snapshot taken meanwhile,
+    /// which carries the progress) is therefore resumed, never applied twice.
+    fn apply_batch(&self, log_id: &LogId<NodeId>, commands: Vec<raftpb::Command>) -> Result<Response, StorageError> {
+        let entry_id = types::log_id_to_pb(log_id);
+        let done = self.batch_progress(&entry_id)?;
+        let mut results = Vec::with_capacity(commands.len());
+        let mut revision = self.store.revision();
+        let last = commands.len().saturating_sub(1);
+        for (position, command) in commands.iter().enumerate() {
+            if done.is_some_and(|done| position as u64 <= done) {
+                // Applied before a restart; its client is gone with the old process.
+                results.push(Err(capstan_store::StoreError::BatchNotUnrolled));
+                continue;
+            }
+            let meta: Vec<(&[u8], Vec<u8>)> = if position == last {
+                vec![(META_APPLIED, entry_id.encode_to_vec())]
+            } else {
+                let progress = raftpb::BatchProgress { entry: Some(entry_id), applied_commands: position as u64 };
+                vec![(META_BATCH_PROGRESS, progress.encode_to_vec())]
+            };
+            let (result, after) = self.apply_command(command, &meta)?;
+            results.push(result);
+            revision = after;
+        }
+        if commands.is_empty() {
+            self.store
+                .put_meta(&[(META_APPLIED, entry_id.encode_to_vec())])
+                .map_err(|error| sm_error(ErrorVerb::Write, error))?;
+        }
+        Ok(Response { result: None, batch: results, revision })
+    }
+
+    /// The last command of batch entry `entry` applied before a restart, if any.
+    fn batch_progress(&self, entry: &raftpb::LogId) -> Result<Option<u64>, StorageError> {
+        let Some(raw) =
+            self.store.reader().meta(META_BATCH_PROGRESS).map_err(|error| sm_error(ErrorVerb::Read, error))?
+        else {
+            return Ok(None);
+        };
+        let progress = raftpb::BatchProgress::decode(raw.as_slice())
+            .map_err(|error| sm_error(ErrorVerb::Read, DecodeError::from(error)))?;
+        Ok((progress.entry.as_ref() == Some(entry)).then_some(progress.applied_commands))
     }
 
     fn snapshot_path(&self) -> PathBuf {
@@ -167,7 +226,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             // The export and the applied state come from one RocksDB snapshot.
             let exported = this
                 .store
-                .export(&building, &[META_APPLIED, META_MEMBERSHIP])
+                .export(&building, &[META_APPLIED, META_MEMBERSHIP, META_BATCH_PROGRESS])
                 .map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
             let decode_error = |error: prost::DecodeError| snapshot_error(ErrorVerb::Read, DecodeError::from(error));
             let last_log_id = exported.meta[0]

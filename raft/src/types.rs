@@ -35,6 +35,8 @@ pub struct Response {
     /// The command's response, or the error its client gets; `None` for entries that carry
     /// no command (blank and membership entries).
     pub result: Option<capstan_store::Result<capstan_store::CommandResponse>>,
+    /// For a batch entry: each command's response, in order (`result` is then `None`).
+    pub batch: Vec<capstan_store::Result<capstan_store::CommandResponse>>,
     /// The store's revision after the entry.
     pub revision: i64,
 }

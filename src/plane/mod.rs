@@ -6,6 +6,7 @@
 //! ([`lease::Lessor`]). Watches read the event channel the state machine feeds and fall
 //! back to the store's history when they fall behind ([`watch`]).
 
+mod batch;
 mod forward;
 mod kv;
 mod lease;
@@ -23,12 +24,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::RaftError;
 use prost::Message;
 use tonic::Status;
 
 use capstan_proto::etcdserverpb as pb;
-use capstan_proto::raftpb::{command, Command};
+use capstan_proto::raftpb::Command;
 use capstan_raft::network::{PeerChannels, PeerFaults};
 use capstan_raft::{NodeId, PeerNode, PlaneIdentity, Raft, RaftConfig, RevisionEvents};
 use capstan_store::{CommandResponse, Store};
@@ -179,7 +180,9 @@ pub struct Plane {
     identity: PlaneIdentity,
     config: PlaneConfig,
     alarms: Mutex<Alarms>,
-    lessor: Arc<lease::Lessor>,
+    lessor: lease::Lessor,
+    /// Commands for the batcher to propose (on the leader).
+    proposals: tokio::sync::mpsc::Sender<batch::Proposal>,
     forwarder: forward::Forwarder,
     /// Notified when the plane must stop on its own (the cluster removed it).
     stop: tokio::sync::Notify,
@@ -253,45 +256,15 @@ impl Plane {
         }
     }
 
-    /// Replicates `command` from this plane, which must lead. The leader's lessor tracks
-    /// the deadlines of the leases granted and revoked here, whichever plane asked, even
-    /// when the caller has given up waiting (the write runs in a task of its own).
+    /// Replicates `command` from this plane, which must lead, batched with whatever else is
+    /// being proposed ([`batch`]).
     async fn propose_local(&self, command: Command) -> Result<CommandResponse, Status> {
-        let revoked_lease = match &command.request {
-            Some(command::Request::LeaseRevoke(revoke)) => Some(revoke.id),
-            _ => None,
-        };
-        let (raft, lessor) = (self.raft.clone(), self.lessor.clone());
-        let written = tokio::spawn(async move {
-            let written = raft.client_write(command).await;
-            if let Ok(Some(Ok(response))) = written.as_ref().map(|written| &written.data.result) {
-                if let CommandResponse::LeaseGrant(granted) = response {
-                    lessor.renew(granted.id, granted.ttl);
-                }
-                if let Some(id) = revoked_lease {
-                    lessor.forget(id);
-                }
-            }
-            written
-        })
-        .await
-        .map_err(|error| Status::internal(format!("a write task failed: {error}")))?;
-        match written {
-            Ok(written) => match written.data.result {
-                Some(Ok(response)) => Ok(response),
-                Some(Err(error)) => Err(status::from_store(&error)),
-                None => Err(Status::internal("a command entry applied without a response")),
-            },
-            // Refused before anything was appended: safe to retry on the new leader.
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(status::not_leader()),
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(error))) => {
-                Err(Status::failed_precondition(error.to_string()))
-            }
-            Err(RaftError::Fatal(error)) => {
-                tracing::error!(%error, "raft stopped");
-                Err(Status::unavailable(status::STOPPED))
-            }
-        }
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        self.proposals
+            .send(batch::Proposal { command, answer })
+            .await
+            .map_err(|_| Status::unavailable(status::STOPPED))?;
+        answered.await.map_err(|_| Status::unavailable(status::STOPPED))?
     }
 
     /// Waits until this plane's state includes every write acknowledged before the call:
@@ -372,13 +345,15 @@ pub async fn run(
     let started = capstan_raft::start(store, config.data_dir.clone(), &identity, &config.raft, channels)
         .await
         .with_context(cannot_start)?;
+    let (proposals, queued) = tokio::sync::mpsc::channel(batch::QUEUE_MAX);
     let plane = Arc::new(Plane {
         raft: started.raft.clone(),
         store: started.store,
         events: started.events,
         node_id: identity.node_id,
         cluster_id: identity.cluster_id,
-        lessor: Arc::new(lease::Lessor::new(&config.raft)),
+        lessor: lease::Lessor::new(&config.raft),
+        proposals,
         config,
         alarms: Mutex::new(Alarms::default()),
         forwarder: forward::Forwarder::new(started.peer_channels, identity.cluster_id),
@@ -397,6 +372,7 @@ pub async fn run(
     // The plane's background work lives in one set, aborted together when `run` ends or
     // is dropped, so nothing outlives the plane holding its store.
     let mut background = tokio::task::JoinSet::new();
+    background.spawn(batch::run(plane.clone(), queued));
     background.spawn(lease::run_expiry(plane.clone()));
     background.spawn(log_leadership(plane.raft.clone()));
     background.spawn(publish_client_urls(plane.clone()));

@@ -41,7 +41,7 @@ pub fn from_store(error: &StoreError) -> Status {
         StoreError::LeaseNotFound { .. } => (Code::NotFound, "etcdserver: requested lease not found"),
         StoreError::LeaseExists { .. } => (Code::FailedPrecondition, "etcdserver: lease already exists"),
         StoreError::LeaseTtlTooLarge { .. } => (Code::OutOfRange, "etcdserver: too large lease TTL"),
-        StoreError::LeaseIdInvalid { .. } | StoreError::EmptyCommand => {
+        StoreError::LeaseIdInvalid { .. } | StoreError::EmptyCommand | StoreError::BatchNotUnrolled => {
             return Status::invalid_argument(format!("etcdserver: {error}"));
         }
         StoreError::Corrupt(_) | StoreError::SnapshotInvalid(_) => (Code::DataLoss, "etcdserver: corrupt cluster"),

@@ -214,6 +214,7 @@ impl Apply<'_> {
                 self.lease_revoke(request.id)?;
                 Ok(CommandResponse::LeaseRevoke(pb::LeaseRevokeResponse { header: self.header() }))
             }
+            Request::Batch(_) => Err(StoreError::BatchNotUnrolled),
         }
     }
 

@@ -30,6 +30,8 @@ pub enum StoreError {
     LeaseIdInvalid { id: i64 },
     #[error("command has no request")]
     EmptyCommand,
+    #[error("a command batch is applied one command at a time, by the caller")]
+    BatchNotUnrolled,
     #[error("data directory {path} is in use by another process: {detail}")]
     Locked { path: String, detail: String },
     #[error("data directory {path} is not a Capstan store: {detail}")]

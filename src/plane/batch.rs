@@ -1,0 +1,123 @@
+//! Proposal batching on the leader: commands that arrive while earlier writes are being
+//! replicated go into Raft together, as one entry.
+//!
+//! openraft 0.9's core waits for each append's fsync before it takes the next client write,
+//! so one entry per command would cost one fsync per command. Instead every proposal joins
+//! a queue; the batcher takes whatever has queued (up to a limit) whenever fewer than
+//! `BATCHES_IN_FLIGHT_MAX` batches are in Raft, and proposes it as a single entry (a lone
+//! command as itself). The state machine applies a batch command by command, each at its
+//! own revision, exactly as if they had come one by one (`capstan_raft::state_machine`).
+//!
+//! The leader's lessor learns each lease grant and revoke here, when the entry is applied,
+//! whichever plane the client asked and even if it stopped waiting.
+
+use std::sync::Arc;
+
+use openraft::error::{ClientWriteError, RaftError};
+use prost::Message;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tonic::Status;
+
+use capstan_proto::raftpb::{command, Command, CommandBatch};
+use capstan_store::CommandResponse;
+
+use super::{status, Plane};
+
+/// Proposals waiting for a batch, at most; more make proposers wait.
+pub const QUEUE_MAX: usize = 4096;
+/// Commands and encoded bytes in one batch, at most.
+const BATCH_COMMANDS_MAX: usize = 512;
+const BATCH_BYTES_MAX: usize = 4 << 20;
+/// Batches being replicated at once: enough to keep Raft busy, few enough that commands
+/// queue up into large batches under load.
+const BATCHES_IN_FLIGHT_MAX: usize = 2;
+
+/// A command waiting to be proposed, and where its outcome goes.
+pub struct Proposal {
+    pub command: Command,
+    pub answer: oneshot::Sender<Result<CommandResponse, Status>>,
+}
+
+/// Runs for the plane's life, turning queued proposals into Raft entries.
+pub async fn run(plane: Arc<Plane>, mut queue: mpsc::Receiver<Proposal>) {
+    let in_flight = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT_MAX));
+    // Writes end with the batcher (dropping the set aborts them), so none outlives the plane.
+    let mut writes = tokio::task::JoinSet::new();
+    while let Some(first) = queue.recv().await {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
+        let mut bytes = first.command.encoded_len();
+        let mut batch = vec![first];
+        while batch.len() < BATCH_COMMANDS_MAX && bytes < BATCH_BYTES_MAX {
+            let Ok(next) = queue.try_recv() else { break };
+            bytes += next.command.encoded_len();
+            batch.push(next);
+        }
+        let plane = plane.clone();
+        writes.spawn(async move {
+            write(&plane, batch).await;
+            drop(permit);
+        });
+        while writes.try_join_next().is_some() {}
+    }
+}
+
+/// Proposes `batch` as one entry and answers each proposal.
+async fn write(plane: &Plane, batch: Vec<Proposal>) {
+    let (commands, answers): (Vec<Command>, Vec<_>) =
+        batch.into_iter().map(|proposal| (proposal.command, proposal.answer)).unzip();
+    let revoked: Vec<Option<i64>> = commands
+        .iter()
+        .map(|command| match &command.request {
+            Some(command::Request::LeaseRevoke(revoke)) => Some(revoke.id),
+            _ => None,
+        })
+        .collect();
+    let count = commands.len();
+    let entry = match <[Command; 1]>::try_from(commands) {
+        Ok([single]) => single,
+        Err(commands) => Command { request: Some(command::Request::Batch(CommandBatch { commands })) },
+    };
+    let results: Vec<Result<CommandResponse, Status>> = match plane.raft.client_write(entry).await {
+        Ok(written) if count == 1 => vec![match written.data.result {
+            Some(result) => result.map_err(|error| status::from_store(&error)),
+            None => Err(Status::internal("a command entry applied without a response")),
+        }],
+        Ok(written) if written.data.batch.len() == count => {
+            written.data.batch.into_iter().map(|result| result.map_err(|error| status::from_store(&error))).collect()
+        }
+        Ok(written) => {
+            vec![
+                Err(Status::internal(format!("a batch of {count} answered {} times", written.data.batch.len())));
+                count
+            ]
+        }
+        Err(error) => vec![Err(write_refused(error)); count],
+    };
+    for ((result, answer), revoked) in results.into_iter().zip(answers).zip(revoked) {
+        if let Ok(response) = &result {
+            if let CommandResponse::LeaseGrant(granted) = response {
+                plane.lessor.renew(granted.id, granted.ttl);
+            }
+            if let Some(id) = revoked {
+                plane.lessor.forget(id);
+            }
+        }
+        // The client may have stopped waiting; the write stands either way.
+        let _ = answer.send(result);
+    }
+}
+
+/// The client's error for a write Raft refused.
+fn write_refused(error: RaftError<u64, ClientWriteError<u64, capstan_raft::PeerNode>>) -> Status {
+    match error {
+        // Refused before anything was appended: safe to retry on the new leader.
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => status::not_leader(),
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(error)) => {
+            Status::failed_precondition(error.to_string())
+        }
+        RaftError::Fatal(error) => {
+            tracing::error!(%error, "raft stopped");
+            Status::unavailable(status::STOPPED)
+        }
+    }
+}

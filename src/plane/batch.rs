@@ -1,5 +1,7 @@
-//! Proposal batching on the leader: commands that arrive while earlier writes are being
-//! replicated go into Raft together, as one entry.
+//! Batching, where one Raft round can serve many requests.
+//!
+//! Proposals: commands that arrive on the leader while earlier writes are being replicated
+//! go into Raft together, as one entry.
 //!
 //! openraft 0.9's core waits for each append's fsync before it takes the next client write,
 //! so one entry per command would cost one fsync per command. Instead every proposal joins
@@ -10,6 +12,11 @@
 //!
 //! The leader's lessor learns each lease grant and revoke here, when the entry is applied,
 //! whichever plane the client asked and even if it stopped waiting.
+//!
+//! Read-index rounds: linearizable reads that queue while a round (the leader confirming
+//! its leadership with a quorum, or a follower asking the leader) is in flight share the
+//! next round. A read never uses a round that began before it arrived, so the index it gets
+//! covers every write acknowledged before it.
 
 use std::sync::Arc;
 
@@ -31,6 +38,26 @@ const BATCH_BYTES_MAX: usize = 4 << 20;
 /// Batches being replicated at once: enough to keep Raft busy, few enough that commands
 /// queue up into large batches under load.
 const BATCHES_IN_FLIGHT_MAX: usize = 2;
+
+/// Where a read-index round's outcome goes.
+pub type ReadWaiter = oneshot::Sender<Result<u64, Status>>;
+
+/// Runs for the plane's life: one read-index round at a time, for every read queued when it
+/// starts.
+pub async fn run_reads(plane: Arc<Plane>, mut queue: mpsc::Receiver<ReadWaiter>) {
+    while let Some(first) = queue.recv().await {
+        let mut waiting = vec![first];
+        while let Ok(next) = queue.try_recv() {
+            waiting.push(next);
+        }
+        let round =
+            tokio::time::timeout(std::time::Duration::from_millis(super::PROPOSE_TIMEOUT_MS), plane.read_round());
+        let outcome = round.await.unwrap_or_else(|_| Err(Status::unavailable(status::TIMEOUT)));
+        for waiter in waiting {
+            let _ = waiter.send(outcome.clone());
+        }
+    }
+}
 
 /// A command waiting to be proposed, and where its outcome goes.
 pub struct Proposal {

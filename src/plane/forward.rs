@@ -158,8 +158,7 @@ impl PlanePeer for PlanePeerService {
     ) -> Result<Response<raftpb::ReadIndexResponse>, Status> {
         self.check_cluster(&request)?;
         self.require_leader()?;
-        let (read_log_id, _) = self.0.raft.get_read_log_id().await.map_err(|_| status::not_leader())?;
-        Ok(Response::new(raftpb::ReadIndexResponse { read_index: read_log_id.map_or(0, |id| id.index) }))
+        Ok(Response::new(raftpb::ReadIndexResponse { read_index: self.0.read_index().await? }))
     }
 
     async fn lease_keep_alive(

@@ -183,6 +183,8 @@ pub struct Plane {
     lessor: lease::Lessor,
     /// Commands for the batcher to propose (on the leader).
     proposals: tokio::sync::mpsc::Sender<batch::Proposal>,
+    /// Linearizable reads waiting for a read-index round.
+    reads: tokio::sync::mpsc::Sender<batch::ReadWaiter>,
     forwarder: forward::Forwarder,
     /// Notified when the plane must stop on its own (the cluster removed it).
     stop: tokio::sync::Notify,
@@ -274,17 +276,7 @@ impl Plane {
             return Ok(());
         }
         self.with_leader(|| async {
-            if self.is_leader() {
-                return match self.raft.ensure_linearizable().await {
-                    Ok(_) => Ok(()),
-                    Err(RaftError::APIError(_)) => Err(status::not_leader()),
-                    Err(RaftError::Fatal(error)) => {
-                        tracing::error!(%error, "raft stopped");
-                        Err(Status::unavailable(status::STOPPED))
-                    }
-                };
-            }
-            let read_index = self.forward_read_index().await?;
+            let read_index = self.read_index().await?;
             let mut metrics = self.raft.metrics();
             let applied = |metrics: &openraft::RaftMetrics<NodeId, PeerNode>| {
                 metrics.last_applied.is_some_and(|applied| applied.index >= read_index)
@@ -292,6 +284,30 @@ impl Plane {
             metrics.wait_for(applied).await.map(|_| ()).map_err(|_| Status::unavailable(status::STOPPED))
         })
         .await
+    }
+
+    /// The log index a linearizable read must wait for, from a read-index round shared with
+    /// the reads queued beside it ([`batch::run_reads`]).
+    async fn read_index(&self) -> Result<u64, Status> {
+        let (waiter, answered) = tokio::sync::oneshot::channel();
+        self.reads.send(waiter).await.map_err(|_| Status::unavailable(status::STOPPED))?;
+        answered.await.map_err(|_| Status::unavailable(status::STOPPED))?
+    }
+
+    /// One read-index round: the leader confirms its leadership with a quorum; a follower
+    /// asks the leader.
+    async fn read_round(&self) -> Result<u64, Status> {
+        if !self.is_leader() {
+            return self.forward_read_index().await;
+        }
+        match self.raft.get_read_log_id().await {
+            Ok((read_log_id, _)) => Ok(read_log_id.map_or(0, |id| id.index)),
+            Err(RaftError::APIError(_)) => Err(status::not_leader()),
+            Err(RaftError::Fatal(error)) => {
+                tracing::error!(%error, "raft stopped");
+                Err(Status::unavailable(status::STOPPED))
+            }
+        }
     }
 
     /// Waits, as etcd does, until the cluster has a leader (for example while the first
@@ -346,6 +362,7 @@ pub async fn run(
         .await
         .with_context(cannot_start)?;
     let (proposals, queued) = tokio::sync::mpsc::channel(batch::QUEUE_MAX);
+    let (reads, queued_reads) = tokio::sync::mpsc::channel(batch::QUEUE_MAX);
     let plane = Arc::new(Plane {
         raft: started.raft.clone(),
         store: started.store,
@@ -354,6 +371,7 @@ pub async fn run(
         cluster_id: identity.cluster_id,
         lessor: lease::Lessor::new(&config.raft),
         proposals,
+        reads,
         config,
         alarms: Mutex::new(Alarms::default()),
         forwarder: forward::Forwarder::new(started.peer_channels, identity.cluster_id),
@@ -373,6 +391,7 @@ pub async fn run(
     // is dropped, so nothing outlives the plane holding its store.
     let mut background = tokio::task::JoinSet::new();
     background.spawn(batch::run(plane.clone(), queued));
+    background.spawn(batch::run_reads(plane.clone(), queued_reads));
     background.spawn(lease::run_expiry(plane.clone()));
     background.spawn(log_leadership(plane.raft.clone()));
     background.spawn(publish_client_urls(plane.clone()));

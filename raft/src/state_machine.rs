@@ -330,3 +330,74 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(Some(Snapshot { meta, snapshot: Box::new(file) }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capstan_proto::etcdserverpb as pb;
+    use openraft::{CommittedLeaderId, Entry as RaftEntry};
+
+    fn put(key: &str, value: &str) -> raftpb::Command {
+        let put = pb::PutRequest { key: key.into(), value: value.into(), ..Default::default() };
+        raftpb::Command { request: Some(raftpb::command::Request::Put(put)) }
+    }
+
+    /// A store in a fresh directory under the system's temp dir, removed when dropped.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Scratch {
+            let path = std::env::temp_dir().join(format!("capstan-sm-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&path);
+            Scratch(path)
+        }
+
+        fn machine(&self) -> StateMachine {
+            let store = Store::open(&self.0.join("db"), &[]).unwrap();
+            StateMachine::new(store, self.0.join("snapshots"), broadcast::channel(16).0).unwrap()
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_batch_cut_short_by_a_crash_is_resumed_not_repeated() {
+        let commands = vec![put("a", "1"), put("b", "2"), put("a", "3")];
+        let log_id = LogId::new(CommittedLeaderId::new(1, 1), 7);
+        let entry = |commands: Vec<raftpb::Command>| RaftEntry::<TypeConfig> {
+            log_id,
+            payload: EntryPayload::Normal(raftpb::Command {
+                request: Some(raftpb::command::Request::Batch(raftpb::CommandBatch { commands })),
+            }),
+        };
+
+        // Whole: each command at its own revision, each answered.
+        let whole = Scratch::new("whole");
+        let whole_machine = whole.machine();
+        let response = whole_machine.apply_entry(entry(commands.clone())).unwrap();
+        assert_eq!(response.batch.len(), 3);
+        assert!(response.batch.iter().all(|result| result.is_ok()));
+        assert_eq!(response.revision, 4, "three puts after the initial revision 1");
+        assert_eq!(whole_machine.read_applied().unwrap().0, Some(log_id));
+
+        // Cut short after its first command, as a crash would leave it: not yet applied.
+        let resumed = Scratch::new("resumed");
+        let machine = resumed.machine();
+        let progress = raftpb::BatchProgress { entry: Some(types::log_id_to_pb(&log_id)), applied_commands: 0 };
+        let (first, _) =
+            machine.apply_command(&commands[0], &[(META_BATCH_PROGRESS, progress.encode_to_vec())]).unwrap();
+        assert!(first.is_ok());
+        assert_eq!(machine.read_applied().unwrap().0, None, "a partial batch is not applied");
+        let response = machine.apply_entry(entry(commands)).unwrap();
+        assert!(response.batch[0].is_err(), "the command applied before the crash has no client any more");
+        assert!(response.batch[1..].iter().all(|result| result.is_ok()));
+        assert_eq!(response.revision, 4, "the first command is not applied twice");
+        assert_eq!(machine.read_applied().unwrap().0, Some(log_id));
+        let hash = |machine: &StateMachine| machine.store.reader().hash_kv(0).unwrap();
+        assert_eq!(hash(&machine), hash(&whole_machine), "resumed and whole batches leave the same store");
+    }
+}

@@ -109,6 +109,15 @@ impl Plane {
 /// The leader's side of forwarding.
 pub struct PlanePeerService(pub Arc<Plane>);
 
+/// Serves a forwarded membership request, which only the leader may do.
+macro_rules! leader_only {
+    ($service:expr, $request:expr, $local:ident) => {{
+        $service.check_cluster(&$request)?;
+        $service.require_leader()?;
+        Ok(Response::new($service.0.$local(&$request.into_inner()).await?))
+    }};
+}
+
 impl PlanePeerService {
     fn check_cluster<T>(&self, request: &Request<T>) -> Result<(), Status> {
         let ours = &self.0.forwarder.cluster_header;
@@ -198,36 +207,28 @@ impl PlanePeer for PlanePeerService {
         &self,
         request: Request<pb::MemberAddRequest>,
     ) -> Result<Response<pb::MemberAddResponse>, Status> {
-        self.check_cluster(&request)?;
-        self.require_leader()?;
-        Ok(Response::new(self.0.member_add_local(&request.into_inner()).await?))
+        leader_only!(self, request, member_add_local)
     }
 
     async fn member_remove(
         &self,
         request: Request<pb::MemberRemoveRequest>,
     ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
-        self.check_cluster(&request)?;
-        self.require_leader()?;
-        Ok(Response::new(self.0.member_remove_local(request.into_inner().id).await?))
+        leader_only!(self, request, member_remove_local)
     }
 
     async fn member_update(
         &self,
         request: Request<pb::MemberUpdateRequest>,
     ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
-        self.check_cluster(&request)?;
-        self.require_leader()?;
-        Ok(Response::new(self.0.member_update_local(&request.into_inner()).await?))
+        leader_only!(self, request, member_update_local)
     }
 
     async fn member_promote(
         &self,
         request: Request<pb::MemberPromoteRequest>,
     ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
-        self.check_cluster(&request)?;
-        self.require_leader()?;
-        Ok(Response::new(self.0.member_promote_local(request.into_inner().id).await?))
+        leader_only!(self, request, member_promote_local)
     }
 
     async fn cluster_info(

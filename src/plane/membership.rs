@@ -139,7 +139,11 @@ impl Plane {
         })
     }
 
-    pub(super) async fn member_remove_local(&self, id: NodeId) -> Result<pb::MemberRemoveResponse, Status> {
+    pub(super) async fn member_remove_local(
+        &self,
+        request: &pb::MemberRemoveRequest,
+    ) -> Result<pb::MemberRemoveResponse, Status> {
+        let id = request.id;
         let member = self.members().into_iter().find(|member| member.id == id).ok_or_else(member_not_found)?;
         let changes = if member.is_learner {
             ChangeMembers::RemoveNodes(BTreeSet::from([id]))
@@ -186,7 +190,11 @@ impl Plane {
         Ok(pb::MemberUpdateResponse { header: self.header(self.store.revision()), members: self.members() })
     }
 
-    pub(super) async fn member_promote_local(&self, id: NodeId) -> Result<pb::MemberPromoteResponse, Status> {
+    pub(super) async fn member_promote_local(
+        &self,
+        request: &pb::MemberPromoteRequest,
+    ) -> Result<pb::MemberPromoteResponse, Status> {
+        let id = request.id;
         let member = self.members().into_iter().find(|member| member.id == id).ok_or_else(member_not_found)?;
         if !member.is_learner {
             return Err(Status::failed_precondition("etcdserver: can only promote a learner member"));
@@ -342,60 +350,43 @@ pub async fn join(config: &PlaneConfig) -> anyhow::Result<PlaneIdentity> {
     }
 }
 
+/// Serves a membership request on the leader, or sends it there, and answers with this
+/// plane's header.
+macro_rules! on_leader {
+    ($service:expr, $request:expr, $local:ident, $remote:ident) => {{
+        let plane = &$service.0;
+        let request = $request.into_inner();
+        let forward = |mut leader: super::forward::LeaderClient| {
+            let request = request.clone();
+            async move { leader.$remote(request).await }
+        };
+        let mut response = plane.on_leader(|| plane.$local(&request), forward).await?;
+        plane.complete_header(&mut response.header);
+        Ok(Response::new(response))
+    }};
+}
+
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn member_add(
         &self,
         request: Request<pb::MemberAddRequest>,
     ) -> Result<Response<pb::MemberAddResponse>, Status> {
-        let plane = &self.0;
-        let request = request.into_inner();
-        let mut response = plane
-            .on_leader(
-                || plane.member_add_local(&request),
-                |mut leader| {
-                    let request = request.clone();
-                    async move { leader.member_add(request).await }
-                },
-            )
-            .await?;
-        plane.complete_header(&mut response.header);
-        Ok(Response::new(response))
+        on_leader!(self, request, member_add_local, member_add)
     }
 
     async fn member_remove(
         &self,
         request: Request<pb::MemberRemoveRequest>,
     ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
-        let plane = &self.0;
-        let request = request.into_inner();
-        let mut response = plane
-            .on_leader(
-                || plane.member_remove_local(request.id),
-                |mut leader| async move { leader.member_remove(request).await },
-            )
-            .await?;
-        plane.complete_header(&mut response.header);
-        Ok(Response::new(response))
+        on_leader!(self, request, member_remove_local, member_remove)
     }
 
     async fn member_update(
         &self,
         request: Request<pb::MemberUpdateRequest>,
     ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
-        let plane = &self.0;
-        let request = request.into_inner();
-        let mut response = plane
-            .on_leader(
-                || plane.member_update_local(&request),
-                |mut leader| {
-                    let request = request.clone();
-                    async move { leader.member_update(request).await }
-                },
-            )
-            .await?;
-        plane.complete_header(&mut response.header);
-        Ok(Response::new(response))
+        on_leader!(self, request, member_update_local, member_update)
     }
 
     async fn member_list(
@@ -416,15 +407,6 @@ impl Cluster for ClusterService {
         &self,
         request: Request<pb::MemberPromoteRequest>,
     ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
-        let plane = &self.0;
-        let request = request.into_inner();
-        let mut response = plane
-            .on_leader(
-                || plane.member_promote_local(request.id),
-                |mut leader| async move { leader.member_promote(request).await },
-            )
-            .await?;
-        plane.complete_header(&mut response.header);
-        Ok(Response::new(response))
+        on_leader!(self, request, member_promote_local, member_promote)
     }
 }

@@ -176,3 +176,37 @@ mod raw {
         }
     }
 }
+
+/// Peers are trusted only as far as their requests check out: another cluster's Raft vote
+/// or forwarded proposal is refused, and a proposal no plane would send (a ready-made
+/// batch) gets an error, not a half-applied write.
+#[tokio::test]
+async fn peers_of_another_cluster_and_made_up_proposals_are_refused() {
+    use capstan_proto::raftpb::{self, plane_peer_client::PlanePeerClient, raft_peer_client::RaftPeerClient};
+
+    let dir = tempfile::tempdir().unwrap();
+    let plane = PlaneProcess::start(&dir.path().join("plane"), &[]);
+    let mut client = bounded(Client::connect([plane.endpoint()], None)).await.unwrap();
+    let cluster_id = bounded(client.status()).await.unwrap().header().unwrap().cluster_id();
+    let peer = format!("http://{}", plane.peer_addr);
+
+    let mut raft = bounded(RaftPeerClient::connect(peer.clone())).await.unwrap();
+    let vote = raftpb::VoteRequest { cluster_id: cluster_id ^ 1, ..Default::default() };
+    let refused = bounded(raft.vote(vote)).await.unwrap_err();
+    assert!(refused.message().contains("cluster ID mismatch"), "{refused:?}");
+
+    let mut forwarding = bounded(PlanePeerClient::connect(peer)).await.unwrap();
+    let batch = raftpb::Command {
+        request: Some(raftpb::command::Request::Batch(raftpb::CommandBatch { commands: Vec::new() })),
+    };
+    let propose = |cluster: u64| {
+        let mut request = tonic::Request::new(raftpb::ProposeRequest { command: Some(batch.clone()) });
+        request.metadata_mut().insert("capstan-cluster-id", format!("{cluster:x}").parse().unwrap());
+        request
+    };
+    let refused = bounded(forwarding.propose(propose(cluster_id ^ 1))).await.unwrap_err();
+    assert!(refused.message().contains("cluster ID mismatch"), "{refused:?}");
+    let refused = bounded(forwarding.propose(propose(cluster_id))).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    bounded(client.put("still", "serving", None)).await.unwrap();
+}

@@ -99,9 +99,9 @@ impl Plane {
         })
     }
 
-    /// The log index the leader says a linearizable read must wait for.
-    pub(super) async fn forward_read_index(&self) -> Result<u64, Status> {
-        let mut client = self.leader_client()?;
+    /// The log index the leader (at `leader_peer_url`) says a linearizable read must wait for.
+    pub(super) async fn forward_read_index(&self, leader_peer_url: &str) -> Result<u64, Status> {
+        let mut client = self.peer_client(leader_peer_url)?;
         Ok(client.read_index(raftpb::ReadIndexRequest {}).await?.into_inner().read_index)
     }
 }

@@ -261,6 +261,9 @@ impl Plane {
     /// Replicates `command` from this plane, which must lead, batched with whatever else is
     /// being proposed ([`batch`]).
     async fn propose_local(&self, command: Command) -> Result<CommandResponse, Status> {
+        if let Some(capstan_proto::raftpb::command::Request::Batch(_)) = command.request {
+            return Err(Status::invalid_argument("capstan: batches are made by the leader, not proposed"));
+        }
         let (answer, answered) = tokio::sync::oneshot::channel();
         self.proposals
             .send(batch::Proposal { command, answer })
@@ -295,18 +298,30 @@ impl Plane {
     }
 
     /// One read-index round: the leader confirms its leadership with a quorum; a follower
-    /// asks the leader.
+    /// asks the leader. The leader is read once, so a plane never asks itself; a round whose
+    /// leader changes meanwhile ends with "not leader", for its reads to try the next one.
     async fn read_round(&self) -> Result<u64, Status> {
-        if !self.is_leader() {
-            return self.forward_read_index().await;
-        }
-        match self.raft.get_read_log_id().await {
-            Ok((read_log_id, _)) => Ok(read_log_id.map_or(0, |id| id.index)),
-            Err(RaftError::APIError(_)) => Err(status::not_leader()),
-            Err(RaftError::Fatal(error)) => {
-                tracing::error!(%error, "raft stopped");
-                Err(Status::unavailable(status::STOPPED))
+        let (leader, node) = self.leader().ok_or_else(status::not_leader)?;
+        let mut metrics = self.raft.metrics();
+        let deposed = async move {
+            let _ = metrics.wait_for(|metrics| metrics.current_leader != Some(leader)).await;
+        };
+        let round = async {
+            if leader != self.node_id {
+                return self.forward_read_index(&node.peer_url).await;
             }
+            match self.raft.get_read_log_id().await {
+                Ok((read_log_id, _)) => Ok(read_log_id.map_or(0, |id| id.index)),
+                Err(RaftError::APIError(_)) => Err(status::not_leader()),
+                Err(RaftError::Fatal(error)) => {
+                    tracing::error!(%error, "raft stopped");
+                    Err(Status::unavailable(status::STOPPED))
+                }
+            }
+        };
+        tokio::select! {
+            outcome = round => outcome,
+            () = deposed => Err(status::not_leader()),
         }
     }
 

@@ -204,15 +204,10 @@ impl LeaseService {
     /// Renews lease `id` on the leader and returns its TTL (0: no such lease).
     async fn keep_alive(&self, id: i64) -> Result<i64, Status> {
         let plane = &self.0;
-        plane
-            .with_leader(|| async {
-                if plane.is_leader() {
-                    return plane.keep_alive_local(id);
-                }
-                let answer = plane.leader_client()?.lease_keep_alive(pb::LeaseKeepAliveRequest { id }).await?;
-                Ok(answer.into_inner().ttl)
-            })
-            .await
+        let remote = |mut leader: super::forward::LeaderClient| async move {
+            Ok(leader.lease_keep_alive(pb::LeaseKeepAliveRequest { id }).await?.into_inner().ttl)
+        };
+        plane.on_leader(|| async { plane.keep_alive_local(id) }, remote).await
     }
 }
 
@@ -295,14 +290,10 @@ impl Lease for LeaseService {
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
         let plane = &self.0;
         let request = request.into_inner();
-        let response = plane
-            .with_leader(|| async {
-                if plane.is_leader() {
-                    return plane.time_to_live_local(&request);
-                }
-                Ok(plane.leader_client()?.lease_time_to_live(request).await?.into_inner())
-            })
-            .await?;
+        let remote = |mut leader: super::forward::LeaderClient| async move {
+            Ok(leader.lease_time_to_live(request).await?.into_inner())
+        };
+        let response = plane.on_leader(|| async { plane.time_to_live_local(&request) }, remote).await?;
         Ok(Response::new(response))
     }
 

@@ -49,28 +49,6 @@ impl Plane {
         membership.nodes().map(|(id, node)| member_to_pb(*id, node, !voters.contains(id))).collect()
     }
 
-    /// Runs `local` on the leader, or sends the request to the leader with `remote`.
-    async fn on_leader<T, Local, LocalOutcome, Remote, RemoteOutcome>(
-        &self,
-        local: Local,
-        remote: Remote,
-    ) -> Result<T, Status>
-    where
-        Local: Fn() -> LocalOutcome,
-        LocalOutcome: std::future::Future<Output = Result<T, Status>>,
-        Remote: Fn(super::forward::LeaderClient) -> RemoteOutcome,
-        RemoteOutcome: std::future::Future<Output = Result<Response<T>, Status>>,
-    {
-        self.with_leader(|| async {
-            if self.is_leader() {
-                local().await
-            } else {
-                remote(self.leader_client()?).await.map(Response::into_inner)
-            }
-        })
-        .await
-    }
-
     /// Applies a membership change from the leader, waiting while another change is in
     /// progress (Raft changes membership one step at a time).
     pub(super) async fn change_members(
@@ -358,7 +336,7 @@ macro_rules! on_leader {
         let request = $request.into_inner();
         let forward = |mut leader: super::forward::LeaderClient| {
             let request = request.clone();
-            async move { leader.$remote(request).await }
+            async move { leader.$remote(request).await.map(Response::into_inner) }
         };
         let mut response = plane.on_leader(|| plane.$local(&request), forward).await?;
         plane.complete_header(&mut response.header);

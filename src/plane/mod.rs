@@ -258,6 +258,30 @@ impl Plane {
         }
     }
 
+    /// Runs `local` on the leader, or asks the leader with `remote`, through [`with_leader`].
+    ///
+    /// [`with_leader`]: Plane::with_leader
+    async fn on_leader<T, Local, LocalOutcome, Remote, RemoteOutcome>(
+        &self,
+        local: Local,
+        remote: Remote,
+    ) -> Result<T, Status>
+    where
+        Local: Fn() -> LocalOutcome,
+        LocalOutcome: std::future::Future<Output = Result<T, Status>>,
+        Remote: Fn(forward::LeaderClient) -> RemoteOutcome,
+        RemoteOutcome: std::future::Future<Output = Result<T, Status>>,
+    {
+        self.with_leader(|| async {
+            if self.is_leader() {
+                local().await
+            } else {
+                remote(self.leader_client()?).await
+            }
+        })
+        .await
+    }
+
     /// Replicates `command` from this plane, which must lead, batched with whatever else is
     /// being proposed ([`batch`]).
     async fn propose_local(&self, command: Command) -> Result<CommandResponse, Status> {

@@ -78,7 +78,7 @@ struct Tally {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let endpoints: Vec<String> = args.endpoints.iter().map(|endpoint| crate::ctl::with_scheme(endpoint)).collect();
+    let endpoints: Vec<String> = args.endpoints.iter().map(|endpoint| capstan_client::with_scheme(endpoint)).collect();
     if let Workload::Failover = args.workload {
         return failover(&args, &endpoints).await;
     }

@@ -1,4 +1,4 @@
-//! The command line: `capstan plane | ctl | dev`.
+//! The command line: `capstan plane | ctl | dev | bench | scheduler`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,6 +26,8 @@ pub enum Command {
     Dev(crate::dev::DevArgs),
     /// Load a cluster (Capstan or etcd) over the etcd v3 API and report throughput and latency.
     Bench(crate::bench::BenchArgs),
+    /// Run a scheduler candidate (with the controllers) against any planes, standalone.
+    Scheduler(StandaloneSchedulerArgs),
 }
 
 impl Cli {
@@ -33,6 +35,7 @@ impl Cli {
     pub fn default_log_filter(&self) -> &'static str {
         match self.command {
             Command::Ctl(_) | Command::Bench(_) => "warn",
+            Command::Scheduler(_) => "info",
             _ => "info,openraft=warn",
         }
     }
@@ -83,6 +86,73 @@ pub struct PlaneArgs {
     /// How often idle watches that asked for progress notifications get one, in seconds.
     #[arg(long, default_value_t = 600)]
     pub watch_progress_notify_interval_secs: u64,
+    /// Also run a scheduler candidate and the controllers (the elected one leads).
+    #[arg(long)]
+    pub scheduler: bool,
+    #[command(flatten)]
+    pub scheduler_args: SchedulerArgs,
+}
+
+/// Timing of the scheduler and its controllers (Kubernetes' defaults).
+#[derive(Args, Debug, Clone)]
+pub struct SchedulerArgs {
+    /// TTL of the scheduler leader's lease; a standby takes over at most this long after
+    /// the leader dies. It renews every 2 s (or a third of the TTL, if shorter).
+    #[arg(long, default_value_t = 15)]
+    pub scheduler_lease_ttl_secs: u64,
+    /// How long a Ready node may go without a lease before it is marked NotReady, when the
+    /// scheduler never saw the lease (it just took over).
+    #[arg(long, default_value_t = 40)]
+    pub node_monitor_grace_secs: u64,
+    /// How long a node stays NotReady before its pods are failed (reason NodeLost).
+    #[arg(long, default_value_t = 300)]
+    pub pod_eviction_timeout_secs: u64,
+}
+
+impl SchedulerArgs {
+    pub fn config(&self, identity: String) -> anyhow::Result<capstan_scheduler::SchedulerConfig> {
+        if self.scheduler_lease_ttl_secs < 2 {
+            anyhow::bail!("--scheduler-lease-ttl-secs must be at least 2, not {}", self.scheduler_lease_ttl_secs);
+        }
+        let mut config = capstan_scheduler::SchedulerConfig::new(identity);
+        config.lease_ttl = Duration::from_secs(self.scheduler_lease_ttl_secs);
+        config.renew_interval = config.renew_interval.min(config.lease_ttl / 3);
+        config.node_monitor_grace = Duration::from_secs(self.node_monitor_grace_secs);
+        config.pod_eviction_timeout = Duration::from_secs(self.pod_eviction_timeout_secs);
+        Ok(config)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct StandaloneSchedulerArgs {
+    /// Comma-separated client endpoints of the planes.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:2379")]
+    pub endpoints: Vec<String>,
+    /// The name this candidate leads under (default: scheduler-<host>-<pid>).
+    #[arg(long)]
+    pub identity: Option<String>,
+    #[command(flatten)]
+    pub scheduler_args: SchedulerArgs,
+}
+
+/// Runs a standalone scheduler until Ctrl-C or SIGTERM.
+async fn run_scheduler(args: StandaloneSchedulerArgs) -> anyhow::Result<()> {
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+        format!("scheduler-{host}-{}", std::process::id())
+    });
+    let config = args.scheduler_args.config(identity)?;
+    let client = capstan_client::connect(&args.endpoints, Duration::from_secs(5))
+        .await
+        .with_context(|| format!("cannot connect to {}", args.endpoints.join(",")))?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        crate::shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    let metrics = capstan_scheduler::Metrics::default();
+    capstan_scheduler::run(client, config, &metrics, stopped).await;
+    Ok(())
 }
 
 impl PlaneArgs {
@@ -115,6 +185,9 @@ impl PlaneArgs {
         config.raft.log_entries_kept = self.snapshot_catchup_entries;
         config.quota_bytes = self.quota_backend_bytes;
         config.watch_progress_notify_interval = Duration::from_secs(self.watch_progress_notify_interval_secs.max(1));
+        if self.scheduler {
+            config.scheduler = Some(self.scheduler_args.config(self.name.clone())?);
+        }
         Ok(config)
     }
 }
@@ -141,6 +214,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ctl(args) => crate::ctl::run(args).await,
         Command::Dev(args) => crate::dev::run(args).await,
         Command::Bench(args) => crate::bench::run(args).await,
+        Command::Scheduler(args) => run_scheduler(args).await,
     }
 }
 

@@ -1,6 +1,6 @@
 //! `capstan dev`: a local 3-plane cluster on 127.0.0.1, each plane a supervised child
-//! process (restarted with back-off if it dies), data under `--data-dir` so a restart of
-//! `capstan dev` keeps it. Client ports follow etcd's local-cluster convention (2379,
+//! process (restarted with back-off if it dies) that also runs a scheduler candidate,
+//! data under `--data-dir` so a restart of `capstan dev` keeps it. Client ports follow etcd's local-cluster convention (2379,
 //! 22379, 32379); Ctrl-C stops every plane.
 
 use std::path::PathBuf;
@@ -23,6 +23,9 @@ pub struct DevArgs {
 
 /// The longest a crashed plane waits before it is started again.
 const RESTART_BACKOFF_MS_MAX: u64 = 10_000;
+/// The node-lifecycle timings of the local cluster (production defaults: 40 s and 300 s).
+const DEV_NODE_MONITOR_GRACE_SECS: u64 = 10;
+const DEV_POD_EVICTION_TIMEOUT_SECS: u64 = 20;
 /// How long planes get to stop after SIGTERM before they are killed.
 const STOP_GRACE_MS: u64 = 5_000;
 
@@ -59,6 +62,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!("  etcdctl --endpoints={endpoints} put hello world");
     println!("  etcdctl --endpoints={endpoints} endpoint status -w table");
     println!("  capstan ctl --endpoints={endpoints} get hello");
+    println!("  capstan ctl --endpoints={endpoints} apply -f examples/ && capstan ctl get pods -o wide");
     println!("Ctrl-C stops the cluster.");
 
     let (stop, _) = tokio::sync::watch::channel(false);
@@ -73,6 +77,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .args(["--listen-client", &format!("127.0.0.1:{}", plane.client_port)])
             .args(["--listen-peer", &format!("127.0.0.1:{}", plane.peer_port)])
             .args(["--initial-cluster", &initial_cluster])
+            // Every plane runs a scheduler candidate; dev's node timings are short so a
+            // lost node's pods are visibly replaced within a minute.
+            .arg("--scheduler")
+            .args(["--node-monitor-grace-secs", &DEV_NODE_MONITOR_GRACE_SECS.to_string()])
+            .args(["--pod-eviction-timeout-secs", &DEV_POD_EVICTION_TIMEOUT_SECS.to_string()])
             .stdin(Stdio::null());
         supervisors.push(tokio::spawn(supervise(plane.name, command, stop.subscribe())));
     }

@@ -3,7 +3,8 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    let cli = capstan::cli::Cli::parse();
+    let args = std::env::args_os().map(|arg| arg.to_string_lossy().into_owned()).collect();
+    let cli = capstan::cli::Cli::parse_from(capstan::ctl::route_object_get(args));
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| cli.default_log_filter().into()),

@@ -3,8 +3,10 @@
 //! - [`etcdserverpb`] and [`mvccpb`]: the etcd v3 gRPC API (KV, Watch, Lease, Cluster,
 //!   Maintenance), field for field as etcd defines it, so etcd clients work unchanged.
 //! - [`raftpb`]: Capstan's replicated command, its Raft log entry and the peer service.
+//! - [`objects`]: the cluster objects (Node, Pod, ReplicaSet) in Kubernetes' shape, their
+//!   store keys and JSON encoding, manifests, resource quantities and validation.
 //!
-//! This crate does no IO and holds no logic beyond small conversions of generated types.
+//! This crate does no IO; its logic is encoding, decoding and validating.
 
 #![allow(clippy::doc_lazy_continuation, clippy::large_enum_variant)]
 
@@ -33,6 +35,8 @@ pub mod etcdserverpb {
         }
     }
 }
+
+pub mod objects;
 
 pub mod raftpb {
     tonic::include_proto!("capstanraftpb");

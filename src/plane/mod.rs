@@ -69,6 +69,9 @@ pub struct PlaneConfig {
     /// Deliberately unsafe, for proving that the tests catch it: linearizable reads are
     /// served from this plane's state without read-index. Never set outside tests.
     pub unsafe_stale_reads: bool,
+    /// Run a scheduler candidate (and the controllers, when it leads) beside the plane,
+    /// as a client of this plane's own client address.
+    pub scheduler: Option<capstan_scheduler::SchedulerConfig>,
 }
 
 impl PlaneConfig {
@@ -88,6 +91,7 @@ impl PlaneConfig {
             watch_progress_notify_interval: Duration::from_secs(600),
             peer_faults: None,
             unsafe_stale_reads: false,
+            scheduler: None,
         }
     }
 
@@ -382,6 +386,33 @@ impl Plane {
     }
 }
 
+/// Runs the plane's scheduler candidate until the plane stops; a leader resigns then, so
+/// a standby on another plane takes over without waiting for the lease to expire.
+async fn run_scheduler(plane: Arc<Plane>, config: capstan_scheduler::SchedulerConfig) {
+    let own = plane.config.listen_client;
+    let loopback = if own.ip().is_unspecified() {
+        let ip: std::net::IpAddr =
+            if own.is_ipv4() { std::net::Ipv4Addr::LOCALHOST.into() } else { std::net::Ipv6Addr::LOCALHOST.into() };
+        SocketAddr::new(ip, own.port())
+    } else {
+        own
+    };
+    let endpoint = [loopback.to_string()];
+    let mut stopping = plane.stopping.subscribe();
+    let client = loop {
+        match capstan_client::connect(&endpoint, Duration::from_secs(5)).await {
+            Ok(client) => break client,
+            Err(error) => tracing::warn!(%error, "scheduler cannot reach its plane yet"),
+        }
+        tokio::select! {
+            _ = stopping.changed() => return,
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    };
+    let metrics = capstan_scheduler::Metrics::default();
+    capstan_scheduler::run(client, config, &metrics, stopping).await;
+}
+
 /// Starts a plane and serves it until `shutdown` resolves.
 pub async fn run(
     config: PlaneConfig,
@@ -435,6 +466,9 @@ pub async fn run(
     background.spawn(log_leadership(plane.raft.clone()));
     background.spawn(publish_client_urls(plane.clone()));
     background.spawn(membership::watch_removal(plane.clone()));
+    if let Some(config) = plane.config.scheduler.clone() {
+        background.spawn(run_scheduler(plane.clone(), config));
+    }
     let peer_service = capstan_raft::PeerService::new(plane.raft.clone(), plane.cluster_id);
     let (stop_peers, peers_stopped) = tokio::sync::oneshot::channel::<()>();
     let peer_server = tonic::transport::Server::builder()

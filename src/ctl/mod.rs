@@ -2,11 +2,19 @@
 //! `etcd-client` crate, so it works against Capstan and etcd alike; its commands and
 //! output follow etcdctl's (`put` prints OK, `get` prints key and value lines, `-w json`
 //! prints the response with base64 keys and values).
+//!
+//! Cluster objects (Pods, Nodes, ReplicaSets) have kubectl's commands and output: see
+//! `objects`.
+
+pub use objects::route_object_get;
+
+mod objects;
 
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use base64::Engine;
+use capstan_client::{with_scheme, Objects};
 use clap::{Args, Subcommand, ValueEnum};
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, KeyValue, LeaseTimeToLiveOptions,
@@ -149,6 +157,46 @@ pub enum CtlCommand {
     /// Member commands.
     #[command(subcommand)]
     Member(MemberCommand),
+    /// Create or update cluster objects from manifests (YAML or JSON files, directories,
+    /// or - for standard input), like kubectl apply.
+    Apply {
+        #[arg(long = "filename", short = 'f', required = true)]
+        files: Vec<String>,
+        #[command(flatten)]
+        namespace: objects::NamespaceArgs,
+    },
+    /// `get pods|nodes|replicasets`: `get` with a resource type lands here.
+    #[command(name = "get-objects", hide = true)]
+    GetObjects(objects::GetArgs),
+    /// Show one object in detail.
+    Describe {
+        kind: String,
+        name: String,
+        #[command(flatten)]
+        namespace: objects::NamespaceArgs,
+    },
+    /// Delete objects by type and name, or those in manifests (-f).
+    Delete {
+        kind: Option<String>,
+        names: Vec<String>,
+        #[arg(long = "filename", short = 'f')]
+        files: Vec<String>,
+        #[command(flatten)]
+        namespace: objects::NamespaceArgs,
+    },
+    /// Set a ReplicaSet's replica count: `scale rs NAME --replicas N`.
+    Scale {
+        kind: String,
+        name: String,
+        #[arg(long)]
+        replicas: i32,
+        #[command(flatten)]
+        namespace: objects::NamespaceArgs,
+    },
+    /// Mark a node unschedulable.
+    Cordon { node: String },
+    /// Mark a node schedulable again.
+    Uncordon { node: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -412,6 +460,19 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             }
         }
         CtlCommand::Member(command) => member(&mut client, command).await?,
+        CtlCommand::Apply { files, namespace } => objects::apply(&Objects::new(client), &files, &namespace).await?,
+        CtlCommand::GetObjects(args) => objects::get(&Objects::new(client), &args).await?,
+        CtlCommand::Describe { kind, name, namespace } => {
+            objects::describe(&Objects::new(client), &kind, &name, &namespace).await?
+        }
+        CtlCommand::Delete { kind, names, files, namespace } => {
+            objects::delete(&Objects::new(client), kind.as_deref(), &names, &files, &namespace).await?
+        }
+        CtlCommand::Scale { kind, name, replicas, namespace } => {
+            objects::scale(&Objects::new(client), &kind, &name, replicas, &namespace).await?
+        }
+        CtlCommand::Cordon { node } => objects::cordon(&Objects::new(client), &node, true).await?,
+        CtlCommand::Uncordon { node } => objects::cordon(&Objects::new(client), &node, false).await?,
     }
     Ok(())
 }
@@ -540,14 +601,6 @@ async fn lease(client: &mut Client, command: LeaseCommand, json: bool) -> anyhow
         }
     }
     Ok(())
-}
-
-pub fn with_scheme(endpoint: &str) -> String {
-    if endpoint.contains("://") {
-        endpoint.to_string()
-    } else {
-        format!("http://{endpoint}")
-    }
 }
 
 fn read_stdin() -> anyhow::Result<String> {

@@ -1,0 +1,278 @@
+//! capstan-client: cluster objects (Node, Pod, ReplicaSet) over the etcd v3 API, the way
+//! the Kubernetes API server keeps them in etcd: one JSON value per key under
+//! `/registry/`, created only where no key is, updated and deleted only at the
+//! resourceVersion (mod_revision) the writer read, so concurrent writers never clobber
+//! each other.
+//!
+//! Used by `capstan ctl`, the scheduler, the node agent and the chaos harness.
+//!
+//! Invariant: it reaches the planes only through `etcd-client`, as any user program
+//! would; it never depends on capstan-store or capstan-raft.
+
+use std::time::Duration;
+
+use capstan_proto::objects::{decode_stored, DecodeError, Kind, Object};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
+
+/// How many keys one page of a list reads.
+const LIST_PAGE_KEYS: i64 = 1000;
+/// How often [`Objects::modify`] retries after a concurrent writer won.
+const MODIFY_ATTEMPTS_MAX: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{kind} {name:?} not found", kind = kind.qualified())]
+    NotFound { kind: Kind, name: String },
+    #[error("{kind} {name:?} already exists", kind = kind.qualified())]
+    AlreadyExists { kind: Kind, name: String },
+    /// Someone else wrote the object since it was read.
+    #[error("operation cannot be fulfilled on {kind} {name:?}: the object has been modified; apply your changes to the latest version and try again", kind = kind.qualified())]
+    Conflict { kind: Kind, name: String },
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// Connects to the cluster at any of `endpoints` (`host:port` or URLs).
+pub async fn connect(endpoints: &[String], timeout: Duration) -> Result<Client> {
+    let endpoints: Vec<String> = endpoints.iter().map(|e| with_scheme(e)).collect();
+    let options = ConnectOptions::new()
+        .with_connect_timeout(timeout)
+        .with_timeout(timeout)
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+    Ok(Client::connect(&endpoints, Some(options)).await?)
+}
+
+/// etcd-client wants URLs; etcdctl users write `host:port`.
+pub fn with_scheme(endpoint: &str) -> String {
+    if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    }
+}
+
+/// Objects listed at one revision, with the values that did not decode.
+#[derive(Debug, Default)]
+pub struct Listed {
+    pub objects: Vec<Object>,
+    pub undecodable: Vec<DecodeError>,
+    /// Keys under the prefix that are not cluster objects (node leases, leader keys).
+    pub other_keys: Vec<Vec<u8>>,
+    /// The store revision the list reflects; watch from `revision + 1` to follow it.
+    pub revision: i64,
+}
+
+/// Typed access to cluster objects.
+#[derive(Clone)]
+pub struct Objects {
+    client: Client,
+}
+
+impl Objects {
+    pub fn new(client: Client) -> Self {
+        Self { client }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub async fn get(&self, kind: Kind, namespace: &str, name: &str) -> Result<Option<Object>> {
+        let key = kind.key(namespace, name);
+        let response = self.client.kv_client().get(key, None).await?;
+        match response.kvs().first() {
+            Some(kv) => Ok(Some(decode_stored(kv.key(), kv.value(), kv.mod_revision())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Like [`Objects::get`], but absence is an error.
+    pub async fn get_existing(&self, kind: Kind, namespace: &str, name: &str) -> Result<Object> {
+        self.get(kind, namespace, name).await?.ok_or_else(|| ClientError::NotFound { kind, name: name.to_string() })
+    }
+
+    /// Every object under `prefix` (a kind's, a namespace's or all of `/registry/`), read
+    /// page by page at one revision so the list is a consistent snapshot.
+    pub async fn list_prefix(&self, prefix: &str) -> Result<Listed> {
+        let mut kv = self.client.kv_client();
+        let range_end = prefix_end(prefix.as_bytes());
+        let mut listed = Listed::default();
+        let mut from = prefix.as_bytes().to_vec();
+        loop {
+            let mut options = GetOptions::new().with_range(range_end.clone()).with_limit(LIST_PAGE_KEYS);
+            if listed.revision > 0 {
+                options = options.with_revision(listed.revision);
+            }
+            let response = kv.get(from.clone(), Some(options)).await?;
+            if listed.revision == 0 {
+                listed.revision = response.header().map_or(0, |h| h.revision());
+            }
+            for kv in response.kvs() {
+                if Kind::of_key(kv.key()).is_none() {
+                    listed.other_keys.push(kv.key().to_vec());
+                    continue;
+                }
+                match decode_stored(kv.key(), kv.value(), kv.mod_revision()) {
+                    Ok(object) => listed.objects.push(object),
+                    Err(e) => listed.undecodable.push(e),
+                }
+            }
+            match (response.more(), response.kvs().last()) {
+                (true, Some(last)) => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(listed),
+            }
+        }
+    }
+
+    pub async fn list(&self, kind: Kind, namespace: Option<&str>) -> Result<Listed> {
+        let prefix = match namespace {
+            Some(namespace) => kind.namespace_prefix(namespace),
+            None => kind.prefix(),
+        };
+        self.list_prefix(&prefix).await
+    }
+
+    /// Stores a new object; fails with AlreadyExists if its key is taken.
+    pub async fn create(&self, object: &Object) -> Result<Object> {
+        let (compare, put) = create_op(object);
+        self.write(
+            object,
+            compare,
+            put,
+            ClientError::AlreadyExists { kind: object.kind(), name: object.metadata().name.clone() },
+        )
+        .await
+    }
+
+    /// Replaces an object at the resourceVersion it was read at; fails with Conflict if
+    /// it changed or went away since.
+    pub async fn update(&self, object: &Object) -> Result<Object> {
+        let (compare, put) = update_op(object);
+        self.write(object, compare, put, conflict(object)).await
+    }
+
+    async fn write(&self, object: &Object, compare: Compare, put: TxnOp, refused: ClientError) -> Result<Object> {
+        let txn = Txn::new().when([compare]).and_then([put]);
+        let response = self.client.kv_client().txn(txn).await?;
+        if !response.succeeded() {
+            return Err(refused);
+        }
+        let mut written = object.clone();
+        written.metadata_mut().resource_version = response.header().map_or(0, |h| h.revision()).to_string();
+        Ok(written)
+    }
+
+    /// Deletes an object, at the resourceVersion given or whatever version is there.
+    /// Returns what was deleted.
+    pub async fn delete(&self, kind: Kind, namespace: &str, name: &str) -> Result<Object> {
+        let object = self.get_existing(kind, namespace, name).await?;
+        let key = object.key();
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, resource_version(&object))])
+            .and_then([TxnOp::delete(key, None)]);
+        if self.client.kv_client().txn(txn).await?.succeeded() {
+            Ok(object)
+        } else {
+            Err(conflict(&object))
+        }
+    }
+
+    /// Reads an object, lets `change` edit it (returning false for "nothing to do"), and
+    /// writes it back at the version read, retrying from a fresh read when another writer
+    /// got there first (client-go's RetryOnConflict). Returns the object as stored.
+    pub async fn modify<E>(
+        &self,
+        kind: Kind,
+        namespace: &str,
+        name: &str,
+        mut change: impl FnMut(&mut Object) -> std::result::Result<bool, E>,
+    ) -> std::result::Result<Object, E>
+    where
+        E: From<ClientError>,
+    {
+        self.modify_or_create(kind, namespace, name, |current| {
+            let mut object = current.cloned().ok_or_else(|| ClientError::NotFound { kind, name: name.to_string() })?;
+            let changed = change(&mut object)?;
+            Ok((changed.then(|| object.clone()), object))
+        })
+        .await
+    }
+
+    /// Reads the object at a key (absent or not), lets `decide` say what to write there
+    /// (None: nothing) and what to return, and writes it: a create where nothing was, an
+    /// update at the version read otherwise. Retries from a fresh read when another
+    /// writer got there first.
+    pub async fn modify_or_create<T, E>(
+        &self,
+        kind: Kind,
+        namespace: &str,
+        name: &str,
+        mut decide: impl FnMut(Option<&Object>) -> std::result::Result<(Option<Object>, T), E>,
+    ) -> std::result::Result<T, E>
+    where
+        E: From<ClientError>,
+    {
+        let mut attempt = 0;
+        loop {
+            let current = self.get(kind, namespace, name).await?;
+            let (write, outcome) = decide(current.as_ref())?;
+            let Some(object) = write else { return Ok(outcome) };
+            let written = match current {
+                None => self.create(&object).await,
+                Some(_) => self.update(&object).await,
+            };
+            match written {
+                Ok(_) => return Ok(outcome),
+                Err(ClientError::Conflict { .. } | ClientError::AlreadyExists { .. })
+                    if attempt + 1 < MODIFY_ATTEMPTS_MAX =>
+                {
+                    attempt += 1
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+}
+
+fn conflict(object: &Object) -> ClientError {
+    ClientError::Conflict { kind: object.kind(), name: object.metadata().name.clone() }
+}
+
+/// The resourceVersion an object was read at (0 if it was never stored).
+pub fn resource_version(object: &Object) -> i64 {
+    object.metadata().resource_version.parse().unwrap_or(0)
+}
+
+/// The compare and put that create `object` only where no key is.
+pub fn create_op(object: &Object) -> (Compare, TxnOp) {
+    let key = object.key();
+    (Compare::create_revision(key.clone(), CompareOp::Equal, 0), TxnOp::put(key, object.encode(), None))
+}
+
+/// The compare and put that replace `object` only at the version it was read at.
+pub fn update_op(object: &Object) -> (Compare, TxnOp) {
+    let key = object.key();
+    (
+        Compare::mod_revision(key.clone(), CompareOp::Equal, resource_version(object)),
+        TxnOp::put(key, object.encode(), None),
+    )
+}
+
+/// The end of the range holding every key that starts with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}

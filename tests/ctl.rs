@@ -83,7 +83,7 @@ fn ctl_watch_replays_and_follows() {
 #[test]
 fn bench_measures_each_workload() {
     let dir = tempfile::tempdir().unwrap();
-    let plane = PlaneProcess::start(&dir.path().join("plane"), &[]);
+    let plane = PlaneProcess::start(&dir.path().join("plane"), &["--scheduler"]);
     let bench = |workload: &[&str]| -> serde_json::Value {
         let mut command = Command::new(env!("CARGO_BIN_EXE_capstan"));
         command.args(["bench", "--endpoints", &plane.client_addr.to_string(), "--json"]);
@@ -103,4 +103,10 @@ fn bench_measures_each_workload() {
     assert_eq!(count["count"], 50, "the range workload wrote every key it reads");
     let failover = bench(&["failover"]);
     assert!(failover["acknowledged"].as_u64().unwrap() > 0, "{failover}");
+    let schedule = bench(&["schedule", "--nodes", "20", "--pods", "300"]);
+    assert!(schedule["pods_bound_per_sec"].as_f64().unwrap() > 0.0, "{schedule}");
+    assert!(schedule["p50_ms"].as_f64().unwrap() <= schedule["p99_ms"].as_f64().unwrap(), "{schedule}");
+    let left = ok(&plane, &["get", "/registry/pods/", "--prefix", "--count-only", "-w", "json"]);
+    let left: serde_json::Value = serde_json::from_str(&left).unwrap();
+    assert_eq!(left["count"], 0, "the schedule workload cleans up after itself");
 }

@@ -448,3 +448,48 @@ async fn pods_of_a_lost_node_fail_and_are_replaced_elsewhere() {
     let (_, out, _) = ctl(&endpoints, &["get", "pods"], "");
     assert_eq!(out.matches("NodeLost").count(), 2, "{out}");
 }
+
+/// `capstan scheduler` runs standalone against planes without one; `ctl get pods -w`
+/// streams the bind as it happens; `describe` shows it; a stopped scheduler resigns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_scheduler_binds_while_ctl_watches() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let plane = common::PlaneProcess::start(&dir.path().join("plane"), &[]);
+    let endpoint = plane.client_addr.to_string();
+    let objects = Objects::new(capstan_client::connect(&[endpoint.clone()], Duration::from_secs(10)).await.unwrap());
+    let mut scheduler = std::process::Command::new(env!("CARGO_BIN_EXE_capstan"))
+        .args(["scheduler", "--endpoints", &endpoint, "--identity", "standalone"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut watcher = std::process::Command::new(env!("CARGO_BIN_EXE_capstan"))
+        .args(["ctl", "--endpoints", &endpoint, "get", "pods", "-o", "wide", "-w"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(watcher.stdout.take().unwrap()).lines();
+    objects.create(&node("n1", "2", "4Gi", &[])).await.unwrap();
+    hold_node_leases(&objects, &["n1".into()]).await;
+    objects.create(&pod("p", "500m", "1Gi")).await.unwrap();
+    let watched = tokio::task::spawn_blocking(move || {
+        lines.by_ref().map_while(Result::ok).find(|line| line.starts_with("p ") && line.ends_with(" n1"))
+    });
+    let line = tokio::time::timeout(CONVERGE_TIMEOUT, watched).await.expect("the bind is watched").unwrap();
+    assert!(line.is_some(), "ctl get -w ended without showing the bind");
+    let _ = watcher.kill();
+    let (ok, out, _) = ctl(&endpoint, &["describe", "pod", "p"], "");
+    assert!(ok);
+    assert!(out.contains("Node:             n1"), "{out}");
+    assert!(out.contains("  PodScheduled   True"), "{out}");
+    assert!(out.contains("Requests:  cpu=500m, memory=1Gi"), "{out}");
+    let leader = objects.client().kv_client().get(LEADER_KEY, None).await.unwrap();
+    assert_eq!(leader.kvs()[0].value(), b"standalone");
+
+    // SIGTERM: the leader resigns, deleting its key at once rather than at lease expiry.
+    // SAFETY: signalling our own child, which has not been reaped.
+    unsafe { libc::kill(scheduler.id() as libc::pid_t, libc::SIGTERM) };
+    assert!(scheduler.wait().unwrap().success());
+    assert!(objects.client().kv_client().get(LEADER_KEY, None).await.unwrap().kvs().is_empty());
+}

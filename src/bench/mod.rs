@@ -4,6 +4,9 @@
 //! the endpoints; each worker sends one request at a time for `--duration-secs` after a
 //! warm-up, and records every latency. `failover` instead sends sequential puts and
 //! reports the longest gap between two acknowledged ones: kill the leader while it runs.
+//! `schedule` measures the scheduler: see `schedule.rs`.
+
+mod schedule;
 
 use std::time::{Duration, Instant};
 
@@ -51,6 +54,14 @@ pub enum Workload {
     Txn,
     /// Sequential puts; reports the longest gap without an acknowledged put.
     Failover,
+    /// Registers nodes, creates pods, and measures how fast the cluster's scheduler binds
+    /// them (pods/s, and creation-to-bound latency). Needs planes run with --scheduler.
+    Schedule {
+        #[arg(long, default_value_t = 5000)]
+        nodes: usize,
+        #[arg(long, default_value_t = 10_000)]
+        pods: usize,
+    },
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,8 +90,10 @@ struct Tally {
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let endpoints: Vec<String> = args.endpoints.iter().map(|endpoint| capstan_client::with_scheme(endpoint)).collect();
-    if let Workload::Failover = args.workload {
-        return failover(&args, &endpoints).await;
+    match args.workload {
+        Workload::Failover => return failover(&args, &endpoints).await,
+        Workload::Schedule { nodes, pods } => return schedule::run(&args, &endpoints, nodes, pods).await,
+        _ => {}
     }
     let options = ConnectOptions::new().with_connect_timeout(REQUEST_TIMEOUT).with_timeout(REQUEST_TIMEOUT);
     let mut connections = Vec::new();
@@ -148,7 +161,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
 async fn request(mut client: Client, workload: Workload, key: String, value: &str) -> Result<(), etcd_client::Error> {
     match workload {
-        Workload::Put | Workload::Failover => client.put(key, value, None).await.map(|_| ()),
+        Workload::Put | Workload::Failover | Workload::Schedule { .. } => {
+            client.put(key, value, None).await.map(|_| ())
+        }
         Workload::Range { consistency } => {
             let options = (consistency == Consistency::S).then(|| GetOptions::new().with_serializable());
             client.get(key, options).await.map(|_| ())
@@ -182,7 +197,7 @@ async fn populate(connections: &[Client], key_count: u64, value: &str) -> anyhow
     Ok(())
 }
 
-fn percentile(sorted: &[u32], fraction: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[u32], fraction: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -205,6 +220,7 @@ fn report(args: &BenchArgs, tally: &mut Tally) {
         Workload::Range { consistency: Consistency::S } => "range-serializable".to_string(),
         Workload::Txn => "txn".to_string(),
         Workload::Failover => "failover".to_string(),
+        Workload::Schedule { .. } => "schedule".to_string(),
     };
     if args.json {
         let result = serde_json::json!({

@@ -1,4 +1,4 @@
-//! The command line: `capstan plane | ctl | dev | bench | scheduler`.
+//! The command line: `capstan plane | ctl | dev | bench | scheduler | agent`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,6 +28,8 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Run a scheduler candidate (with the controllers) against any planes, standalone.
     Scheduler(StandaloneSchedulerArgs),
+    /// Run a node agent: register this machine as a Node and run the pods bound to it.
+    Agent(AgentArgs),
 }
 
 impl Cli {
@@ -35,7 +37,7 @@ impl Cli {
     pub fn default_log_filter(&self) -> &'static str {
         match self.command {
             Command::Ctl(_) | Command::Bench(_) => "warn",
-            Command::Scheduler(_) => "info",
+            Command::Scheduler(_) | Command::Agent(_) => "info",
             _ => "info,openraft=warn",
         }
     }
@@ -135,6 +137,103 @@ pub struct StandaloneSchedulerArgs {
     pub scheduler_args: SchedulerArgs,
 }
 
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// The Node's name (default: the host name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Comma-separated client endpoints of the planes.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:2379")]
+    pub endpoints: Vec<String>,
+    /// Where pods' working directories and logs live (default: `<name>.agent`).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// CPU capacity, a Kubernetes quantity (default: the machine's cores).
+    #[arg(long)]
+    pub cpu: Option<String>,
+    /// Memory capacity, a Kubernetes quantity (default: the machine's memory).
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// How many pods the node runs at most.
+    #[arg(long, default_value_t = 110)]
+    pub pods: u32,
+    /// Node labels, `key=value,...`.
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Vec<String>,
+    /// Taints set when the node registers, `key=value:Effect,...`.
+    #[arg(long, value_delimiter = ',')]
+    pub taints: Vec<String>,
+    /// TTL of the node lease (the kubelet's is 40 s); the node turns NotReady this long
+    /// after the agent stops renewing it.
+    #[arg(long, default_value_t = 40)]
+    pub node_lease_ttl_secs: u64,
+    /// How often the lease is renewed (default: a quarter of its TTL).
+    #[arg(long)]
+    pub node_lease_renew_secs: Option<u64>,
+    /// The address others reach this agent at (the Node's InternalIP).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub address: String,
+    /// Where the log service (`capstan ctl logs`) listens; port 0 picks a free one.
+    #[arg(long, default_value = "127.0.0.1:10250")]
+    pub listen_logs: SocketAddr,
+    /// First delay before restarting a failed container; doubles up to 5 minutes.
+    #[arg(long, default_value_t = 10_000)]
+    pub restart_backoff_ms: u64,
+}
+
+impl AgentArgs {
+    pub fn into_config(self) -> anyhow::Result<capstan_nodeagent::AgentConfig> {
+        use capstan_proto::objects::Quantity;
+        let name = match self.name {
+            Some(name) => name,
+            None => std::fs::read_to_string("/etc/hostname")
+                .context("cannot read the host name; give --name")?
+                .trim()
+                .to_string(),
+        };
+        let (machine_cpu, machine_memory) = capstan_nodeagent::node::machine_capacity();
+        let cpu = self.cpu.unwrap_or(machine_cpu);
+        let memory = self.memory.unwrap_or(machine_memory);
+        Quantity::new(&cpu).milli_value().context("--cpu")?;
+        Quantity::new(&memory).value().context("--memory")?;
+        let labels = self
+            .labels
+            .iter()
+            .map(|label| match label.split_once('=') {
+                Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+                _ => anyhow::bail!("--labels: {label:?} is not key=value"),
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let taints = self
+            .taints
+            .iter()
+            .map(|taint| capstan_nodeagent::node::parse_taint(taint).map_err(|e| anyhow::anyhow!("--taints: {e}")))
+            .collect::<anyhow::Result<_>>()?;
+        if self.node_lease_ttl_secs < 2 {
+            anyhow::bail!("--node-lease-ttl-secs must be at least 2, not {}", self.node_lease_ttl_secs);
+        }
+        let renew_secs =
+            self.node_lease_renew_secs.unwrap_or(self.node_lease_ttl_secs / 4).clamp(1, self.node_lease_ttl_secs - 1);
+        Ok(capstan_nodeagent::AgentConfig {
+            data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from(format!("{name}.agent"))),
+            name,
+            endpoints: self.endpoints,
+            cpu,
+            memory,
+            pods: self.pods,
+            labels,
+            taints,
+            lease_ttl: Duration::from_secs(self.node_lease_ttl_secs),
+            renew_interval: Duration::from_secs(renew_secs),
+            address: self.address,
+            listen_logs: self.listen_logs,
+            logs_port: 0,
+            backoff_base: Duration::from_millis(self.restart_backoff_ms.max(1)),
+            backoff_max: Duration::from_secs(300),
+        })
+    }
+}
+
 /// Runs a standalone scheduler until Ctrl-C or SIGTERM.
 async fn run_scheduler(args: StandaloneSchedulerArgs) -> anyhow::Result<()> {
     let identity = args.identity.clone().unwrap_or_else(|| {
@@ -215,6 +314,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dev(args) => crate::dev::run(args).await,
         Command::Bench(args) => crate::bench::run(args).await,
         Command::Scheduler(args) => run_scheduler(args).await,
+        Command::Agent(args) => {
+            capstan_nodeagent::run(args.into_config()?, crate::shutdown_signal()).await.context("the agent failed")
+        }
     }
 }
 

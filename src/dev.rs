@@ -1,6 +1,6 @@
-//! `capstan dev`: a local 3-plane cluster on 127.0.0.1, each plane a supervised child
-//! process (restarted with back-off if it dies) that also runs a scheduler candidate,
-//! data under `--data-dir` so a restart of `capstan dev` keeps it. Client ports follow etcd's local-cluster convention (2379,
+//! `capstan dev`: a local cluster on 127.0.0.1: 3 planes (each also a scheduler
+//! candidate) and 2 node agents, each a supervised child process (restarted with back-off
+//! if it dies), data under `--data-dir` so a restart of `capstan dev` keeps it. Client ports follow etcd's local-cluster convention (2379,
 //! 22379, 32379); Ctrl-C stops every plane.
 
 use std::path::PathBuf;
@@ -23,10 +23,17 @@ pub struct DevArgs {
 
 /// The longest a crashed plane waits before it is started again.
 const RESTART_BACKOFF_MS_MAX: u64 = 10_000;
+/// Node agents beside the planes, each registering a node of this machine.
+const DEV_AGENTS: u16 = 2;
+/// Agent i serves logs on this port + i.
+const DEV_AGENT_LOG_PORT: u16 = 10249;
+/// Short, so a lost node is noticed in seconds (production: 40 s).
+const DEV_NODE_LEASE_TTL_SECS: u64 = 10;
+const DEV_RESTART_BACKOFF_MS: u64 = 1_000;
 /// The node-lifecycle timings of the local cluster (production defaults: 40 s and 300 s).
 const DEV_NODE_MONITOR_GRACE_SECS: u64 = 10;
 const DEV_POD_EVICTION_TIMEOUT_SECS: u64 = 20;
-/// How long planes get to stop after SIGTERM before they are killed.
+/// How long planes and agents get to stop after SIGTERM before they are killed.
 const STOP_GRACE_MS: u64 = 5_000;
 
 struct DevPlane {
@@ -54,7 +61,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let exe = std::env::current_exe().context("cannot find the capstan binary")?;
 
-    println!("capstan dev: {} planes on 127.0.0.1, data in {}", planes.len(), args.data_dir.display());
+    println!(
+        "capstan dev: {} planes and {DEV_AGENTS} node agents on 127.0.0.1, data in {}",
+        planes.len(),
+        args.data_dir.display()
+    );
     for plane in &planes {
         println!("  {}: clients 127.0.0.1:{}, peers 127.0.0.1:{}", plane.name, plane.client_port, plane.peer_port);
     }
@@ -62,7 +73,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!("  etcdctl --endpoints={endpoints} put hello world");
     println!("  etcdctl --endpoints={endpoints} endpoint status -w table");
     println!("  capstan ctl --endpoints={endpoints} get hello");
-    println!("  capstan ctl --endpoints={endpoints} apply -f examples/ && capstan ctl get pods -o wide");
+    println!("  capstan ctl --endpoints={endpoints} apply -f examples/");
+    println!("  capstan ctl --endpoints={endpoints} get pods -o wide");
+    println!("  capstan ctl --endpoints={endpoints} logs hello");
     println!("Ctrl-C stops the cluster.");
 
     let (stop, _) = tokio::sync::watch::channel(false);
@@ -85,6 +98,21 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .stdin(Stdio::null());
         supervisors.push(tokio::spawn(supervise(plane.name, command, stop.subscribe())));
     }
+    for index in 1..=DEV_AGENTS {
+        let name = format!("dev-agent-{index}");
+        let mut command = Command::new(&exe);
+        command
+            .arg("agent")
+            .args(["--name", &name])
+            .args(["--endpoints", &endpoints])
+            .arg("--data-dir")
+            .arg(args.data_dir.join(&name))
+            .args(["--listen-logs", &format!("127.0.0.1:{}", DEV_AGENT_LOG_PORT + index)])
+            .args(["--node-lease-ttl-secs", &DEV_NODE_LEASE_TTL_SECS.to_string()])
+            .args(["--restart-backoff-ms", &DEV_RESTART_BACKOFF_MS.to_string()])
+            .stdin(Stdio::null());
+        supervisors.push(tokio::spawn(supervise(name, command, stop.subscribe())));
+    }
     crate::shutdown_signal().await;
     println!("capstan dev: stopping");
     let _ = stop.send(true);
@@ -94,7 +122,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Keeps one plane running until `stop` turns true, then stops it.
+/// Keeps one process (a plane or an agent) running until `stop` turns true, then stops it.
 async fn supervise(
     name: String,
     mut command: Command,
@@ -102,7 +130,7 @@ async fn supervise(
 ) -> anyhow::Result<()> {
     let mut backoff_ms = 250;
     loop {
-        let mut child = command.spawn().with_context(|| format!("cannot start plane {name}"))?;
+        let mut child = command.spawn().with_context(|| format!("cannot start {name}"))?;
         let started = tokio::time::Instant::now();
         let exited = tokio::select! {
             exited = child.wait() => exited,
@@ -112,7 +140,7 @@ async fn supervise(
         if started.elapsed() > Duration::from_secs(30) {
             backoff_ms = 250;
         }
-        tracing::warn!(plane = %name, %status, backoff_ms, "plane exited; restarting");
+        tracing::warn!(process = %name, %status, backoff_ms, "exited; restarting");
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(backoff_ms)) => {}
             _ = stopped(&mut stop) => return Ok(()),
@@ -137,7 +165,7 @@ async fn stop_child(name: &str, mut child: Child) -> anyhow::Result<()> {
             status.with_context(|| format!("cannot wait for plane {name}"))?;
         }
         Err(_) => {
-            tracing::warn!(plane = %name, "plane did not stop in time; killing it");
+            tracing::warn!(process = %name, "did not stop in time; killing it");
             child.kill().await.with_context(|| format!("cannot kill plane {name}"))?;
         }
     }

@@ -14,8 +14,9 @@ use std::time::Duration;
 use capstan_proto::objects::{decode_stored, DecodeError, Kind, Object};
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
 
-/// How many keys one page of a list reads.
-const LIST_PAGE_KEYS: i64 = 1000;
+/// How many keys one page of a list reads: 250 objects of up to 16 KiB stay under the
+/// 4 MiB a gRPC response may carry by default.
+const LIST_PAGE_KEYS: i64 = 250;
 /// How often [`Objects::modify`] retries after a concurrent writer won.
 const MODIFY_ATTEMPTS_MAX: usize = 16;
 

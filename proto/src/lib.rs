@@ -3,6 +3,7 @@
 //! - [`etcdserverpb`] and [`mvccpb`]: the etcd v3 gRPC API (KV, Watch, Lease, Cluster,
 //!   Maintenance), field for field as etcd defines it, so etcd clients work unchanged.
 //! - [`raftpb`]: Capstan's replicated command, its Raft log entry and the peer service.
+//! - [`agentpb`]: the node agent's log service.
 //! - [`objects`]: the cluster objects (Node, Pod, ReplicaSet) in Kubernetes' shape, their
 //!   store keys and JSON encoding, manifests, resource quantities and validation.
 //!
@@ -37,6 +38,10 @@ pub mod etcdserverpb {
 }
 
 pub mod objects;
+
+pub mod agentpb {
+    tonic::include_proto!("capstanagentpb");
+}
 
 pub mod raftpb {
     tonic::include_proto!("capstanraftpb");

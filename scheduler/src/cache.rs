@@ -23,8 +23,8 @@ pub struct Usage {
 impl Usage {
     fn add(&mut self, pod: &Pod, sign: i64) {
         let requests = pod.requests();
-        self.requested.cpu_millis += sign * requests.cpu_millis;
-        self.requested.memory_bytes += sign * requests.memory_bytes;
+        self.requested.cpu_millis = self.requested.cpu_millis.saturating_add(sign * requests.cpu_millis);
+        self.requested.memory_bytes = self.requested.memory_bytes.saturating_add(sign * requests.memory_bytes);
         self.pods += sign;
         let count = |map_count: &mut u32| {
             *map_count = if sign > 0 { *map_count + 1 } else { map_count.saturating_sub(1) };
@@ -102,6 +102,9 @@ pub struct Cache {
     pub replica_set_by_uid: HashMap<String, String>,
     /// The newest revision applied.
     pub revision: i64,
+    /// Keys this scheduler deleted, at the delete's revision, until the watch passes it:
+    /// older events of those keys are stale.
+    tombstones: HashMap<String, i64>,
 }
 
 impl Cache {
@@ -117,7 +120,7 @@ impl Cache {
     /// Applies a put event. A value that does not decode removes what the cache had at
     /// that key (it is no longer an object) and is returned as the error.
     pub fn apply_put(&mut self, key: &[u8], value: &[u8], mod_revision: i64) -> Result<Change, DecodeError> {
-        self.revision = self.revision.max(mod_revision);
+        self.advance(mod_revision);
         if let Some(name) = key.strip_prefix(NODE_LEASE_PREFIX.as_bytes()) {
             let name = String::from_utf8_lossy(name).into_owned();
             self.node_leases.insert(name.clone());
@@ -137,7 +140,7 @@ impl Cache {
 
     /// Applies a delete event.
     pub fn apply_delete(&mut self, key: &[u8], revision: i64) -> Change {
-        self.revision = self.revision.max(revision);
+        self.advance(revision);
         let text = String::from_utf8_lossy(key).into_owned();
         if let Some(name) = text.strip_prefix(NODE_LEASE_PREFIX) {
             self.node_leases.remove(name);
@@ -149,17 +152,36 @@ impl Cache {
         self.remove(&text)
     }
 
+    /// The watch reached `revision`: tombstones at or below it have served.
+    fn advance(&mut self, revision: i64) {
+        self.revision = self.revision.max(revision);
+        let seen = self.revision;
+        self.tombstones.retain(|_, deleted| *deleted > seen);
+    }
+
     /// Whether the cache already holds a newer version of `key` than an event at
-    /// `revision`: the scheduler's own write, put into the cache before its event came.
+    /// `revision`, or an event no newer (the scheduler's own write, put into the cache
+    /// before its event came), or the scheduler deleted the key after it.
     fn is_stale(&self, key: &[u8], revision: i64) -> bool {
         let text = String::from_utf8_lossy(key);
+        if self.tombstones.get(text.as_ref()).is_some_and(|deleted| *deleted >= revision) {
+            return true;
+        }
         let cached = match Kind::of_key(key) {
             Some(Kind::Node) => self.nodes.get(&text[Kind::Node.prefix().len()..]).map(|info| &info.node.metadata),
             Some(Kind::Pod) => self.pods.get(text.as_ref()).map(|pod| &pod.metadata),
             Some(Kind::ReplicaSet) => self.replica_sets.get(text.as_ref()).map(|rs| &rs.metadata),
             None => None,
         };
-        cached.is_some_and(|meta| meta.resource_version.parse::<i64>().unwrap_or(0) > revision)
+        cached.is_some_and(|meta| meta.resource_version.parse::<i64>().unwrap_or(0) >= revision)
+    }
+
+    /// Drops an object this scheduler deleted at `revision`.
+    pub fn remove_at(&mut self, key: &str, revision: i64) -> Change {
+        if revision > self.revision {
+            self.tombstones.insert(key.to_string(), revision);
+        }
+        self.remove(key)
     }
 
     /// Drops the object at `key` (deleted in the store, or by this scheduler).
@@ -216,12 +238,13 @@ impl Cache {
                 Change::Pod { key, old: old.map(Box::new), new: Some(Box::new(pod)) }
             }
             Object::ReplicaSet(rs) => {
-                self.replica_set_by_uid.insert(rs.metadata.uid.clone(), key.clone());
+                let uid = rs.metadata.uid.clone();
                 if let Some(old) = self.replica_sets.insert(key.clone(), rs) {
-                    if self.replica_set_by_uid.get(&old.metadata.uid) != Some(&key) {
+                    if old.metadata.uid != uid && self.replica_set_by_uid.get(&old.metadata.uid) == Some(&key) {
                         self.replica_set_by_uid.remove(&old.metadata.uid);
                     }
                 }
+                self.replica_set_by_uid.insert(uid, key.clone());
                 Change::ReplicaSet { key }
             }
         }
@@ -293,6 +316,24 @@ mod tests {
         cache.apply_delete(key.as_bytes(), 9);
         assert_eq!(cache.nodes["n1"].usage, Usage::default());
         assert_eq!(cache.revision, 9);
+    }
+
+    #[test]
+    fn the_schedulers_own_writes_are_not_undone_by_older_events() {
+        let mut cache = Cache::default();
+        let mut p = pod("1", "1Gi");
+        p.metadata.resource_version = "5".into();
+        let key = Object::Pod(p.clone()).key();
+        let encoded = Object::Pod(p.clone()).encode();
+        cache.upsert(Object::Pod(p));
+        assert!(matches!(cache.apply_put(key.as_bytes(), &encoded, 4), Ok(Change::None)), "an older version");
+        assert!(matches!(cache.apply_put(key.as_bytes(), &encoded, 5), Ok(Change::None)), "our own write's echo");
+        cache.remove_at(&key, 7);
+        assert!(matches!(cache.apply_put(key.as_bytes(), &encoded, 6), Ok(Change::None)), "a put before our delete");
+        assert!(!cache.pods.contains_key(&key));
+        cache.apply_put(b"/registry/leases/nodes/x", b"", 8).unwrap();
+        cache.apply_put(key.as_bytes(), &encoded, 9).unwrap();
+        assert!(cache.pods.contains_key(&key), "a put after the delete is new");
     }
 
     #[test]

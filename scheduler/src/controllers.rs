@@ -191,6 +191,7 @@ impl NodeLifecycle {
                 continue;
             }
             let since = parse_timestamp(&ready.last_transition_time).unwrap_or(wall);
+            // (Pods of nodes that are not Ready wait for the eviction timeout below.)
             if wall.duration_since(since).unwrap_or_default() < config.pod_eviction_timeout {
                 continue;
             }
@@ -203,9 +204,39 @@ impl NodeLifecycle {
                 writes.push(Write::Update(Object::Pod(failed)));
             }
         }
+        writes.extend(pods_on_unknown_nodes(cache));
         writes
     }
 }
+
+/// Pods bound to a node that is not registered: one that never ran (bound by its
+/// manifest) waits for the node, and its status says so, as nothing else would; one that
+/// ran there lost its node (deleted by an operator) and is failed, so its ReplicaSet
+/// replaces it (Kubernetes' pod garbage collector deletes such pods).
+fn pods_on_unknown_nodes(cache: &Cache) -> Vec<Write> {
+    let mut writes = Vec::new();
+    for node in cache.pods_by_node.keys().filter(|node| !cache.nodes.contains_key(*node)) {
+        for (_, pod) in cache.pods_on_node(node) {
+            if matches!(pod.status.phase, PodPhase::Running | PodPhase::Unknown) {
+                let mut failed = pod.clone();
+                failed.status.phase = PodPhase::Failed;
+                failed.status.reason = REASON_NODE_LOST.into();
+                failed.status.message =
+                    format!("node {node:?} which was running pod {} was deleted", pod.metadata.name);
+                writes.push(Write::Update(Object::Pod(failed)));
+            } else if pod.status.phase == PodPhase::Pending && pod.status.reason != REASON_NODE_NOT_FOUND {
+                let mut waiting = pod.clone();
+                waiting.status.reason = REASON_NODE_NOT_FOUND.into();
+                waiting.status.message = format!("the pod is bound to node {node:?}, which is not registered");
+                writes.push(Write::Update(Object::Pod(waiting)));
+            }
+        }
+    }
+    writes
+}
+
+/// The reason of a pending pod bound to a node that does not exist.
+pub const REASON_NODE_NOT_FOUND: &str = "NodeNotFound";
 
 #[cfg(test)]
 mod tests {
@@ -238,7 +269,7 @@ mod tests {
                     cache.upsert(object);
                 }
                 Write::Delete(object) => {
-                    cache.apply_delete(object.key().as_bytes(), 0);
+                    cache.remove(&object.key());
                 }
             }
         }
@@ -292,7 +323,7 @@ mod tests {
         assert_eq!(writes.iter().filter(|w| matches!(w, Write::Create(_))).count(), 1, "a failed pod does not count");
         apply(&mut cache, writes);
         assert_eq!(collect_garbage(&cache), vec![]);
-        cache.apply_delete(key.as_bytes(), 0);
+        cache.remove(&key);
         assert_eq!(collect_garbage(&cache).len(), 2, "both pods of the deleted ReplicaSet go");
     }
 
@@ -346,5 +377,19 @@ mod tests {
         assert_eq!(lifecycle.check(&cache, &config, start, wall), vec![]);
         assert_eq!(lifecycle.check(&cache, &config, start + Duration::from_secs(39), wall), vec![]);
         assert_eq!(lifecycle.check(&cache, &config, start + Duration::from_secs(40), wall).len(), 1);
+    }
+
+    #[test]
+    fn a_pod_bound_to_an_unknown_node_says_so_once() {
+        let mut cache = Cache::default();
+        let mut p = pod("1", "1Gi");
+        p.spec.node_name = "ghost".into();
+        cache.upsert(Object::Pod(p));
+        let writes = pods_on_unknown_nodes(&cache);
+        let [Write::Update(Object::Pod(waiting))] = &writes[..] else { panic!("{writes:?}") };
+        assert_eq!(waiting.status.reason, REASON_NODE_NOT_FOUND);
+        assert!(waiting.status.message.contains("\"ghost\""));
+        apply(&mut cache, writes);
+        assert_eq!(pods_on_unknown_nodes(&cache), vec![]);
     }
 }

@@ -80,7 +80,15 @@ pub async fn campaign(client: &Client, config: &ElectionConfig) -> Result<Leader
                 Some(PutOptions::new().with_lease(lease_id)),
             )])
             .or_else([TxnOp::get(config.key.clone(), None)]);
-        let response = client.kv_client().txn(txn).await?;
+        let response = match client.kv_client().txn(txn).await {
+            Ok(response) => response,
+            Err(error) => {
+                // The txn may have taken effect; with the lease revoked, a key it created
+                // goes too, and nobody waits for a lease no one renews.
+                let _ = client.lease_client().revoke(lease_id).await;
+                return Err(error.into());
+            }
+        };
         let revision = response.header().map_or(0, |h| h.revision());
         if response.succeeded() {
             let fence = Fence { key: config.key.clone(), create_revision: revision };

@@ -27,6 +27,9 @@ use crate::{Metrics, SchedulerConfig, SchedulerError};
 
 /// etcd's limit on the ops of each txn branch; one compare is the fence.
 const TXN_WRITES_MAX: usize = 127;
+/// The most encoded object bytes one txn carries, well under the planes' 1.5 MiB
+/// request limit.
+const TXN_BYTES_MAX: usize = 1 << 20;
 /// How often the node-lifecycle controller looks at leases and deadlines.
 const LIFECYCLE_INTERVAL: Duration = Duration::from_secs(1);
 /// Parked pods are retried at least this often, even if nothing seems to change.
@@ -53,6 +56,27 @@ pub async fn lead(
             Run::Relist => tracing::info!("watch compacted away; relisting"),
         }
     }
+}
+
+/// Splits writes (by index) into txn-sized groups: at most [`TXN_WRITES_MAX`] writes and
+/// [`TXN_BYTES_MAX`] bytes each (a single larger write goes alone).
+fn chunks(indices: &[usize], bytes: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut size = 0;
+    for &index in indices {
+        let this = bytes(index);
+        match groups.last_mut() {
+            Some(group) if group.len() < TXN_WRITES_MAX && size + this <= TXN_BYTES_MAX => {
+                group.push(index);
+                size += this;
+            }
+            _ => {
+                groups.push(vec![index]);
+                size = this;
+            }
+        }
+    }
+    groups
 }
 
 enum Run {
@@ -143,6 +167,14 @@ impl<'a> State<'a> {
                 }
             }
             if self.has_work() {
+                if lifecycle_tick.tick().now_or_never().is_some() {
+                    let writes =
+                        self.lifecycle.check(&self.cache, &self.lifecycle_config(), Instant::now(), SystemTime::now());
+                    self.commit(writes).await?;
+                }
+                if *shutdown.borrow() {
+                    return Ok(Run::Exit(Exit::Shutdown));
+                }
                 self.work().await?;
                 if *leadership.lost.borrow() {
                     return Ok(Run::Exit(Exit::Lost));
@@ -190,7 +222,9 @@ impl<'a> State<'a> {
             }
         };
         if response.canceled() {
-            return Ok(if response.compact_revision() > 0 { Some(Run::Relist) } else { None });
+            // Compacted past our revision, or cancelled for another reason: either way
+            // this stream delivers nothing more.
+            return Ok(Some(Run::Relist));
         }
         for event in response.events() {
             let Some(kv) = event.kv() else { continue };
@@ -206,8 +240,9 @@ impl<'a> State<'a> {
             };
             self.react(change);
         }
-        // A progress notification says every event up to its revision was sent.
-        if response.events().is_empty() {
+        // A progress notification says every event up to its revision was sent (the
+        // first response, which confirms the watch, says nothing of the kind).
+        if response.events().is_empty() && !response.created() {
             if let Some(header) = response.header() {
                 self.cache.revision = self.cache.revision.max(header.revision());
             }
@@ -221,7 +256,13 @@ impl<'a> State<'a> {
             Change::Node { .. } => self.queue.flush_unschedulable(),
             Change::Pod { key, old, new } => {
                 match &new {
-                    Some(pod) if needs_scheduling(pod) => self.queue.add(&key),
+                    // A status-only change (the Unschedulable condition this scheduler
+                    // wrote) leaves a parked pod parked.
+                    Some(pod) if needs_scheduling(pod) => {
+                        if old.as_deref().is_none_or(|old| old.spec != pod.spec || !needs_scheduling(old)) {
+                            self.queue.add(&key);
+                        }
+                    }
                     _ => self.queue.remove(&key),
                 }
                 let released = |old: &Pod| {
@@ -315,7 +356,9 @@ impl<'a> State<'a> {
                 // Someone changed the pod since it was read; its newer version comes by
                 // the watch and is scheduled from there.
                 self.metrics.bind_conflicts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.cache.upsert(Object::Pod(*original));
+                // The resources it was assumed to take are free again.
+                let change = self.cache.upsert(Object::Pod(*original));
+                self.react(change);
             }
         }
         let committed = outcomes.iter().filter(|ok| **ok).count();
@@ -339,7 +382,8 @@ impl<'a> State<'a> {
         let mut seen = HashSet::new();
         let first: Vec<usize> = (0..writes.len()).filter(|&i| seen.insert(writes[i].object().key())).collect();
         let mut outcomes = vec![false; writes.len()];
-        for chunk in first.chunks(TXN_WRITES_MAX) {
+        for chunk in chunks(&first, |i| writes[i].object().encode().len()) {
+            let chunk = chunk.as_slice();
             if self.try_commit(chunk.iter().map(|&i| &writes[i])).await? {
                 chunk.iter().for_each(|&i| outcomes[i] = true);
             } else if chunk.len() > 1 {
@@ -351,7 +395,8 @@ impl<'a> State<'a> {
         Ok(outcomes)
     }
 
-    /// One fenced txn; on success the writes go into the cache.
+    /// One fenced txn; on success the writes go into the cache (a delete leaves a
+    /// tombstone, so the watch events of what it deleted cannot bring it back).
     async fn try_commit<'w>(
         &mut self,
         writes: impl Iterator<Item = &'w Write> + Clone,
@@ -399,11 +444,25 @@ impl<'a> State<'a> {
                     self.react(change);
                 }
                 Write::Delete(object) => {
-                    let change = self.cache.remove(&object.key());
+                    let change = self.cache.remove_at(&object.key(), revision);
                     self.react(change);
                 }
             }
         }
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn txns_are_cut_by_count_and_by_size() {
+        let all: Vec<usize> = (0..300).collect();
+        let sizes: Vec<usize> = chunks(&all, |_| 10).iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![127, 127, 46]);
+        let big = [600 << 10, 600 << 10, 2 << 20, 10];
+        assert_eq!(chunks(&[0, 1, 2, 3], |i| big[i]), vec![vec![0], vec![1], vec![2], vec![3]]);
     }
 }

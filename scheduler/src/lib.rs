@@ -118,7 +118,8 @@ pub async fn run(client: Client, config: SchedulerConfig, metrics: &Metrics, mut
                 return;
             }
             Ok(leader::Exit::Lost) | Err(SchedulerError::Deposed) => {
-                tracing::warn!("lost scheduler leadership; campaigning again")
+                tracing::warn!("lost scheduler leadership; campaigning again");
+                leadership.resign(&client).await;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "scheduler leader failed; resigning and campaigning again");

@@ -101,7 +101,8 @@ pub fn filter(request: &PodRequest<'_>, node: &NodeInfo, rejections: &mut Vec<Re
 /// Resource fit: what is already requested on the node plus this pod within allocatable.
 fn fits(requests: Requests, node: &NodeInfo, rejections: &mut Vec<Rejection>) {
     let usage = &node.usage;
-    if requests.cpu_millis > 0 && usage.requested.cpu_millis + requests.cpu_millis > node.allocatable.cpu_millis {
+    let after = |used: i64, wanted: i64| used.saturating_add(wanted);
+    if requests.cpu_millis > 0 && after(usage.requested.cpu_millis, requests.cpu_millis) > node.allocatable.cpu_millis {
         rejections.push(Rejection::InsufficientCpu);
     }
     if requests.memory_bytes > 0 && usage.requested.memory_bytes + requests.memory_bytes > node.allocatable.memory_bytes
@@ -143,7 +144,7 @@ fn fractions(request: &PodRequest<'_>, node: &NodeInfo) -> (f64, f64) {
         if allocatable <= 0 {
             1.0
         } else {
-            ((used + wanted) as f64 / allocatable as f64).min(1.0)
+            (used.saturating_add(wanted) as f64 / allocatable as f64).min(1.0)
         }
     };
     let usage = &node.usage.requested;

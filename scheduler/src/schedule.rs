@@ -33,9 +33,13 @@ impl Queue {
     }
 
     pub fn pop(&mut self) -> Option<String> {
-        let key = self.active.pop_front()?;
-        self.queued.remove(&key);
-        Some(key)
+        // Removed keys stay in `active` until they reach the front (removal is O(1)).
+        while let Some(key) = self.active.pop_front() {
+            if self.queued.remove(&key) {
+                return Some(key);
+            }
+        }
+        None
     }
 
     /// Parks a pod that fits nowhere until the cluster changes.
@@ -47,9 +51,7 @@ impl Queue {
 
     pub fn remove(&mut self, key: &str) {
         self.unschedulable.remove(key);
-        if self.queued.remove(key) {
-            self.active.retain(|k| k != key);
-        }
+        self.queued.remove(key);
     }
 
     /// Something changed that may let parked pods fit: retry them all.
@@ -62,7 +64,7 @@ impl Queue {
     }
 
     pub fn active_len(&self) -> usize {
-        self.active.len()
+        self.queued.len()
     }
 
     pub fn unschedulable_len(&self) -> usize {

@@ -197,6 +197,24 @@ pub enum CtlCommand {
     Cordon { node: String },
     /// Mark a node schedulable again.
     Uncordon { node: String },
+    /// Cordon a node and evict its pods (their ReplicaSets replace them elsewhere).
+    Drain {
+        node: String,
+        /// Also delete pods no ReplicaSet will replace.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print a container's log (from the agent of the pod's node).
+    Logs {
+        pod: String,
+        #[arg(long, short = 'c')]
+        container: Option<String>,
+        /// Keep printing what the container writes.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        #[command(flatten)]
+        namespace: objects::NamespaceArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -473,6 +491,10 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
         }
         CtlCommand::Cordon { node } => objects::cordon(&Objects::new(client), &node, true).await?,
         CtlCommand::Uncordon { node } => objects::cordon(&Objects::new(client), &node, false).await?,
+        CtlCommand::Drain { node, force } => objects::drain(&Objects::new(client), &node, force).await?,
+        CtlCommand::Logs { pod, container, follow, namespace } => {
+            objects::logs(&Objects::new(client), &pod, container.as_deref(), follow, &namespace).await?
+        }
     }
     Ok(())
 }

@@ -764,6 +764,83 @@ pub async fn cordon(objects: &Objects, node: &str, unschedulable: bool) -> anyho
     Ok(())
 }
 
+/// Cordons the node, then deletes its pods so their ReplicaSets replace them elsewhere;
+/// the agent stops each within its grace period. Pods without a controller would be gone
+/// for good, so they need `--force`, as with kubectl.
+pub async fn drain(objects: &Objects, node: &str, force: bool) -> anyhow::Result<()> {
+    cordon(objects, node, true).await?;
+    let pods: Vec<Pod> = objects
+        .list(Kind::Pod, None)
+        .await?
+        .objects
+        .into_iter()
+        .filter_map(|object| match object {
+            Object::Pod(pod) if pod.spec.node_name == node && !pod.status.phase.is_terminal() => Some(pod),
+            _ => None,
+        })
+        .collect();
+    let bare: Vec<String> = pods
+        .iter()
+        .filter(|pod| pod.controller().is_none())
+        .map(|pod| format!("{}/{}", pod.namespace(), pod.metadata.name))
+        .collect();
+    if !bare.is_empty() && !force {
+        bail!("cannot delete Pods that declare no controller (use --force to override): {}", bare.join(", "));
+    }
+    for pod in &pods {
+        println!("evicting pod {}/{}", pod.namespace(), pod.metadata.name);
+        match objects.delete(Kind::Pod, pod.namespace(), &pod.metadata.name).await {
+            Ok(_) | Err(ClientError::NotFound { .. }) => println!("pod/{} evicted", pod.metadata.name),
+            Err(error) => bail!("cannot evict pod {}: {error}", pod.metadata.name),
+        }
+    }
+    println!("node/{node} drained");
+    Ok(())
+}
+
+/// Prints a container's log, from the agent of the pod's node (its address and log port
+/// are in the Node's status).
+pub async fn logs(
+    objects: &Objects,
+    pod: &str,
+    container: Option<&str>,
+    follow: bool,
+    namespace: &NamespaceArgs,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let Some(Object::Pod(found)) = objects.get(Kind::Pod, namespace.name(), pod).await? else {
+        bail!("pods {pod:?} not found");
+    };
+    if found.spec.node_name.is_empty() {
+        bail!("pod {pod:?} is not bound to a node yet: it has no logs");
+    }
+    let Some(Object::Node(node)) = objects.get(Kind::Node, "", &found.spec.node_name).await? else {
+        bail!("node {:?} of pod {pod:?} is not registered", found.spec.node_name);
+    };
+    let address = node.status.addresses.iter().find(|a| a.type_ == "InternalIP").map(|a| a.address.clone());
+    let port = node.status.daemon_endpoints.as_ref().map(|d| d.kubelet_endpoint.port).filter(|p| *p > 0);
+    let (Some(address), Some(port)) = (address, port) else {
+        bail!("node {:?} does not advertise a log endpoint (is its agent running?)", node.metadata.name);
+    };
+    let url = format!("http://{address}:{port}");
+    let mut client = capstan_proto::agentpb::pod_logs_client::PodLogsClient::connect(url.clone())
+        .await
+        .with_context(|| format!("cannot reach the agent of node {} at {url}", node.metadata.name))?;
+    let request = capstan_proto::agentpb::LogsRequest {
+        namespace: found.namespace().to_string(),
+        pod: pod.to_string(),
+        container: container.unwrap_or_default().to_string(),
+        follow,
+    };
+    let mut stream = client.logs(request).await.map_err(|status| anyhow::anyhow!("{}", status.message()))?.into_inner();
+    let mut stdout = std::io::stdout();
+    while let Some(chunk) = stream.message().await.map_err(|status| anyhow::anyhow!("{}", status.message()))? {
+        stdout.write_all(&chunk.data)?;
+        stdout.flush()?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, GetOptions, PutOptions, WatchOptions};
 
-use common::Cluster;
+use common::{leader_index, Cluster};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -18,20 +18,6 @@ async fn bounded<T>(future: impl std::future::Future<Output = T>) -> T {
 
 async fn client_of(endpoint: &str) -> Client {
     bounded(Client::connect([endpoint], None)).await.expect("connect")
-}
-
-/// The index of the plane that leads, as the planes themselves report it.
-async fn leader_index(cluster: &Cluster) -> usize {
-    let mut client = client_of(&cluster.planes[0].endpoint()).await;
-    let status = bounded(client.status()).await.unwrap();
-    let leader = status.leader();
-    for (index, plane) in cluster.planes.iter().enumerate() {
-        let mut client = client_of(&plane.endpoint()).await;
-        if bounded(client.status()).await.unwrap().header().unwrap().member_id() == leader {
-            return index;
-        }
-    }
-    panic!("no plane is the leader {leader:x}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -457,7 +457,8 @@ async fn a_standalone_scheduler_binds_while_ctl_watches() {
     let dir = tempfile::tempdir().unwrap();
     let plane = common::PlaneProcess::start(&dir.path().join("plane"), &[]);
     let endpoint = plane.client_addr.to_string();
-    let objects = Objects::new(capstan_client::connect(std::slice::from_ref(&endpoint), Duration::from_secs(10)).await.unwrap());
+    let objects =
+        Objects::new(capstan_client::connect(std::slice::from_ref(&endpoint), Duration::from_secs(10)).await.unwrap());
     let mut scheduler = std::process::Command::new(env!("CARGO_BIN_EXE_capstan"))
         .args(["scheduler", "--endpoints", &endpoint, "--identity", "standalone"])
         .stderr(std::process::Stdio::null())

@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use capstan_proto::objects::{decode_stored, DecodeError, Kind, Object};
+use capstan_proto::objects::{decode_stored, new_uid, timestamp, DecodeError, Kind, Object};
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
 
 /// How many keys one page of a list reads: 250 objects of up to 16 KiB stay under the
@@ -251,10 +251,26 @@ pub fn resource_version(object: &Object) -> i64 {
     object.metadata().resource_version.parse().unwrap_or(0)
 }
 
-/// The compare and put that create `object` only where no key is.
+/// The compare and put that create `object` only where no key is, with a UID and
+/// creation time if it has none (as the Kubernetes API server sets them).
 pub fn create_op(object: &Object) -> (Compare, TxnOp) {
+    let object = with_identity(object);
     let key = object.key();
     (Compare::create_revision(key.clone(), CompareOp::Equal, 0), TxnOp::put(key, object.encode(), None))
+}
+
+/// The object with a fresh UID and the current time as its creation time, where unset:
+/// a pod re-created under an old name is then a different pod to everyone.
+fn with_identity(object: &Object) -> Object {
+    let mut object = object.clone();
+    let meta = object.metadata_mut();
+    if meta.uid.is_empty() {
+        meta.uid = new_uid();
+    }
+    if meta.creation_timestamp.is_empty() {
+        meta.creation_timestamp = timestamp(std::time::SystemTime::now());
+    }
+    object
 }
 
 /// The compare and put that replace `object` only at the version it was read at.

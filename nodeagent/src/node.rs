@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use capstan_client::{ClientError, Objects};
 use capstan_proto::objects::{
-    condition, new_uid, set_condition, timestamp, Condition, DaemonEndpoints, Endpoint, Kind, Node, NodeAddress,
-    Object, ObjectMeta, Quantity, Taint, CONDITION_FALSE, CONDITION_TRUE, NODE_LEASE_PREFIX, NODE_READY,
+    condition, set_condition, timestamp, Condition, DaemonEndpoints, Endpoint, Kind, Node, NodeAddress, Object,
+    ObjectMeta, Quantity, Taint, CONDITION_FALSE, CONDITION_TRUE, NODE_LEASE_PREFIX, NODE_READY,
 };
 use etcd_client::PutOptions;
 
@@ -79,12 +79,7 @@ pub async fn register(objects: &Objects, config: &AgentConfig) -> Result<(), Cli
             let mut node = match current {
                 Some(Object::Node(node)) => node.clone(),
                 _ => Node {
-                    metadata: ObjectMeta {
-                        name: config.name.clone(),
-                        uid: new_uid(),
-                        creation_timestamp: now.clone(),
-                        ..Default::default()
-                    },
+                    metadata: ObjectMeta { name: config.name.clone(), ..Default::default() },
                     spec: capstan_proto::objects::NodeSpec { unschedulable: false, taints: config.taints.clone() },
                     ..Default::default()
                 },

@@ -62,6 +62,12 @@ pub enum Workload {
         #[arg(long, default_value_t = 10_000)]
         pods: usize,
     },
+    /// Creates pods and measures how long node agents take from a pod's bind to its
+    /// Running status (p50/p99). Needs a scheduler and running agents.
+    PodStart {
+        #[arg(long, default_value_t = 200)]
+        pods: usize,
+    },
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +99,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.workload {
         Workload::Failover => return failover(&args, &endpoints).await,
         Workload::Schedule { nodes, pods } => return schedule::run(&args, &endpoints, nodes, pods).await,
+        Workload::PodStart { pods } => return schedule::pod_start(&args, &endpoints, pods).await,
         _ => {}
     }
     let options = ConnectOptions::new().with_connect_timeout(REQUEST_TIMEOUT).with_timeout(REQUEST_TIMEOUT);
@@ -161,7 +168,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
 async fn request(mut client: Client, workload: Workload, key: String, value: &str) -> Result<(), etcd_client::Error> {
     match workload {
-        Workload::Put | Workload::Failover | Workload::Schedule { .. } => {
+        Workload::Put | Workload::Failover | Workload::Schedule { .. } | Workload::PodStart { .. } => {
             client.put(key, value, None).await.map(|_| ())
         }
         Workload::Range { consistency } => {
@@ -221,6 +228,7 @@ fn report(args: &BenchArgs, tally: &mut Tally) {
         Workload::Txn => "txn".to_string(),
         Workload::Failover => "failover".to_string(),
         Workload::Schedule { .. } => "schedule".to_string(),
+        Workload::PodStart { .. } => "pod-start".to_string(),
     };
     if args.json {
         let result = serde_json::json!({

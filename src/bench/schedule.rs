@@ -4,6 +4,10 @@
 //! whichever scheduler leads. Reports pods bound per second (first create to last bind)
 //! and each pod's latency from its create being acknowledged to its bind being seen.
 //! Everything it creates lives under `bench-` names and is deleted before and after.
+//!
+//! `capstan bench pod-start --pods N` needs real agents: it creates N pods and reports
+//! each one's time from being seen bound to being seen Running (the kubelet's pod
+//! startup latency, whose Kubernetes SLO is p99 <= 5 s).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -101,6 +105,63 @@ pub async fn run(args: &BenchArgs, endpoints: &[String], nodes: usize, pods: usi
         println!(
             "schedule {nodes} nodes, {pods} pods  {rate:.0} pods bound/s ({total_secs:.1} s; creating took {creation_secs:.1} s)  create→bound p50 {p50:.0} ms  p99 {p99:.0} ms"
         );
+    }
+    Ok(())
+}
+
+const START_NAMESPACE: &str = "bench-pod-start";
+
+pub async fn pod_start(args: &BenchArgs, endpoints: &[String], pods: usize) -> anyhow::Result<()> {
+    let client = capstan_client::connect(endpoints, Duration::from_secs(30)).await.context("cannot connect")?;
+    let objects = Objects::new(client.clone());
+    let prefix = Kind::Pod.namespace_prefix(START_NAMESPACE);
+    client.kv_client().delete(prefix.clone(), Some(DeleteOptions::new().with_prefix())).await?;
+    let revision = client.kv_client().get("bench", None).await?.header().map_or(0, |h| h.revision());
+    let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+    let mut stream = client.watch_client().watch(prefix.clone(), Some(options)).await?;
+    let pod_objects: Vec<Object> = (0..pods)
+        .map(|index| {
+            let mut object = pod(index);
+            if let Object::Pod(pod) = &mut object {
+                pod.metadata.namespace = START_NAMESPACE.into();
+                pod.spec.containers[0].resources.requests.clear();
+            }
+            object
+        })
+        .collect();
+    create_all(&objects, &pod_objects, args.clients.max(1)).await?;
+    let (mut bound_at, mut running_at) = (HashMap::new(), HashMap::new());
+    let deadline = tokio::time::Instant::now() + BIND_TIMEOUT;
+    while running_at.len() < pods {
+        let Ok(message) = tokio::time::timeout_at(deadline, stream.message()).await else {
+            bail!("only {} of {pods} pods were Running within {BIND_TIMEOUT:?}: are agents running?", running_at.len());
+        };
+        let response = message?.context("the watch ended")?;
+        let now = Instant::now();
+        for event in response.events() {
+            let Some(kv) = event.kv().filter(|_| event.event_type() == EventType::Put) else { continue };
+            if let Ok(Object::Pod(pod)) = decode_stored(kv.key(), kv.value(), kv.mod_revision()) {
+                if !pod.spec.node_name.is_empty() {
+                    bound_at.entry(kv.key().to_vec()).or_insert(now);
+                }
+                if pod.status.phase == capstan_proto::objects::PodPhase::Running {
+                    running_at.entry(kv.key().to_vec()).or_insert(now);
+                }
+            }
+        }
+    }
+    let mut latencies_us: Vec<u32> = running_at
+        .iter()
+        .filter_map(|(key, running)| bound_at.get(key).map(|bound| running.saturating_duration_since(*bound)))
+        .map(|latency| latency.as_micros().min(u32::MAX as u128) as u32)
+        .collect();
+    latencies_us.sort_unstable();
+    let (p50, p99) = (percentile(&latencies_us, 0.5), percentile(&latencies_us, 0.99));
+    client.kv_client().delete(prefix, Some(DeleteOptions::new().with_prefix())).await?;
+    if args.json {
+        println!("{}", serde_json::json!({"workload": "pod-start", "pods": pods, "p50_ms": p50, "p99_ms": p99}));
+    } else {
+        println!("pod-start {pods} pods  bound→Running p50 {p50:.0} ms  p99 {p99:.0} ms");
     }
     Ok(())
 }

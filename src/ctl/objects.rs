@@ -13,8 +13,8 @@ use capstan_client::{ClientError, Objects};
 use capstan_proto::objects::manifest::decode_documents;
 use capstan_proto::objects::validate::validate;
 use capstan_proto::objects::{
-    condition, decode_stored, new_uid, parse_timestamp, timestamp, Kind, Node, Object, Pod, PodPhase, ReplicaSet,
-    CONDITION_TRUE, DEFAULT_NAMESPACE, NODE_READY, RESOURCE_CPU, RESOURCE_MEMORY, RESOURCE_PODS,
+    condition, decode_stored, parse_timestamp, Kind, Node, Object, Pod, PodPhase, ReplicaSet, CONDITION_TRUE,
+    DEFAULT_NAMESPACE, NODE_READY, RESOURCE_CPU, RESOURCE_MEMORY, RESOURCE_PODS,
 };
 use clap::{Args, ValueEnum};
 use etcd_client::{EventType, WatchOptions};
@@ -200,11 +200,9 @@ async fn apply_one(objects: &Objects, desired: Object) -> anyhow::Result<&'stati
     objects
         .modify_or_create(kind, &namespace, &name, |current| match current {
             None => {
+                // The client gives it a UID and creation time.
                 let mut created = desired.clone();
-                let meta = created.metadata_mut();
-                meta.uid = new_uid();
-                meta.creation_timestamp = timestamp(SystemTime::now());
-                meta.resource_version.clear();
+                created.metadata_mut().resource_version.clear();
                 Ok((Some(created), "created"))
             }
             Some(current) => {
@@ -843,6 +841,8 @@ pub async fn logs(
 
 #[cfg(test)]
 mod tests {
+    use capstan_proto::objects::timestamp;
+
     use super::*;
 
     fn args(line: &str) -> Vec<String> {

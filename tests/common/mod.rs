@@ -125,14 +125,17 @@ fn spawn_plane(
     peer_addr: SocketAddr,
     extra_args: &[String],
 ) -> (Child, mpsc::Receiver<String>) {
+    let mut args: Vec<String> = vec!["plane".into(), "--name".into(), name.into(), "--data-dir".into()];
+    args.push(data_dir.display().to_string());
+    args.extend(["--listen-client".into(), client_addr.to_string(), "--listen-peer".into(), peer_addr.to_string()]);
+    args.extend(extra_args.iter().cloned());
+    spawn_capstan(&args)
+}
+
+/// Runs `capstan ARGS` with its stderr lines sent to the returned channel.
+fn spawn_capstan(args: &[String]) -> (Child, mpsc::Receiver<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_capstan"))
-        .arg("plane")
-        .args(["--name", name])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(["--listen-client", &client_addr.to_string()])
-        .args(["--listen-peer", &peer_addr.to_string()])
-        .args(extra_args)
+        .args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -149,6 +152,91 @@ fn spawn_plane(
         }
     });
     (child, log)
+}
+
+/// A `capstan agent` child process; killed when dropped.
+pub struct AgentProcess {
+    child: Child,
+    pub name: String,
+    pub data_dir: PathBuf,
+    args: Vec<String>,
+    log: mpsc::Receiver<String>,
+}
+
+impl AgentProcess {
+    /// Starts an agent named `name` against `endpoints`, serving logs on a free port, and
+    /// waits until its node is registered.
+    pub fn start(name: &str, endpoints: &str, data_dir: &Path, extra_args: &[&str]) -> AgentProcess {
+        let mut args: Vec<String> =
+            vec!["agent".into(), "--name".into(), name.into(), "--endpoints".into(), endpoints.into()];
+        args.extend([
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--listen-logs".into(),
+            "127.0.0.1:0".into(),
+        ]);
+        args.extend(extra_args.iter().map(|arg| arg.to_string()));
+        let (child, log) = spawn_capstan(&args);
+        let mut agent = AgentProcess { child, name: name.into(), data_dir: data_dir.into(), args, log };
+        agent.wait_for_log("node registered");
+        agent
+    }
+
+    /// Blocks until the agent logs a line containing `needle`; returns the line.
+    pub fn wait_for_log(&mut self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + START_TIMEOUT;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(line) => seen.push(line),
+                Err(_) => panic!("agent never logged {needle:?}; its log:\n{}", seen.join("\n")),
+            }
+        }
+    }
+
+    /// SIGKILL: the agent dies without stopping its pods or revoking its lease.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the (killed) agent again with the same arguments, without waiting.
+    pub fn restart(&mut self) {
+        let (child, log) = spawn_capstan(&self.args);
+        self.child = child;
+        self.log = log;
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        // SIGTERM first, so the agent stops the pods it started.
+        // SAFETY: signalling our own child, which has not been reaped.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+    }
+}
+
+/// The index of the plane that leads, as the planes report it.
+pub async fn leader_index(cluster: &Cluster) -> usize {
+    let connect =
+        |endpoint: String| async move { etcd_client::Client::connect([endpoint], None).await.expect("connect") };
+    let leader = connect(cluster.planes[0].endpoint()).await.status().await.unwrap().leader();
+    for (index, plane) in cluster.planes.iter().enumerate() {
+        if connect(plane.endpoint()).await.status().await.unwrap().header().unwrap().member_id() == leader {
+            return index;
+        }
+    }
+    panic!("no plane is the leader {leader:x}");
 }
 
 /// Planes started together as one cluster.

@@ -8,39 +8,12 @@ mod common;
 use std::time::Duration;
 
 use capstan_client::{Listed, Objects};
-use capstan_proto::objects::{condition, Object, Pod, PodPhase, NODE_READY, REGISTRY_PREFIX};
-use common::{ctl, leader_index, AgentProcess, Cluster, PlaneProcess};
+use capstan_proto::objects::{condition, Object, Pod, PodPhase, NODE_READY};
+use common::{ctl, leader_index, wait_for, AgentProcess, Cluster, PlaneProcess, CONVERGE_TIMEOUT};
 use etcd_client::WatchOptions;
-
-/// A bound on waiting for the cluster to reach a state; not a performance threshold.
-const CONVERGE_TIMEOUT: Duration = Duration::from_secs(90);
 
 async fn objects_at(endpoints: &[String]) -> Objects {
     Objects::new(capstan_client::connect(endpoints, Duration::from_secs(10)).await.expect("connect"))
-}
-
-/// Waits until `done` holds for everything under /registry/, re-checking on each change.
-async fn wait_for(objects: &Objects, what: &str, done: impl Fn(&Listed) -> bool) -> Listed {
-    let deadline = tokio::time::Instant::now() + CONVERGE_TIMEOUT;
-    loop {
-        let listed = objects.list_prefix(REGISTRY_PREFIX).await.expect("list");
-        if done(&listed) {
-            return listed;
-        }
-        let options = WatchOptions::new().with_prefix().with_start_revision(listed.revision + 1);
-        let mut stream = objects.client().watch_client().watch(REGISTRY_PREFIX, Some(options)).await.expect("watch");
-        loop {
-            let Ok(message) = tokio::time::timeout_at(deadline, stream.message()).await else {
-                panic!(
-                    "timed out waiting for {what}: {:#?}",
-                    listed.objects.iter().filter_map(pod_of).collect::<Vec<_>>()
-                )
-            };
-            if message.expect("watch").is_some_and(|response| !response.events().is_empty()) {
-                break;
-            }
-        }
-    }
 }
 
 fn pod_of(object: &Object) -> Option<&Pod> {
@@ -199,7 +172,8 @@ async fn an_agent_runs_pods_to_their_end_and_reports_how_they_ended() {
     assert!(ctl(&endpoint, &["delete", "pod", "again"], "").0);
     objects.create(&again).await.unwrap();
     let listed = wait_for(&objects, "the new again running", |l| {
-        pod(l, "again").is_some_and(|p| p.status.phase == PodPhase::Running && p.status.container_statuses[0].restart_count == 0)
+        pod(l, "again")
+            .is_some_and(|p| p.status.phase == PodPhase::Running && p.status.container_statuses[0].restart_count == 0)
     })
     .await;
     let uid = pod(&listed, "again").unwrap().metadata.uid.clone();

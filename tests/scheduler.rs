@@ -10,60 +10,15 @@ use std::time::{Duration, Instant};
 use capstan_client::{Listed, Objects};
 use capstan_proto::objects::{
     condition, decode_stored, Condition, Container, Kind, Node, Object, ObjectMeta, Pod, PodSpec, Quantity,
-    CONDITION_TRUE, NODE_READY, POD_SCHEDULED, REGISTRY_PREFIX,
+    CONDITION_TRUE, NODE_READY, POD_SCHEDULED,
 };
 use capstan_scheduler::LEADER_KEY;
-use common::{ctl, Cluster};
+use common::{ctl, pods, summary, wait_for, Cluster, CONVERGE_TIMEOUT};
 use etcd_client::{EventType, PutOptions, Txn, TxnOp, WatchOptions};
 use futures::StreamExt;
 
-/// How long the cluster may take to converge after a change; generous, since the tests
-/// share two cores. It bounds a wait for an event, it is not a performance threshold.
-const CONVERGE_TIMEOUT: Duration = Duration::from_secs(90);
-
 async fn objects(cluster: &Cluster) -> Objects {
     Objects::new(capstan_client::connect(&cluster.endpoints(), Duration::from_secs(10)).await.expect("connect"))
-}
-
-/// Waits until `done` holds for everything under /registry/, re-checking on each change
-/// (a watch, not a sleep). Returns the final list.
-async fn wait_for(objects: &Objects, what: &str, done: impl Fn(&Listed) -> bool) -> Listed {
-    let deadline = tokio::time::Instant::now() + CONVERGE_TIMEOUT;
-    loop {
-        let listed = objects.list_prefix(REGISTRY_PREFIX).await.expect("list");
-        if done(&listed) {
-            return listed;
-        }
-        let options = WatchOptions::new().with_prefix().with_start_revision(listed.revision + 1);
-        let mut stream = objects.client().watch_client().watch(REGISTRY_PREFIX, Some(options)).await.expect("watch");
-        loop {
-            let message = tokio::time::timeout_at(deadline, stream.message()).await;
-            let Ok(message) = message else {
-                panic!("timed out waiting for {what}; last list: {:#?}", summary(&listed))
-            };
-            if message.expect("watch").is_some_and(|response| !response.events().is_empty()) {
-                break;
-            }
-        }
-    }
-}
-
-fn summary(listed: &Listed) -> Vec<String> {
-    listed
-        .objects
-        .iter()
-        .map(|object| match object {
-            Object::Pod(pod) => format!(
-                "pod {} node={:?} phase={:?} {:?}",
-                pod.metadata.name, pod.spec.node_name, pod.status.phase, pod.status.conditions
-            ),
-            other => format!("{:?} {}", other.kind(), other.metadata().name),
-        })
-        .collect()
-}
-
-fn pods(listed: &Listed) -> Vec<&Pod> {
-    listed.objects.iter().filter_map(|object| if let Object::Pod(pod) = object { Some(pod) } else { None }).collect()
 }
 
 fn node(name: &str, cpu: &str, memory: &str, labels: &[(&str, &str)]) -> Object {

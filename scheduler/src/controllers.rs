@@ -262,6 +262,10 @@ mod tests {
         rs
     }
 
+    fn lifecycle_config() -> LifecycleConfig {
+        LifecycleConfig { node_monitor_grace: Duration::from_secs(40), pod_eviction_timeout: Duration::from_secs(20) }
+    }
+
     fn apply(cache: &mut Cache, writes: Vec<Write>) {
         for write in writes {
             match write {
@@ -329,10 +333,7 @@ mod tests {
 
     #[test]
     fn a_node_without_its_lease_turns_not_ready_then_its_pods_fail() {
-        let config = LifecycleConfig {
-            node_monitor_grace: Duration::from_secs(40),
-            pod_eviction_timeout: Duration::from_secs(20),
-        };
+        let config = lifecycle_config();
         let mut cache = Cache::default();
         cache.upsert(Object::Node(node("n1", "4", "8Gi", 10).node));
         cache.node_leases.insert("n1".into());
@@ -362,10 +363,7 @@ mod tests {
 
     #[test]
     fn a_ready_node_never_seen_with_a_lease_gets_the_monitor_grace() {
-        let config = LifecycleConfig {
-            node_monitor_grace: Duration::from_secs(40),
-            pod_eviction_timeout: Duration::from_secs(20),
-        };
+        let config = lifecycle_config();
         let mut cache = Cache::default();
         cache.upsert(Object::Node(node("n1", "4", "8Gi", 10).node));
         let mut not_ready = node("n2", "4", "8Gi", 10).node;

@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use capstan_client::{create_op, Objects};
 use capstan_proto::objects::{
-    decode_stored, Condition, Container, Kind, Node, Object, ObjectMeta, Pod, PodSpec, Quantity, CONDITION_TRUE,
-    NODE_LEASE_PREFIX, NODE_READY,
+    decode_stored, Condition, Container, Kind, Node, Object, ObjectMeta, Pod, PodPhase, PodSpec, Quantity,
+    CONDITION_TRUE, NODE_LEASE_PREFIX, NODE_READY,
 };
-use etcd_client::{DeleteOptions, EventType, PutOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{DeleteOptions, EventType, PutOptions, Txn, TxnOp, WatchOptions, WatchStream};
 
 use super::{percentile, BenchArgs};
 
@@ -64,35 +64,16 @@ pub async fn run(args: &BenchArgs, endpoints: &[String], nodes: usize, pods: usi
         let clients = args.clients.max(1);
         tokio::spawn(async move { create_all(&objects, &pod_objects, clients).await })
     };
-    let mut bound_at: HashMap<Vec<u8>, Instant> = HashMap::with_capacity(pods);
-    let deadline = tokio::time::Instant::now() + BIND_TIMEOUT;
-    while bound_at.len() < pods {
-        let Ok(message) = tokio::time::timeout_at(deadline, stream.message()).await else {
-            bail!("only {} of {pods} pods were bound within {BIND_TIMEOUT:?}: is a scheduler running (plane --scheduler)?", bound_at.len());
-        };
-        let response = message?.context("the watch ended")?;
-        let now = Instant::now();
-        for event in response.events() {
-            let Some(kv) = event.kv().filter(|_| event.event_type() == EventType::Put) else { continue };
-            if let Ok(Object::Pod(pod)) = decode_stored(kv.key(), kv.value(), kv.mod_revision()) {
-                if !pod.spec.node_name.is_empty() {
-                    bound_at.entry(kv.key().to_vec()).or_insert(now);
-                }
-            }
-        }
-    }
+    let seen =
+        observe(&mut stream, |seen| seen.bound_at.len() >= pods, "bound: is a scheduler running (plane --scheduler)?")
+            .await?;
+    let bound_at = seen.bound_at;
     let created_at = created_at.await.context("the creating task panicked")??;
     let last_bound = bound_at.values().max().copied().unwrap_or(creating);
-    let mut latencies_us: Vec<u32> = created_at
-        .iter()
-        .filter_map(|(key, created)| bound_at.get(key).map(|bound| bound.saturating_duration_since(*created)))
-        .map(|latency| latency.as_micros().min(u32::MAX as u128) as u32)
-        .collect();
-    latencies_us.sort_unstable();
+    let (p50, p99) = latency_percentiles(&created_at, &bound_at);
     let creation_secs = created_at.values().max().map_or(0.0, |last| last.duration_since(creating).as_secs_f64());
     let total_secs = last_bound.duration_since(creating).as_secs_f64().max(1e-9);
     let rate = pods as f64 / total_secs;
-    let (p50, p99) = (percentile(&latencies_us, 0.5), percentile(&latencies_us, 0.99));
     clean(&objects).await?;
     client.lease_client().revoke(lease).await?;
     if args.json {
@@ -130,33 +111,9 @@ pub async fn pod_start(args: &BenchArgs, endpoints: &[String], pods: usize) -> a
         })
         .collect();
     create_all(&objects, &pod_objects, args.clients.max(1)).await?;
-    let (mut bound_at, mut running_at) = (HashMap::new(), HashMap::new());
-    let deadline = tokio::time::Instant::now() + BIND_TIMEOUT;
-    while running_at.len() < pods {
-        let Ok(message) = tokio::time::timeout_at(deadline, stream.message()).await else {
-            bail!("only {} of {pods} pods were Running within {BIND_TIMEOUT:?}: are agents running?", running_at.len());
-        };
-        let response = message?.context("the watch ended")?;
-        let now = Instant::now();
-        for event in response.events() {
-            let Some(kv) = event.kv().filter(|_| event.event_type() == EventType::Put) else { continue };
-            if let Ok(Object::Pod(pod)) = decode_stored(kv.key(), kv.value(), kv.mod_revision()) {
-                if !pod.spec.node_name.is_empty() {
-                    bound_at.entry(kv.key().to_vec()).or_insert(now);
-                }
-                if pod.status.phase == capstan_proto::objects::PodPhase::Running {
-                    running_at.entry(kv.key().to_vec()).or_insert(now);
-                }
-            }
-        }
-    }
-    let mut latencies_us: Vec<u32> = running_at
-        .iter()
-        .filter_map(|(key, running)| bound_at.get(key).map(|bound| running.saturating_duration_since(*bound)))
-        .map(|latency| latency.as_micros().min(u32::MAX as u128) as u32)
-        .collect();
-    latencies_us.sort_unstable();
-    let (p50, p99) = (percentile(&latencies_us, 0.5), percentile(&latencies_us, 0.99));
+    let Seen { bound_at, running_at } =
+        observe(&mut stream, |seen| seen.running_at.len() >= pods, "Running: are agents running?").await?;
+    let (p50, p99) = latency_percentiles(&bound_at, &running_at);
     client.kv_client().delete(prefix, Some(DeleteOptions::new().with_prefix())).await?;
     if args.json {
         println!("{}", serde_json::json!({"workload": "pod-start", "pods": pods, "p50_ms": p50, "p99_ms": p99}));
@@ -164,6 +121,50 @@ pub async fn pod_start(args: &BenchArgs, endpoints: &[String], pods: usize) -> a
         println!("pod-start {pods} pods  bound→Running p50 {p50:.0} ms  p99 {p99:.0} ms");
     }
     Ok(())
+}
+
+/// p50 and p99, in ms, of the time from each key's `from` instant to its `to` instant.
+fn latency_percentiles(from: &HashMap<Vec<u8>, Instant>, to: &HashMap<Vec<u8>, Instant>) -> (f64, f64) {
+    let mut latencies_us: Vec<u32> = from
+        .iter()
+        .filter_map(|(key, start)| to.get(key).map(|end| end.saturating_duration_since(*start)))
+        .map(|latency| latency.as_micros().min(u32::MAX as u128) as u32)
+        .collect();
+    latencies_us.sort_unstable();
+    (percentile(&latencies_us, 0.5), percentile(&latencies_us, 0.99))
+}
+
+/// When each pod was first seen bound, and first seen Running.
+#[derive(Default)]
+struct Seen {
+    bound_at: HashMap<Vec<u8>, Instant>,
+    running_at: HashMap<Vec<u8>, Instant>,
+}
+
+/// Follows a watch of pods until `done`; fails after [`BIND_TIMEOUT`], saying what
+/// (`waiting_for`) did not happen.
+async fn observe(stream: &mut WatchStream, done: impl Fn(&Seen) -> bool, waiting_for: &str) -> anyhow::Result<Seen> {
+    let mut seen = Seen::default();
+    let deadline = tokio::time::Instant::now() + BIND_TIMEOUT;
+    while !done(&seen) {
+        let Ok(message) = tokio::time::timeout_at(deadline, stream.message()).await else {
+            bail!("not every pod was {waiting_for} (waited {BIND_TIMEOUT:?})");
+        };
+        let response = message?.context("the watch ended")?;
+        let now = Instant::now();
+        for event in response.events() {
+            let Some(kv) = event.kv().filter(|_| event.event_type() == EventType::Put) else { continue };
+            if let Ok(Object::Pod(pod)) = decode_stored(kv.key(), kv.value(), kv.mod_revision()) {
+                if !pod.spec.node_name.is_empty() {
+                    seen.bound_at.entry(kv.key().to_vec()).or_insert(now);
+                }
+                if pod.status.phase == PodPhase::Running {
+                    seen.running_at.entry(kv.key().to_vec()).or_insert(now);
+                }
+            }
+        }
+    }
+    Ok(seen)
 }
 
 /// Creates objects in txns of [`CREATES_PER_TXN`] from `writers` concurrent writers;

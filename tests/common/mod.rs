@@ -9,6 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use capstan_client::{Listed, Objects};
+use capstan_proto::objects::{Object, Pod, REGISTRY_PREFIX};
+use etcd_client::WatchOptions;
+
 /// How long a plane may take to start serving.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -316,4 +320,49 @@ pub fn ctl(endpoints: &str, args: &[&str], input: &str) -> (bool, String, String
         String::from_utf8_lossy(&output.stdout).into(),
         String::from_utf8_lossy(&output.stderr).into(),
     )
+}
+
+/// How long the cluster may take to reach a state after a change: generous, as tests
+/// share two cores. It bounds waiting for an event; it is not a performance threshold.
+pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Waits until `done` holds for everything under /registry/, re-checking on each change
+/// (a watch, not a sleep). Returns the final list.
+pub async fn wait_for(objects: &Objects, what: &str, done: impl Fn(&Listed) -> bool) -> Listed {
+    let deadline = tokio::time::Instant::now() + CONVERGE_TIMEOUT;
+    loop {
+        let listed = objects.list_prefix(REGISTRY_PREFIX).await.expect("list");
+        if done(&listed) {
+            return listed;
+        }
+        let options = WatchOptions::new().with_prefix().with_start_revision(listed.revision + 1);
+        let mut stream = objects.client().watch_client().watch(REGISTRY_PREFIX, Some(options)).await.expect("watch");
+        loop {
+            let message = tokio::time::timeout_at(deadline, stream.message()).await;
+            let Ok(message) = message else {
+                panic!("timed out waiting for {what}; last list: {:#?}", summary(&listed))
+            };
+            if message.expect("watch").is_some_and(|response| !response.events().is_empty()) {
+                break;
+            }
+        }
+    }
+}
+
+pub fn summary(listed: &Listed) -> Vec<String> {
+    listed
+        .objects
+        .iter()
+        .map(|object| match object {
+            Object::Pod(pod) => format!(
+                "pod {} node={:?} phase={:?} {:?}",
+                pod.metadata.name, pod.spec.node_name, pod.status.phase, pod.status.conditions
+            ),
+            other => format!("{:?} {}", other.kind(), other.metadata().name),
+        })
+        .collect()
+}
+
+pub fn pods(listed: &Listed) -> Vec<&Pod> {
+    listed.objects.iter().filter_map(|object| if let Object::Pod(pod) = object { Some(pod) } else { None }).collect()
 }

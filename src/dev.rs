@@ -78,8 +78,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!("  capstan ctl --endpoints={endpoints} logs hello");
     println!("Ctrl-C stops the cluster.");
 
-    let (stop, _) = tokio::sync::watch::channel(false);
-    let mut supervisors = Vec::new();
+    // Agents stop first, while the planes can still take their pods' last status.
+    let (stop_planes, _) = tokio::sync::watch::channel(false);
+    let (stop_agents, _) = tokio::sync::watch::channel(false);
+    let mut planes_supervised = Vec::new();
+    let mut agents_supervised = Vec::new();
     for plane in planes {
         let mut command = Command::new(&exe);
         command
@@ -95,8 +98,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .arg("--scheduler")
             .args(["--node-monitor-grace-secs", &DEV_NODE_MONITOR_GRACE_SECS.to_string()])
             .args(["--pod-eviction-timeout-secs", &DEV_POD_EVICTION_TIMEOUT_SECS.to_string()])
-            .stdin(Stdio::null());
-        supervisors.push(tokio::spawn(supervise(plane.name, command, stop.subscribe())));
+            .stdin(Stdio::null())
+            // Their own process group: a terminal's Ctrl-C reaches `capstan dev` only,
+            // which stops the agents first, then the planes.
+            .process_group(0);
+        planes_supervised.push(tokio::spawn(supervise(plane.name, command, stop_planes.subscribe())));
     }
     for index in 1..=DEV_AGENTS {
         let name = format!("dev-agent-{index}");
@@ -110,14 +116,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .args(["--listen-logs", &format!("127.0.0.1:{}", DEV_AGENT_LOG_PORT + index)])
             .args(["--node-lease-ttl-secs", &DEV_NODE_LEASE_TTL_SECS.to_string()])
             .args(["--restart-backoff-ms", &DEV_RESTART_BACKOFF_MS.to_string()])
-            .stdin(Stdio::null());
-        supervisors.push(tokio::spawn(supervise(name, command, stop.subscribe())));
+            .stdin(Stdio::null())
+            .process_group(0);
+        agents_supervised.push(tokio::spawn(supervise(name, command, stop_agents.subscribe())));
     }
     crate::shutdown_signal().await;
     println!("capstan dev: stopping");
-    let _ = stop.send(true);
-    for supervisor in supervisors {
-        supervisor.await.context("a supervisor panicked")??;
+    for (stop, supervised) in [(stop_agents, agents_supervised), (stop_planes, planes_supervised)] {
+        let _ = stop.send(true);
+        for supervisor in supervised {
+            supervisor.await.context("a supervisor panicked")??;
+        }
     }
     Ok(())
 }

@@ -231,6 +231,55 @@ async fn a_killed_agents_pods_are_replaced_on_another_node() {
         l.objects.iter().any(|o| matches!(o, Object::Node(n) if n.metadata.name == "a1" && n.is_ready()))
     })
     .await;
+
+    // Drain a2: a pod no ReplicaSet owns blocks it unless forced; then a2's replicas are
+    // evicted and replaced on a1.
+    let bare = "apiVersion: v1\nkind: Pod\nmetadata: {name: bare}\nspec:\n  nodeName: a2\n  containers: [{name: c, command: [sleep, '3600']}]\n";
+    assert!(ctl(&endpoints, &["apply", "-f", "-"], bare).0);
+    let (ok, _, err) = ctl(&endpoints, &["drain", "a2"], "");
+    assert!(
+        !ok && err.contains("cannot delete Pods that declare no controller (use --force to override): default/bare"),
+        "{err}"
+    );
+    let (ok, out, err) = ctl(&endpoints, &["drain", "a2", "--force"], "");
+    assert!(ok, "{err}");
+    assert!(out.ends_with("node/a2 drained\n"), "{out}");
+    wait_for(&objects, "the replicas on a1", |l| running_on(l, "a1") == 2 && running_on(l, "a2") == 0).await;
+    let (_, out, _) = ctl(&endpoints, &["get", "nodes"], "");
+    assert!(out.contains("a2     Ready,SchedulingDisabled"), "{out}");
+}
+
+/// The planes go away and come back: the agent's pods keep running meanwhile, and once
+/// the planes return the agent carries on (the same process, no restart) and runs new
+/// pods.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_keep_running_while_the_planes_are_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut plane = PlaneProcess::start(&dir.path().join("plane"), &["--scheduler"]);
+    let endpoint = plane.client_addr.to_string();
+    let lease = ["--node-lease-ttl-secs", "10", "--node-lease-renew-secs", "1"];
+    let mut agent = AgentProcess::start("a1", &endpoint, &dir.path().join("a1"), &lease);
+    let objects = objects_at(std::slice::from_ref(&endpoint)).await;
+    let pod_yaml = |name: &str| {
+        format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  containers: [{{name: c, command: [sleep, '3600']}}]\n")
+    };
+    assert!(ctl(&endpoint, &["apply", "-f", "-"], &pod_yaml("before")).0);
+    wait_for(&objects, "before running", |l| phase_is(l, "before", PodPhase::Running)).await;
+    let pids = left_running(&agent.data_dir);
+    assert_eq!(pids.len(), 1);
+
+    plane.kill();
+    agent.wait_for_log("cannot renew the node lease");
+    assert!(alive(pids[0]), "the pod runs on while the planes are away");
+    plane.restart();
+    plane.wait_until_ready();
+
+    let objects = objects_at(std::slice::from_ref(&endpoint)).await;
+    assert!(ctl(&endpoint, &["apply", "-f", "-"], &pod_yaml("after")).0);
+    let listed = wait_for(&objects, "after running", |l| phase_is(l, "after", PodPhase::Running)).await;
+    let before = pod(&listed, "before").unwrap();
+    assert_eq!((before.status.phase, before.status.container_statuses[0].restart_count), (PodPhase::Running, 0));
+    assert!(alive(pids[0]), "the same process, not a restart");
 }
 
 /// The pids of containers an agent recorded as running.

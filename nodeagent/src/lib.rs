@@ -12,6 +12,7 @@
 //! depends on capstan-store or capstan-raft. Pods keep running while the planes are out
 //! of reach; the agent retries with back-off and reconciles when they return.
 
+pub mod cgroup;
 pub mod logs;
 pub mod node;
 pub mod runtime;
@@ -82,6 +83,12 @@ pub async fn run(mut config: AgentConfig, shutdown: impl std::future::Future<Out
     let io = |what: String| move |source| AgentError::Io { what, source };
     std::fs::create_dir_all(config.data_dir.join("pods"))
         .map_err(io(format!("cannot create {}", config.data_dir.display())))?;
+    let mounts: Vec<&std::path::Path> = cgroup::MOUNTS.iter().map(std::path::Path::new).collect();
+    let cgroups = cgroup::Cgroups::detect(&mounts).map(Arc::new);
+    match &cgroups {
+        Some(_) => tracing::info!("cgroup v2: container cpu and memory limits are enforced"),
+        None => tracing::warn!("no cgroup v2 cpu and memory controllers here: container limits are not enforced"),
+    }
     let leftovers = runtime::kill_leftovers(&config.data_dir);
     if leftovers > 0 {
         tracing::warn!(killed = leftovers, "killed containers a previous agent left running; their pods start again");
@@ -108,7 +115,7 @@ pub async fn run(mut config: AgentConfig, shutdown: impl std::future::Future<Out
     let (stop_heartbeat, heartbeat_stop) = watch::channel(false);
     let heartbeat = tokio::spawn(node::heartbeat(objects.clone(), config.clone(), heartbeat_stop));
 
-    let mut agent = Agent { objects, config, pods: HashMap::new(), stopping: Vec::new() };
+    let mut agent = Agent { objects, config, cgroups, pods: HashMap::new(), stopping: Vec::new() };
     tokio::pin!(shutdown);
     tokio::select! {
         () = &mut shutdown => {}
@@ -146,6 +153,7 @@ struct PodWorker {
 struct Agent {
     objects: Objects,
     config: AgentConfig,
+    cgroups: Option<Arc<cgroup::Cgroups>>,
     pods: HashMap<String, PodWorker>,
     /// Workers told to stop, still stopping.
     stopping: Vec<JoinHandle<()>>,
@@ -260,6 +268,7 @@ impl Agent {
             data_dir: self.config.data_dir.clone(),
             backoff_base: self.config.backoff_base,
             backoff_max: self.config.backoff_max,
+            cgroups: self.cgroups.clone(),
         };
         let uid = pod.metadata.uid.clone();
         let task = tokio::spawn(work(

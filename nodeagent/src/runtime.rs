@@ -17,6 +17,7 @@ use tokio::process::Command;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
+use crate::cgroup::{Cgroups, Limits};
 use crate::status::{ContainerRun, Exit, RunState};
 
 /// Kubernetes' default termination grace period.
@@ -33,6 +34,8 @@ pub struct RuntimeConfig {
     /// The first restart delay; it doubles up to `backoff_max` (Kubernetes: 10 s, 5 min).
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// Where containers' limits are enforced (cgroup v2), if this machine can.
+    pub cgroups: Option<Arc<Cgroups>>,
 }
 
 /// The shared view of a pod's containers, read by the status writer.
@@ -174,6 +177,9 @@ impl Supervisor {
             }
         };
         let _ = std::fs::remove_file(self.pid_file());
+        if let Some(cgroups) = &self.config.cgroups {
+            cgroups.remove(&self.cgroup_name());
+        }
         let finished_at = timestamp(SystemTime::now());
         match status {
             Ok(status) => {
@@ -192,6 +198,12 @@ impl Supervisor {
                 finished_at,
             },
         }
+    }
+
+    /// The container's cgroup: `<pod dir name>-<container>`.
+    fn cgroup_name(&self) -> String {
+        let pod = self.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        format!("{pod}-{}", self.container.name)
     }
 
     fn pid_file(&self) -> PathBuf {
@@ -222,6 +234,16 @@ impl Supervisor {
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(err_log))
             .process_group(0);
+        let limits = Limits::of(container);
+        if let (Some(cgroups), false) = (&self.config.cgroups, limits.is_empty()) {
+            let procs = cgroups
+                .create(&self.cgroup_name(), &limits)
+                .map_err(|e| format!("cannot create the container's cgroup: {e}"))?;
+            let procs = std::ffi::CString::new(procs.into_os_string().into_encoded_bytes())
+                .map_err(|_| "the cgroup path holds a NUL byte".to_string())?;
+            // SAFETY: `join` only makes system calls, as the pre-exec closure must.
+            unsafe { command.pre_exec(move || crate::cgroup::join(&procs)) };
+        }
         command.spawn().map_err(|e| format!("failed to start container {:?}: {program:?}: {e}", container.name))
     }
 }

@@ -91,6 +91,10 @@ pub struct PlaneArgs {
     /// Also run a scheduler candidate and the controllers (the elected one leads).
     #[arg(long)]
     pub scheduler: bool,
+    /// Deliberately broken, to prove the chaos harness catches it: serve linearizable
+    /// reads from this plane's state without read-index (stale under a partition).
+    #[arg(long, hide = true)]
+    pub unsafe_stale_reads: bool,
     #[command(flatten)]
     pub scheduler_args: SchedulerArgs,
 }
@@ -286,6 +290,10 @@ impl PlaneArgs {
         config.watch_progress_notify_interval = Duration::from_secs(self.watch_progress_notify_interval_secs.max(1));
         if self.scheduler {
             config.scheduler = Some(self.scheduler_args.config(self.name.clone())?);
+        }
+        if self.unsafe_stale_reads {
+            tracing::warn!("--unsafe-stale-reads: linearizable reads may be stale; for testing the chaos harness only");
+            config.unsafe_stale_reads = true;
         }
         Ok(config)
     }

@@ -1,9 +1,17 @@
-//! capstan-jepsen: the chaos harness (being built: so far its history checkers).
+//! capstan-jepsen: the chaos harness (being built).
 //!
-//! It will run real planes in network namespaces, inject failures, record histories and
-//! check them (linearizability, watches, scheduler invariants).
+//! - [`net`]: a network of Linux namespaces, one per node, with partitions.
+//! - [`cluster`]: real `capstan plane` processes in them, killed and restarted.
+//! - [`run`]: a register workload under a nemesis, its history checked.
+//! - [`linearizability`]: the WGL checker, per key.
+//!
+//! Still to come: pause and membership nemeses, slow links, the set, bank, watch, lease
+//! and scheduler workloads, and HTML reports.
 //!
 //! Invariant: it treats the cluster as a black box reached over the network API; it never
 //! depends on capstan-store or capstan-raft.
 
+pub mod cluster;
 pub mod linearizability;
+pub mod net;
+pub mod run;

@@ -1,0 +1,132 @@
+//! A test network of Linux network namespaces: one per node, each with an `eth0` on a
+//! bridge in a hub namespace, and a veth from the harness (the root namespace) to the
+//! same bridge, so the harness reaches every node and the nodes reach each other on a
+//! private /24. Faults are made with iproute2 only: a partition is a set of blackhole
+//! routes inside the nodes' namespaces, and slow links are tc netem on their `eth0`.
+//!
+//! Everything is named after the run (`cj<id>-...`) and removed on drop.
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+
+use anyhow::{bail, Context};
+
+pub struct Network {
+    /// `cj<id>`, the prefix of every namespace and interface.
+    prefix: String,
+    /// The third octet of the run's subnet, 10.77.<subnet>.0/24.
+    subnet: u8,
+    nodes: usize,
+}
+
+/// Runs `ip ARGS` (or another iproute2 tool), failing with its stderr.
+fn ip(tool: &str, args: &[&str]) -> anyhow::Result<()> {
+    let output = Command::new(tool).args(args).output().with_context(|| format!("cannot run {tool} (iproute2)"))?;
+    if !output.status.success() {
+        bail!("{tool} {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(())
+}
+
+impl Network {
+    /// Creates the namespaces and links for `nodes` nodes. Needs root.
+    pub fn create(nodes: usize) -> anyhow::Result<Network> {
+        if !(1..=200).contains(&nodes) {
+            bail!("a test network has 1 to 200 nodes, not {nodes}");
+        }
+        // Unique per process and per network in it, so runs side by side do not collide.
+        static CREATED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let count = CREATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10;
+        let id = std::process::id() % 1000 * 10 + count;
+        let network = Network { prefix: format!("cj{id}"), subnet: (id % 250) as u8 + 1, nodes };
+        network.remove();
+        network.build().context("cannot build the test network (this needs root and iproute2)")?;
+        Ok(network)
+    }
+
+    fn build(&self) -> anyhow::Result<()> {
+        let hub = self.hub();
+        ip("ip", &["netns", "add", &hub])?;
+        ip("ip", &["-n", &hub, "link", "set", "lo", "up"])?;
+        ip("ip", &["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
+        ip("ip", &["-n", &hub, "link", "set", "br0", "up"])?;
+        let harness = self.harness_link();
+        ip("ip", &["link", "add", &harness, "type", "veth", "peer", "name", "harness", "netns", &hub])?;
+        ip("ip", &["addr", "add", &format!("{}/24", self.harness_address()), "dev", &harness])?;
+        ip("ip", &["link", "set", &harness, "up"])?;
+        ip("ip", &["-n", &hub, "link", "set", "harness", "master", "br0", "up"])?;
+        for node in 0..self.nodes {
+            let namespace = self.namespace(node);
+            let port = format!("n{node}");
+            ip("ip", &["netns", "add", &namespace])?;
+            ip("ip", &["-n", &namespace, "link", "set", "lo", "up"])?;
+            ip("ip", &["-n", &namespace, "link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns", &hub])?;
+            ip("ip", &["-n", &namespace, "addr", "add", &format!("{}/24", self.address(node)), "dev", "eth0"])?;
+            ip("ip", &["-n", &namespace, "link", "set", "eth0", "up"])?;
+            ip("ip", &["-n", &hub, "link", "set", &port, "master", "br0", "up"])?;
+        }
+        Ok(())
+    }
+
+    fn hub(&self) -> String {
+        format!("{}-hub", self.prefix)
+    }
+
+    fn harness_link(&self) -> String {
+        format!("{}h", self.prefix)
+    }
+
+    pub fn nodes(&self) -> usize {
+        self.nodes
+    }
+
+    /// The namespace node `index` runs in.
+    pub fn namespace(&self, index: usize) -> String {
+        format!("{}-n{index}", self.prefix)
+    }
+
+    /// Node `index`'s address (10.77.<subnet>.<index + 1>).
+    pub fn address(&self, index: usize) -> Ipv4Addr {
+        Ipv4Addr::new(10, 77, self.subnet, index as u8 + 1)
+    }
+
+    fn harness_address(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 77, self.subnet, 254)
+    }
+
+    /// Cuts the network into `groups`: a node reaches only the nodes of its own group
+    /// (and the harness, which sees everyone, as a client anywhere would).
+    pub fn partition(&self, groups: &[Vec<usize>]) -> anyhow::Result<()> {
+        for group in groups {
+            for &node in group {
+                for other in (0..self.nodes).filter(|other| !group.contains(other)) {
+                    let route = format!("{}/32", self.address(other));
+                    ip("ip", &["-n", &self.namespace(node), "route", "add", "blackhole", &route])?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every partition.
+    pub fn heal(&self) -> anyhow::Result<()> {
+        for node in 0..self.nodes {
+            ip("ip", &["-n", &self.namespace(node), "route", "flush", "type", "blackhole"])?;
+        }
+        Ok(())
+    }
+
+    fn remove(&self) {
+        for node in 0..self.nodes {
+            let _ = ip("ip", &["netns", "delete", &self.namespace(node)]);
+        }
+        let _ = ip("ip", &["netns", "delete", &self.hub()]);
+        let _ = ip("ip", &["link", "delete", &self.harness_link()]);
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}

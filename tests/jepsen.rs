@@ -16,6 +16,8 @@ fn config(dir: &std::path::Path, faults: Vec<Fault>, plane_args: &[&str]) -> Run
         fault_interval: Duration::from_secs(2),
         keys: 4,
         clients: 6,
+        rate: 0,
+        seed: 42,
         plane_args: plane_args.iter().map(|arg| arg.to_string()).collect(),
     }
 }

@@ -1,11 +1,12 @@
-//! `capstan-jepsen run`: one chaos run against real planes in network namespaces (needs
-//! root and iproute2). Prints the report; exits non-zero when the history is not
-//! linearizable.
+//! `capstan-jepsen test`: one chaos run against real planes in network namespaces (needs
+//! root and iproute2); `capstan-jepsen analyze DIR`: check a stored history again. Prints
+//! a summary; exits non-zero when the history is not linearizable.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use capstan_jepsen::run::{run, Fault, RunConfig};
+use anyhow::{bail, Context};
+use capstan_jepsen::run::{analyze, read_history, run, Fault, Report, RunConfig};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
@@ -17,32 +18,51 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a register workload under faults and check it for linearizability.
-    Run {
+    /// Run a workload under faults and check its history.
+    Test {
+        #[arg(long, value_enum, default_value = "register")]
+        workload: Workload,
+        /// Faults to inject, in turn.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "kill,partition")]
+        nemesis: Vec<NemesisArg>,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// How long the workload runs (`60s`, `5m`).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        time: Duration,
+        /// Clients at once, spread over the planes.
+        #[arg(long, default_value_t = 6)]
+        concurrency: usize,
+        /// Operations per second over all clients (0: as fast as they go).
+        #[arg(long, default_value_t = 0)]
+        rate: u32,
+        /// Seeds every random choice of the run.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// How long a fault lasts, and the calm between two (`3s`).
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        fault_interval: Duration,
+        /// Keys in use at a time (they rotate every 2 s).
+        #[arg(long, default_value_t = 5)]
+        keys: usize,
         /// The capstan binary the planes run.
         #[arg(long, default_value = "capstan")]
         capstan: PathBuf,
         /// Where data, logs, the history and the report go.
         #[arg(long, default_value = "jepsen-run")]
         dir: PathBuf,
-        #[arg(long, default_value_t = 3)]
-        nodes: usize,
-        #[arg(long, default_value_t = 60)]
-        time_limit_secs: u64,
-        /// Faults to inject, in turn.
-        #[arg(long, value_enum, value_delimiter = ',', default_value = "kill,partition")]
-        nemesis: Vec<NemesisArg>,
-        /// Seconds a fault lasts, and between faults.
-        #[arg(long, default_value_t = 3)]
-        fault_interval_secs: u64,
-        #[arg(long, default_value_t = 5)]
-        keys: usize,
-        #[arg(long, default_value_t = 6)]
-        clients: usize,
-        /// Extra flags for every plane.
+        /// Extra flags for every plane, space-separated.
         #[arg(long, allow_hyphen_values = true, value_delimiter = ' ')]
         plane_args: Vec<String>,
     },
+    /// Check the history a run left in DIR again.
+    Analyze { dir: PathBuf },
+}
+
+#[derive(ValueEnum, Clone, Copy)]
+enum Workload {
+    /// Per-key read/write/compare-and-set, checked for linearizability.
+    Register,
 }
 
 #[derive(ValueEnum, Clone, Copy)]
@@ -52,31 +72,7 @@ enum NemesisArg {
 }
 
 fn main() -> std::process::ExitCode {
-    let Command::Run { capstan, dir, nodes, time_limit_secs, nemesis, fault_interval_secs, keys, clients, plane_args } =
-        Cli::parse().command;
-    let faults = nemesis.into_iter().map(|n| match n {
-        NemesisArg::Kill => Fault::Kill,
-        NemesisArg::Partition => Fault::Partition,
-    });
-    let config = RunConfig {
-        capstan,
-        dir,
-        nodes,
-        time_limit: Duration::from_secs(time_limit_secs),
-        faults: faults.collect(),
-        fault_interval: Duration::from_secs(fault_interval_secs.max(1)),
-        keys,
-        clients,
-        plane_args,
-    };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("capstan-jepsen: cannot start the async runtime: {error}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(config)) {
+    match run_cli(Cli::parse()) {
         Ok(report) => {
             for fault in &report.faults {
                 println!("{fault}");
@@ -101,4 +97,64 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn run_cli(cli: Cli) -> anyhow::Result<Report> {
+    let config = match cli.command {
+        Command::Analyze { dir } => return Ok(analyze(&read_history(&dir.join("history.jsonl"))?, Vec::new())),
+        Command::Test {
+            workload: Workload::Register,
+            nemesis,
+            nodes,
+            time,
+            concurrency,
+            rate,
+            seed,
+            fault_interval,
+            keys,
+            capstan,
+            dir,
+            plane_args,
+        } => RunConfig {
+            capstan,
+            dir,
+            nodes,
+            time_limit: time,
+            faults: nemesis
+                .into_iter()
+                .map(|n| match n {
+                    NemesisArg::Kill => Fault::Kill,
+                    NemesisArg::Partition => Fault::Partition,
+                })
+                .collect(),
+            fault_interval: fault_interval.max(Duration::from_millis(100)),
+            keys,
+            clients: concurrency,
+            rate,
+            seed: seed.unwrap_or_else(|| fastrand::u64(..)),
+            plane_args,
+        },
+    };
+    check_privileges()?;
+    println!("seed {}", config.seed);
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        tokio::select! {
+            report = run(config) => report,
+            // Dropping the run kills the planes and removes the network.
+            _ = tokio::signal::ctrl_c() => bail!("interrupted; the cluster and its network were removed"),
+        }
+    })
+}
+
+/// Network namespaces need root and iproute2: say so before anything starts.
+fn check_privileges() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("chaos runs make network namespaces: run as root");
+    }
+    if std::process::Command::new("ip").arg("-V").output().is_err() {
+        bail!("chaos runs need `ip` from iproute2 (apt-get install iproute2)");
+    }
+    Ok(())
 }

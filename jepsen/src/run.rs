@@ -34,6 +34,10 @@ pub struct RunConfig {
     pub fault_interval: Duration,
     pub keys: usize,
     pub clients: usize,
+    /// Operations per second over all clients; 0: as fast as they go.
+    pub rate: u32,
+    /// Seeds every random choice (operations, values picked, faults and their targets).
+    pub seed: u64,
     /// Extra flags for every plane (`--unsafe-stale-reads` proves the checker).
     pub plane_args: Vec<String>,
 }
@@ -62,7 +66,7 @@ fn never_sent(error: &etcd_client::Error) -> bool {
     error.to_string().contains("tcp connect error")
 }
 
-type History = BTreeMap<String, Vec<Operation<u64>>>;
+pub type History = BTreeMap<String, Vec<Operation<u64>>>;
 
 pub async fn run(config: RunConfig) -> anyhow::Result<Report> {
     std::fs::create_dir_all(&config.dir).with_context(|| format!("cannot create {}", config.dir.display()))?;
@@ -71,9 +75,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Report> {
     let start = Instant::now();
     let deadline = start + config.time_limit;
     let mut clients = tokio::task::JoinSet::new();
+    let pause = match config.rate {
+        0 => Duration::ZERO,
+        rate => Duration::from_secs_f64(config.clients as f64 / f64::from(rate)),
+    };
     for id in 0..config.clients {
         let endpoint = cluster.endpoint(id % cluster.len());
-        clients.spawn(client(id, endpoint, config.keys, start, deadline));
+        let rng = fastrand::Rng::with_seed(config.seed.wrapping_add(id as u64 + 1));
+        clients.spawn(client(ClientSpec { id, endpoint, keys: config.keys, pause, rng }, start, deadline));
     }
     let faults = nemesis(&mut cluster, &config, start, deadline).await?;
     let mut history = History::new();
@@ -82,28 +91,87 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Report> {
             history.entry(key).or_default().push(operation);
         }
     }
+    write_history(&config, &history)?;
+    let report = analyze(&history, faults);
+    let json = serde_json::json!({
+        "seed": config.seed,
+        "operations": report.operations,
+        "completed": report.completed,
+        "indeterminate": report.indeterminate,
+        "faults": report.faults,
+        "checkers": {"linearizable": {"valid": report.violation.is_none(), "violation": report.violation}},
+    });
+    let path = config.dir.join("report.json");
+    std::fs::write(&path, format!("{json:#}\n")).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(report)
+}
+
+/// Checks a history key by key.
+pub fn analyze(history: &History, faults: Vec<String>) -> Report {
     let operations: usize = history.values().map(Vec::len).sum();
     let indeterminate = history.values().flatten().filter(|op| op.ret.is_none()).count();
-    let violation = match check_keys(&history) {
+    let violation = match check_keys(history) {
         Ok(()) => None,
         Err((key, Verdict::NotLinearizable { stuck })) => {
             Some(format!("key {key} is not linearizable; the search got stuck at {:?}", history[&key][stuck]))
         }
         Err((key, verdict)) => Some(format!("key {key}: {verdict:?}")),
     };
-    write_history(&config, &history)?;
-    Ok(Report { operations, completed: operations - indeterminate, indeterminate, faults, violation })
+    Report { operations, completed: operations - indeterminate, indeterminate, faults, violation }
+}
+
+/// Reads a history written by a run (`history.jsonl`); a line that is not one says where.
+pub fn read_history(path: &std::path::Path) -> anyhow::Result<History> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut history = History::new();
+    for (number, line) in text.lines().enumerate().filter(|(_, line)| !line.trim().is_empty()) {
+        let (key, operation) =
+            parse_line(line).with_context(|| format!("{} line {}: not an operation", path.display(), number + 1))?;
+        history.entry(key).or_default().push(operation);
+    }
+    Ok(history)
+}
+
+fn parse_line(line: &str) -> anyhow::Result<(String, Operation<u64>)> {
+    let value: serde_json::Value = serde_json::from_str(line)?;
+    let field = |name: &str| value.get(name).with_context(|| format!("no {name:?}"));
+    let number = |v: &serde_json::Value, name: &str| {
+        v.get(name).and_then(serde_json::Value::as_u64).with_context(|| format!("no number {name:?}"))
+    };
+    let key = field("key")?.as_str().context("the key is not a string")?.to_string();
+    let call = number(&value, "call")?;
+    let ret = match field("return")? {
+        serde_json::Value::Null => None,
+        other => Some(other.as_u64().context("the return is not a number")?),
+    };
+    let op = field("op")?;
+    let op = match op.get("f").and_then(serde_json::Value::as_str) {
+        Some("read") => RegisterOp::Read { observed: op.get("value").and_then(serde_json::Value::as_u64) },
+        Some("write") => RegisterOp::Write { value: number(op, "value")? },
+        Some("cas") => RegisterOp::Cas {
+            expected: number(op, "expected")?,
+            new: number(op, "new")?,
+            succeeded: op.get("succeeded").and_then(serde_json::Value::as_bool).context("no \"succeeded\"")?,
+        },
+        other => anyhow::bail!("unknown operation {other:?}"),
+    };
+    Ok((key, Operation { call, ret, op }))
+}
+
+/// What one client is: its number (values it writes are unique to it), the plane it
+/// talks to, how many keys it picks from, its pause between operations, its randomness.
+struct ClientSpec {
+    id: usize,
+    endpoint: String,
+    keys: usize,
+    pause: Duration,
+    rng: fastrand::Rng,
 }
 
 /// One client: random reads, writes and CASes on `keys` keys through one plane until the
 /// deadline. Every written value is unique, so a read names the write it saw.
-async fn client(
-    id: usize,
-    endpoint: String,
-    keys: usize,
-    start: Instant,
-    deadline: Instant,
-) -> Vec<(String, Operation<u64>)> {
+async fn client(me: ClientSpec, start: Instant, deadline: Instant) -> Vec<(String, Operation<u64>)> {
+    let ClientSpec { id, endpoint, keys, pause, mut rng } = me;
     let mut history = Vec::new();
     let options = ConnectOptions::new().with_connect_timeout(REQUEST_TIMEOUT).with_timeout(REQUEST_TIMEOUT);
     let mut connection: Option<Client> = None;
@@ -124,11 +192,11 @@ async fn client(
         // Keys rotate every few seconds, so each key's history stays short enough for the
         // checker, whose search grows with the operations that overlap.
         let generation = start.elapsed().as_secs() / KEY_GENERATION_SECS;
-        let key = format!("jepsen/g{generation}/r{}", fastrand::usize(..keys.max(1)));
+        let key = format!("jepsen/g{generation}/r{}", rng.usize(..keys.max(1)));
         counter += 1;
         let value = id as u64 * 1_000_000_000 + counter;
         let call = now();
-        let (op, outcome) = match (fastrand::u8(..3), last_seen.get(&key).copied()) {
+        let (op, outcome) = match (rng.u8(..3), last_seen.get(&key).copied()) {
             (0, _) => match client.get(key.as_str(), None).await {
                 Ok(response) => {
                     let observed =
@@ -169,6 +237,9 @@ async fn client(
             }
         };
         history.push((key, Operation { call, ret, op }));
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
     }
     history
 }
@@ -183,12 +254,13 @@ async fn nemesis(
 ) -> anyhow::Result<Vec<String>> {
     let mut log = Vec::new();
     let mut note = |what: String| log.push(format!("{:>7.3}s {what}", start.elapsed().as_secs_f64()));
+    let mut rng = fastrand::Rng::with_seed(config.seed);
     let mut turn = 0;
     while !config.faults.is_empty() && Instant::now() + 2 * config.fault_interval < deadline {
         tokio::time::sleep(config.fault_interval).await;
         match config.faults[turn % config.faults.len()] {
             Fault::Kill => {
-                let node = fastrand::usize(..cluster.len());
+                let node = rng.usize(..cluster.len());
                 cluster.kill(node);
                 note(format!("kill n{node}"));
                 tokio::time::sleep(config.fault_interval).await;
@@ -197,7 +269,7 @@ async fn nemesis(
             }
             Fault::Partition => {
                 let mut nodes: Vec<usize> = (0..cluster.len()).collect();
-                fastrand::shuffle(&mut nodes);
+                rng.shuffle(&mut nodes);
                 let minority = nodes.split_off(nodes.len() / 2 + 1);
                 cluster.network.partition(&[nodes.clone(), minority.clone()])?;
                 note(format!("partition {nodes:?} | {minority:?}"));
@@ -233,4 +305,53 @@ fn write_history(config: &RunConfig, history: &History) -> anyhow::Result<()> {
     }
     let path = config.dir.join("history.jsonl");
     std::fs::write(&path, lines).with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histories_round_trip_and_bad_lines_say_where() {
+        let dir = std::env::temp_dir().join(format!("capstan-jepsen-history-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = RunConfig {
+            capstan: "capstan".into(),
+            dir: dir.clone(),
+            nodes: 3,
+            time_limit: Duration::ZERO,
+            faults: vec![],
+            fault_interval: Duration::ZERO,
+            keys: 1,
+            clients: 1,
+            rate: 0,
+            seed: 0,
+            plane_args: vec![],
+        };
+        let mut history = History::new();
+        history.insert(
+            "k".into(),
+            vec![
+                Operation { call: 0, ret: Some(10), op: RegisterOp::Write { value: 1 } },
+                Operation { call: 20, ret: None, op: RegisterOp::Cas { expected: 1, new: 2, succeeded: false } },
+                Operation { call: 30, ret: Some(40), op: RegisterOp::Read { observed: Some(1) } },
+            ],
+        );
+        write_history(&config, &history).unwrap();
+        let path = dir.join("history.jsonl");
+        assert_eq!(read_history(&path).unwrap(), history);
+        assert_eq!(analyze(&history, vec![]).violation, None);
+
+        // A read of a value never written is caught when the history is analysed again.
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(r#"{"key":"k","call":50,"return":60,"op":{"f":"read","value":7}}"#);
+        text.push('\n');
+        std::fs::write(&path, &text).unwrap();
+        assert!(analyze(&read_history(&path).unwrap(), vec![]).violation.is_some());
+
+        std::fs::write(&path, format!("{text}{{\"key\": 1}}\n")).unwrap();
+        let error = format!("{:#}", read_history(&path).unwrap_err());
+        assert!(error.contains("line 5: not an operation"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

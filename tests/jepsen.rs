@@ -1,5 +1,5 @@
 //! The chaos harness on real planes in network namespaces (needs root and iproute2, as
-//! CI has): a register workload under kills and partitions is linearizable, and the same
+//! CI has): a register workload under kills, partitions and pauses is linearizable, and the same
 //! run against planes that serve stale reads is caught.
 
 use std::time::Duration;
@@ -23,12 +23,15 @@ fn config(dir: &std::path::Path, faults: Vec<Fault>, plane_args: &[&str]) -> Run
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn registers_stay_linearizable_under_kills_and_partitions() {
+async fn registers_stay_linearizable_under_kills_partitions_and_pauses() {
     let dir = tempfile::tempdir().unwrap();
-    let report = run(config(dir.path(), vec![Fault::Kill, Fault::Partition], &[])).await.expect("the run");
+    let report =
+        run(config(dir.path(), vec![Fault::Kill, Fault::Partition, Fault::Pause], &[])).await.expect("the run");
     eprintln!("{report:#?}");
     assert_eq!(report.violation, None);
-    assert!(report.faults.iter().any(|f| f.contains("kill")) && report.faults.iter().any(|f| f.contains("partition")));
+    for fault in ["kill", "partition", "pause"] {
+        assert!(report.faults.iter().any(|f| f.contains(fault)), "no {fault} in {:?}", report.faults);
+    }
     assert!(report.completed > 1000, "{} operations completed", report.completed);
 }
 

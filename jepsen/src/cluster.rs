@@ -84,9 +84,20 @@ impl Cluster {
 
     /// SIGKILL: the plane dies with whatever it had not made durable.
     pub fn kill(&mut self, node: usize) {
+        self.pause(node, false);
         if let Some(mut child) = self.planes[node].take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// SIGSTOP (`true`) or SIGCONT (`false`): a paused plane holds its connections and
+    /// its leadership but answers nothing, like a machine stalled in a long GC or swap.
+    pub fn pause(&mut self, node: usize, paused: bool) {
+        if let Some(child) = &self.planes[node] {
+            let signal = if paused { libc::SIGSTOP } else { libc::SIGCONT };
+            // SAFETY: signalling our own child, which has not been reaped.
+            unsafe { libc::kill(child.id() as libc::pid_t, signal) };
         }
     }
 

@@ -23,7 +23,7 @@ enum Command {
         #[arg(long, value_enum, default_value = "register")]
         workload: Workload,
         /// Faults to inject, in turn.
-        #[arg(long, value_enum, value_delimiter = ',', default_value = "kill,partition")]
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "kill,partition,pause")]
         nemesis: Vec<NemesisArg>,
         #[arg(long, default_value_t = 3)]
         nodes: usize,
@@ -69,6 +69,7 @@ enum Workload {
 enum NemesisArg {
     Kill,
     Partition,
+    Pause,
 }
 
 fn main() -> std::process::ExitCode {
@@ -125,6 +126,7 @@ fn run_cli(cli: Cli) -> anyhow::Result<Report> {
                 .map(|n| match n {
                     NemesisArg::Kill => Fault::Kill,
                     NemesisArg::Partition => Fault::Partition,
+                    NemesisArg::Pause => Fault::Pause,
                 })
                 .collect(),
             fault_interval: fault_interval.max(Duration::from_millis(100)),

@@ -19,6 +19,8 @@ pub enum Fault {
     Kill,
     /// Cut the network in two (one side a majority), heal it later.
     Partition,
+    /// SIGSTOP a plane, SIGCONT it later.
+    Pause,
 }
 
 #[derive(Clone, Debug)]
@@ -266,6 +268,14 @@ async fn nemesis(
                 tokio::time::sleep(config.fault_interval).await;
                 cluster.restart(node)?;
                 note(format!("restart n{node}"));
+            }
+            Fault::Pause => {
+                let node = rng.usize(..cluster.len());
+                cluster.pause(node, true);
+                note(format!("pause n{node}"));
+                tokio::time::sleep(config.fault_interval).await;
+                cluster.pause(node, false);
+                note(format!("resume n{node}"));
             }
             Fault::Partition => {
                 let mut nodes: Vec<usize> = (0..cluster.len()).collect();

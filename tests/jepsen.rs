@@ -15,7 +15,8 @@ fn config(dir: &std::path::Path, faults: Vec<Fault>, plane_args: &[&str]) -> Run
         faults,
         fault_interval: Duration::from_secs(2),
         keys: 4,
-        clients: 6,
+        clients: 5,
+        set_clients: 2,
         rate: 0,
         seed: 42,
         plane_args: plane_args.iter().map(|arg| arg.to_string()).collect(),
@@ -29,6 +30,9 @@ async fn registers_stay_linearizable_under_kills_partitions_and_pauses() {
         run(config(dir.path(), vec![Fault::Kill, Fault::Partition, Fault::Pause], &[])).await.expect("the run");
     eprintln!("{report:#?}");
     assert_eq!(report.violation, None);
+    let set = report.set.as_ref().expect("the set workload ran");
+    assert!(set.valid(), "{set:?}");
+    assert!(set.acknowledged > 100, "{set:?}");
     for fault in ["kill", "partition", "pause"] {
         assert!(report.faults.iter().any(|f| f.contains(fault)), "no {fault} in {:?}", report.faults);
     }

@@ -20,8 +20,9 @@ struct Cli {
 enum Command {
     /// Run a workload under faults and check its history.
     Test {
-        #[arg(long, value_enum, default_value = "register")]
-        workload: Workload,
+        /// Workloads to run side by side.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "register,set")]
+        workload: Vec<Workload>,
         /// Faults to inject, in turn.
         #[arg(long, value_enum, value_delimiter = ',', default_value = "kill,partition,pause")]
         nemesis: Vec<NemesisArg>,
@@ -59,10 +60,12 @@ enum Command {
     Analyze { dir: PathBuf },
 }
 
-#[derive(ValueEnum, Clone, Copy)]
+#[derive(ValueEnum, Clone, Copy, PartialEq, Eq)]
 enum Workload {
     /// Per-key read/write/compare-and-set, checked for linearizability.
     Register,
+    /// Unique adds and a final read: no acknowledged add may be lost.
+    Set,
 }
 
 #[derive(ValueEnum, Clone, Copy)]
@@ -104,7 +107,7 @@ fn run_cli(cli: Cli) -> anyhow::Result<Report> {
     let config = match cli.command {
         Command::Analyze { dir } => return Ok(analyze(&read_history(&dir.join("history.jsonl"))?, Vec::new())),
         Command::Test {
-            workload: Workload::Register,
+            workload,
             nemesis,
             nodes,
             time,
@@ -131,7 +134,13 @@ fn run_cli(cli: Cli) -> anyhow::Result<Report> {
                 .collect(),
             fault_interval: fault_interval.max(Duration::from_millis(100)),
             keys,
-            clients: concurrency,
+            // With both workloads, a third of the clients add to the set.
+            clients: if workload.contains(&Workload::Register) {
+                concurrency - set_clients(&workload, concurrency)
+            } else {
+                0
+            },
+            set_clients: set_clients(&workload, concurrency),
             rate,
             seed: seed.unwrap_or_else(|| fastrand::u64(..)),
             plane_args,
@@ -147,6 +156,14 @@ fn run_cli(cli: Cli) -> anyhow::Result<Report> {
             _ = tokio::signal::ctrl_c() => bail!("interrupted; the cluster and its network were removed"),
         }
     })
+}
+
+fn set_clients(workloads: &[Workload], concurrency: usize) -> usize {
+    match (workloads.contains(&Workload::Register), workloads.contains(&Workload::Set)) {
+        (true, true) => (concurrency / 3).max(1),
+        (false, true) => concurrency,
+        _ => 0,
+    }
 }
 
 /// Network namespaces need root and iproute2: say so before anything starts.

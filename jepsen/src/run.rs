@@ -12,6 +12,7 @@ use etcd_client::{Client, Compare, CompareOp, ConnectOptions, Txn, TxnOp};
 
 use crate::cluster::Cluster;
 use crate::linearizability::{check_keys, Operation, RegisterOp, Verdict};
+use crate::set::{check_set, Add, SetVerdict};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
@@ -36,6 +37,8 @@ pub struct RunConfig {
     pub fault_interval: Duration,
     pub keys: usize,
     pub clients: usize,
+    /// Clients adding unique elements to a set beside the register clients (0: none).
+    pub set_clients: usize,
     /// Operations per second over all clients; 0: as fast as they go.
     pub rate: u32,
     /// Seeds every random choice (operations, values picked, faults and their targets).
@@ -53,6 +56,8 @@ pub struct Report {
     pub faults: Vec<String>,
     /// None when every key's history is linearizable; else the key and why not.
     pub violation: Option<String>,
+    /// The set workload's verdict, when it ran.
+    pub set: Option<SetVerdict>,
 }
 
 /// A client's request timeout: past it, a write's outcome is unknown.
@@ -86,7 +91,20 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Report> {
         let rng = fastrand::Rng::with_seed(config.seed.wrapping_add(id as u64 + 1));
         clients.spawn(client(ClientSpec { id, endpoint, keys: config.keys, pause, rng }, start, deadline));
     }
+    let mut adders = tokio::task::JoinSet::new();
+    for id in 0..config.set_clients {
+        let endpoint = cluster.endpoint(id % cluster.len());
+        adders.spawn(add_elements(id, endpoint, deadline));
+    }
     let faults = nemesis(&mut cluster, &config, start, deadline).await?;
+    let mut adds = Vec::new();
+    while let Some(added) = adders.join_next().await {
+        adds.extend(added.context("a set client panicked")?);
+    }
+    // Healed and all planes up (the nemesis leaves it so): the final read of the set.
+    cluster.wait_until_serving(Duration::from_secs(60)).await?;
+    let set =
+        if config.set_clients > 0 { Some(check_set(&adds, &read_set(&cluster.endpoints()).await?)) } else { None };
     let mut history = History::new();
     while let Some(operations) = clients.join_next().await {
         for (key, operation) in operations.context("a client panicked")? {
@@ -94,14 +112,21 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Report> {
         }
     }
     write_history(&config, &history)?;
-    let report = analyze(&history, faults);
+    let mut report = analyze(&history, faults);
+    report.set = set;
     let json = serde_json::json!({
         "seed": config.seed,
         "operations": report.operations,
         "completed": report.completed,
         "indeterminate": report.indeterminate,
         "faults": report.faults,
-        "checkers": {"linearizable": {"valid": report.violation.is_none(), "violation": report.violation}},
+        "checkers": {
+            "linearizable": {"valid": report.violation.is_none(), "violation": report.violation},
+            "set": report.set.as_ref().map(|set| serde_json::json!({
+                "valid": set.valid(), "acknowledged": set.acknowledged, "recovered": set.recovered,
+                "lost": set.lost, "unexpected": set.unexpected,
+            })),
+        },
     });
     let path = config.dir.join("report.json");
     std::fs::write(&path, format!("{json:#}\n")).with_context(|| format!("cannot write {}", path.display()))?;
@@ -119,7 +144,57 @@ pub fn analyze(history: &History, faults: Vec<String>) -> Report {
         }
         Err((key, verdict)) => Some(format!("key {key}: {verdict:?}")),
     };
-    Report { operations, completed: operations - indeterminate, indeterminate, faults, violation }
+    Report { operations, completed: operations - indeterminate, indeterminate, faults, violation, set: None }
+}
+
+const SET_PREFIX: &str = "jepsen/set/";
+
+/// A set client: adds unique elements (a key each) through one plane until the deadline.
+async fn add_elements(id: usize, endpoint: String, deadline: Instant) -> Vec<Add> {
+    let options = ConnectOptions::new().with_connect_timeout(REQUEST_TIMEOUT).with_timeout(REQUEST_TIMEOUT);
+    let mut adds = Vec::new();
+    let mut connection: Option<Client> = None;
+    let mut counter = 0u64;
+    while Instant::now() < deadline {
+        let client = match &mut connection {
+            Some(client) => client,
+            None => match Client::connect([endpoint.as_str()], Some(options.clone())).await {
+                Ok(client) => connection.insert(client),
+                Err(_) => {
+                    tokio::time::sleep(ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+        };
+        counter += 1;
+        let element = format!("{id}-{counter}");
+        match client.put(format!("{SET_PREFIX}{element}"), "", None).await {
+            Ok(_) => adds.push(Add { element, acknowledged: true }),
+            Err(error) => {
+                connection = None;
+                tokio::time::sleep(ERROR_PAUSE).await;
+                if !never_sent(&error) {
+                    adds.push(Add { element, acknowledged: false });
+                }
+            }
+        }
+    }
+    adds
+}
+
+/// The set as the cluster holds it: a linearizable read of every element.
+async fn read_set(endpoints: &[String]) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    let options = ConnectOptions::new().with_timeout(Duration::from_secs(10));
+    let mut client = Client::connect(endpoints, Some(options)).await.context("cannot connect for the final read")?;
+    let response = client
+        .get(SET_PREFIX, Some(etcd_client::GetOptions::new().with_prefix().with_keys_only()))
+        .await
+        .context("the final read of the set failed")?;
+    Ok(response
+        .kvs()
+        .iter()
+        .filter_map(|kv| std::str::from_utf8(kv.key()).ok()?.strip_prefix(SET_PREFIX).map(String::from))
+        .collect())
 }
 
 /// Reads a history written by a run (`history.jsonl`); a line that is not one says where.
@@ -334,6 +409,7 @@ mod tests {
             fault_interval: Duration::ZERO,
             keys: 1,
             clients: 1,
+            set_clients: 0,
             rate: 0,
             seed: 0,
             plane_args: vec![],

@@ -136,7 +136,7 @@ fn run_cli(cli: Cli) -> anyhow::Result<Report> {
             keys,
             // With both workloads, a third of the clients add to the set.
             clients: if workload.contains(&Workload::Register) {
-                concurrency - set_clients(&workload, concurrency)
+                concurrency.saturating_sub(set_clients(&workload, concurrency))
             } else {
                 0
             },

@@ -147,25 +147,31 @@ pub fn analyze(history: &History, faults: Vec<String>) -> Report {
     Report { operations, completed: operations - indeterminate, indeterminate, faults, violation, set: None }
 }
 
+/// The client's connection to its plane, made anew after a failure; None (after a
+/// pause) while the plane cannot be reached.
+async fn connected<'a>(connection: &'a mut Option<Client>, endpoint: &str) -> Option<&'a mut Client> {
+    if connection.is_none() {
+        let options = ConnectOptions::new().with_connect_timeout(REQUEST_TIMEOUT).with_timeout(REQUEST_TIMEOUT);
+        match Client::connect([endpoint], Some(options)).await {
+            Ok(client) => *connection = Some(client),
+            Err(_) => {
+                tokio::time::sleep(ERROR_PAUSE).await;
+                return None;
+            }
+        }
+    }
+    connection.as_mut()
+}
+
 const SET_PREFIX: &str = "jepsen/set/";
 
 /// A set client: adds unique elements (a key each) through one plane until the deadline.
 async fn add_elements(id: usize, endpoint: String, deadline: Instant) -> Vec<Add> {
-    let options = ConnectOptions::new().with_connect_timeout(REQUEST_TIMEOUT).with_timeout(REQUEST_TIMEOUT);
     let mut adds = Vec::new();
     let mut connection: Option<Client> = None;
     let mut counter = 0u64;
     while Instant::now() < deadline {
-        let client = match &mut connection {
-            Some(client) => client,
-            None => match Client::connect([endpoint.as_str()], Some(options.clone())).await {
-                Ok(client) => connection.insert(client),
-                Err(_) => {
-                    tokio::time::sleep(ERROR_PAUSE).await;
-                    continue;
-                }
-            },
-        };
+        let Some(client) = connected(&mut connection, &endpoint).await else { continue };
         counter += 1;
         let element = format!("{id}-{counter}");
         match client.put(format!("{SET_PREFIX}{element}"), "", None).await {
@@ -250,22 +256,12 @@ struct ClientSpec {
 async fn client(me: ClientSpec, start: Instant, deadline: Instant) -> Vec<(String, Operation<u64>)> {
     let ClientSpec { id, endpoint, keys, pause, mut rng } = me;
     let mut history = Vec::new();
-    let options = ConnectOptions::new().with_connect_timeout(REQUEST_TIMEOUT).with_timeout(REQUEST_TIMEOUT);
     let mut connection: Option<Client> = None;
     let mut last_seen: BTreeMap<String, u64> = BTreeMap::new();
     let mut counter = 0u64;
     let now = || start.elapsed().as_nanos() as u64;
     while Instant::now() < deadline {
-        let client = match &mut connection {
-            Some(client) => client,
-            None => match Client::connect([endpoint.as_str()], Some(options.clone())).await {
-                Ok(client) => connection.insert(client),
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+        let Some(client) = connected(&mut connection, &endpoint).await else { continue };
         // Keys rotate every few seconds, so each key's history stays short enough for the
         // checker, whose search grows with the operations that overlap.
         let generation = start.elapsed().as_secs() / KEY_GENERATION_SECS;

@@ -196,12 +196,8 @@ impl NodeLifecycle {
                 continue;
             }
             for (_, pod) in cache.pods_on_node(name).filter(|(_, pod)| !pod.status.phase.is_terminal()) {
-                let mut failed = pod.clone();
-                failed.status.phase = PodPhase::Failed;
-                failed.status.reason = REASON_NODE_LOST.into();
-                failed.status.message =
-                    format!("Node {name} which was running pod {} is unresponsive", pod.metadata.name);
-                writes.push(Write::Update(Object::Pod(failed)));
+                let message = format!("Node {name} which was running pod {} is unresponsive", pod.metadata.name);
+                writes.push(node_lost(pod, message));
             }
         }
         writes.extend(pods_on_unknown_nodes(cache));
@@ -218,12 +214,10 @@ fn pods_on_unknown_nodes(cache: &Cache) -> Vec<Write> {
     for node in cache.pods_by_node.keys().filter(|node| !cache.nodes.contains_key(*node)) {
         for (_, pod) in cache.pods_on_node(node) {
             if matches!(pod.status.phase, PodPhase::Running | PodPhase::Unknown) {
-                let mut failed = pod.clone();
-                failed.status.phase = PodPhase::Failed;
-                failed.status.reason = REASON_NODE_LOST.into();
-                failed.status.message =
-                    format!("node {node:?} which was running pod {} was deleted", pod.metadata.name);
-                writes.push(Write::Update(Object::Pod(failed)));
+                writes.push(node_lost(
+                    pod,
+                    format!("node {node:?} which was running pod {} was deleted", pod.metadata.name),
+                ));
             } else if pod.status.phase == PodPhase::Pending && pod.status.reason != REASON_NODE_NOT_FOUND {
                 let mut waiting = pod.clone();
                 waiting.status.reason = REASON_NODE_NOT_FOUND.into();
@@ -233,6 +227,15 @@ fn pods_on_unknown_nodes(cache: &Cache) -> Vec<Write> {
         }
     }
     writes
+}
+
+/// The pod failed because its node is gone, so its ReplicaSet replaces it.
+fn node_lost(pod: &Pod, message: String) -> Write {
+    let mut failed = pod.clone();
+    failed.status.phase = PodPhase::Failed;
+    failed.status.reason = REASON_NODE_LOST.into();
+    failed.status.message = message;
+    Write::Update(Object::Pod(failed))
 }
 
 /// The reason of a pending pod bound to a node that does not exist.

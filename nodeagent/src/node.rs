@@ -17,6 +17,8 @@ use etcd_client::PutOptions;
 
 use crate::{AgentConfig, AgentError};
 
+/// How soon a failed lease renewal is tried again.
+const RENEW_RETRY_DELAY: Duration = Duration::from_millis(200);
 /// The kubelet's default eviction thresholds, used here for the pressure conditions.
 const MEMORY_AVAILABLE_MIN_BYTES: u64 = 100 << 20;
 const DISK_AVAILABLE_MIN_PERCENT: u64 = 10;
@@ -137,7 +139,13 @@ pub async fn heartbeat(objects: Objects, config: AgentConfig, mut stop: tokio::s
                 }
                 Err(error) => tracing::warn!(%error, "cannot take the node lease; retrying"),
             },
-            Err(error) => tracing::warn!(%error, "cannot renew the node lease; retrying"),
+            Err(error) => {
+                // Try again soon, not a whole interval later: during a plane failover a
+                // few quick tries land on the new leader well within the TTL.
+                tracing::warn!(%error, "cannot renew the node lease; retrying");
+                tick.reset_after(RENEW_RETRY_DELAY);
+                continue;
+            }
         }
         if let Err(error) = post_status_if_needed(&objects, &config).await {
             tracing::warn!(%error, "cannot post the node status; retrying");

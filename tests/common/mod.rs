@@ -16,10 +16,22 @@ use etcd_client::WatchOptions;
 /// How long a plane may take to start serving.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A loopback address no one listens on right now.
+/// A loopback address no one listens on right now. Ports come from below Linux's
+/// ephemeral range (32768 and up), so no client connection or port-0 listener of a
+/// concurrently running test can take one between this check and the plane's bind; each
+/// is handed out once per test process.
 pub fn free_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local address")
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    let start = std::process::id() % 60 * 200;
+    loop {
+        let offset = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = (FIRST + (start + offset) % COUNT) as u16;
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            return listener.local_addr().expect("local address");
+        }
+    }
 }
 
 /// A `capstan plane` child process; killed when dropped.

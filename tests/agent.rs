@@ -148,17 +148,28 @@ async fn an_agent_runs_pods_to_their_end_and_reports_how_they_ended() {
         .spawn()
         .unwrap();
     let stdout = follow.stdout.take().unwrap();
-    let lines = tokio::task::spawn_blocking(move || {
+    let (lines, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
         use std::io::BufRead;
-        std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .take_while(|line| line != "stopping")
-            .collect::<Vec<_>>()
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
     });
+    // Delete only once the log is being followed, so it is followed to the end.
+    let first = tokio::time::timeout(CONVERGE_TIMEOUT, seen.recv()).await.expect("a log line in time");
+    assert_eq!(first.as_deref(), Some("started"));
     assert!(ctl(&endpoint, &["delete", "pod", "server"], "").0);
-    let seen = tokio::time::timeout(CONVERGE_TIMEOUT, lines).await.expect("the pod stops").unwrap();
-    assert_eq!(seen.first().map(String::as_str), Some("started"));
+    // (The shell may first report its `sleep` as Terminated: the whole group gets SIGTERM.)
+    loop {
+        let line = tokio::time::timeout(CONVERGE_TIMEOUT, seen.recv()).await.expect("a log line in time");
+        match line.as_deref() {
+            Some("stopping") => break,
+            Some(_) => {}
+            None => panic!("the log ended before the pod said it was stopping"),
+        }
+    }
     let _ = follow.kill();
     let _ = follow.wait();
 

@@ -34,19 +34,26 @@ impl Network {
         if !(1..=200).contains(&nodes) {
             bail!("a test network has 1 to 200 nodes, not {nodes}");
         }
-        // Unique per process and per network in it, so runs side by side do not collide.
-        static CREATED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let count = CREATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10;
-        let id = std::process::id() % 1000 * 10 + count;
-        let network = Network { prefix: format!("cj{id}"), subnet: (id % 250) as u8 + 1, nodes };
-        network.remove();
-        network.build().context("cannot build the test network (this needs root and iproute2)")?;
-        Ok(network)
+        // One number names the namespaces and the subnet: the first whose hub namespace
+        // does not exist yet, so runs side by side (in one process or several) never share
+        // either, and no run removes another's.
+        let first = std::process::id() % 250;
+        for step in 0..250 {
+            let id = (first + step) % 250 + 1;
+            let network = Network { prefix: format!("cj{id}"), subnet: id as u8, nodes };
+            if ip("ip", &["netns", "add", &network.hub()]).is_err() {
+                continue;
+            }
+            if let Err(error) = network.build() {
+                return Err(error.context("cannot build the test network (this needs root and iproute2)"));
+            }
+            return Ok(network);
+        }
+        bail!("no free test network: 250 runs' namespaces exist (see `ip netns list`)")
     }
 
     fn build(&self) -> anyhow::Result<()> {
         let hub = self.hub();
-        ip("ip", &["netns", "add", &hub])?;
         ip("ip", &["-n", &hub, "link", "set", "lo", "up"])?;
         ip("ip", &["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
         ip("ip", &["-n", &hub, "link", "set", "br0", "up"])?;

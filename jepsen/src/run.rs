@@ -280,7 +280,11 @@ async fn client(me: ClientSpec, start: Instant, deadline: Instant) -> Vec<(Strin
                     (RegisterOp::Read { observed }, Ok(()))
                 }
                 // A read that failed says nothing: leave it out.
-                Err(_) => continue,
+                Err(_) => {
+                    connection = None;
+                    tokio::time::sleep(ERROR_PAUSE).await;
+                    continue;
+                }
             },
             (1, Some(expected)) => {
                 let txn = Txn::new()

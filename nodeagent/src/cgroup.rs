@@ -39,7 +39,8 @@ impl Limits {
         let cpu = limits.get(RESOURCE_CPU).and_then(|q| q.milli_value().ok()).filter(|m| *m > 0);
         let memory = limits.get(RESOURCE_MEMORY).and_then(|q| q.value().ok()).filter(|b| *b > 0);
         Limits {
-            cpu_max: cpu.map(|millis| format!("{} {CPU_PERIOD_US}", (millis * CPU_PERIOD_US / 1000).max(1000))),
+            cpu_max: cpu
+                .map(|millis| format!("{} {CPU_PERIOD_US}", (millis.saturating_mul(CPU_PERIOD_US) / 1000).max(1000))),
             memory_max: memory.map(|bytes| bytes.to_string()),
         }
     }

@@ -30,7 +30,7 @@ use etcd_client::{EventType, WatchOptions};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
-use crate::runtime::{PodState, RuntimeConfig, GRACE_PERIOD_DEFAULT};
+use crate::runtime::{PodState, RuntimeConfig, GRACE_PERIOD_DEFAULT, GRACE_PERIOD_MAX};
 use crate::status::{pod_status, ContainerRun};
 
 #[derive(Debug, thiserror::Error)]
@@ -104,19 +104,36 @@ pub async fn run(mut config: AgentConfig, shutdown: impl std::future::Future<Out
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
     let logs = tokio::spawn(logs);
 
-    let objects = connect(&config).await;
-    let mut delay = RETRY_DELAY_MIN;
-    while let Err(error) = node::register(&objects, &config).await {
-        tracing::warn!(%error, "cannot register the node; retrying");
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(RETRY_DELAY_MAX);
-    }
+    tokio::pin!(shutdown);
+    let registered = async {
+        let objects = connect(&config).await;
+        let mut delay = RETRY_DELAY_MIN;
+        while let Err(error) = node::register(&objects, &config).await {
+            tracing::warn!(%error, "cannot register the node; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(RETRY_DELAY_MAX);
+        }
+        objects
+    };
+    let objects = tokio::select! {
+        objects = registered => objects,
+        () = &mut shutdown => {
+            logs.abort();
+            return Ok(());
+        }
+    };
     tracing::info!(node = %config.name, logs_port = config.logs_port, "node registered");
     let (stop_heartbeat, heartbeat_stop) = watch::channel(false);
     let heartbeat = tokio::spawn(node::heartbeat(objects.clone(), config.clone(), heartbeat_stop));
 
-    let mut agent = Agent { objects, config, cgroups, pods: HashMap::new(), stopping: Vec::new() };
-    tokio::pin!(shutdown);
+    let mut agent = Agent {
+        objects,
+        config,
+        cgroups,
+        pods: HashMap::new(),
+        stopping: Vec::new(),
+        shutting_down: Default::default(),
+    };
     tokio::select! {
         () = &mut shutdown => {}
         () = agent.follow_pods() => {}
@@ -157,6 +174,9 @@ struct Agent {
     pods: HashMap<String, PodWorker>,
     /// Workers told to stop, still stopping.
     stopping: Vec<JoinHandle<()>>,
+    /// Set when the agent stops: its pods are stopped but their status is left as it was,
+    /// so the next start of the agent runs them again (a stop is not the pods' end).
+    shutting_down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Agent {
@@ -226,7 +246,14 @@ impl Agent {
             {
                 let _ = worker.stop.send(Some(worker.grace));
             }
-            (Some(pod), None) if !pod.status.phase.is_terminal() => self.start(key, pod),
+            (Some(pod), None) if !pod.status.phase.is_terminal() => {
+                // Pods written by other clients are unchecked: names become paths here.
+                let report = capstan_proto::objects::validate::validate(&Object::Pod(pod.clone()));
+                match report.errors.first() {
+                    Some(problem) => tracing::warn!(pod = %key, %problem, "not running an invalid pod"),
+                    None => self.start(key, pod),
+                }
+            }
             _ => {}
         }
     }
@@ -262,13 +289,15 @@ impl Agent {
         let grace = pod
             .spec
             .termination_grace_period_seconds
-            .map_or(GRACE_PERIOD_DEFAULT, |s| Duration::from_secs(s.max(0) as u64));
+            .map_or(GRACE_PERIOD_DEFAULT, |s| Duration::from_secs(s.max(0) as u64))
+            .min(GRACE_PERIOD_MAX);
         let (stop, stopped) = watch::channel(None);
         let runtime = RuntimeConfig {
             data_dir: self.config.data_dir.clone(),
             backoff_base: self.config.backoff_base,
             backoff_max: self.config.backoff_max,
             cgroups: self.cgroups.clone(),
+            host_ip: self.config.address.clone(),
         };
         let uid = pod.metadata.uid.clone();
         let task = tokio::spawn(work(
@@ -278,12 +307,13 @@ impl Agent {
             state,
             restarts,
             stopped,
-            self.config.address.clone(),
+            self.shutting_down.clone(),
         ));
         self.pods.insert(key.to_string(), PodWorker { uid, grace, stop, task });
     }
 
     async fn stop_all(&mut self) {
+        self.shutting_down.store(true, std::sync::atomic::Ordering::Relaxed);
         for key in self.pods.keys().cloned().collect::<Vec<_>>() {
             self.stop(&key);
         }
@@ -302,8 +332,9 @@ async fn work(
     state: Arc<PodState>,
     restarts: Vec<i32>,
     stop: watch::Receiver<Option<Duration>>,
-    host_ip: String,
+    shutting_down: Arc<std::sync::atomic::AtomicBool>,
 ) {
+    let host_ip = runtime.host_ip.clone();
     let runner = runtime::run_pod(runtime, pod.clone(), state.clone(), restarts, stop.clone());
     tokio::pin!(runner);
     let mut written = true;
@@ -314,6 +345,9 @@ async fn work(
             () = state.changed.notified() => written = write_status(&objects, &pod, &state, &host_ip).await,
             _ = retry.tick(), if !written => written = write_status(&objects, &pod, &state, &host_ip).await,
         }
+    }
+    if shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
+        return;
     }
     // A pod that ended by itself must have its final status land: retry (with back-off)
     // while the planes are away. One stopped by the agent (deleted, failed by someone
@@ -334,7 +368,12 @@ async fn write_status(objects: &Objects, pod: &Pod, state: &PodState, host_ip: &
     let result = objects
         .modify(Kind::Pod, pod.namespace(), &pod.metadata.name, |object| {
             let Object::Pod(stored) = object else { return Ok(false) };
-            if stored.metadata.uid != pod.metadata.uid || stored.status.phase.is_terminal() {
+            // Another pod now (same name, new UID), moved to another node, or finished by
+            // someone else: not this worker's to write.
+            if stored.metadata.uid != pod.metadata.uid
+                || stored.spec.node_name != pod.spec.node_name
+                || stored.status.phase.is_terminal()
+            {
                 return Ok(false);
             }
             let status = pod_status(&containers, &stored.status, &state.start_time, host_ip, &now);

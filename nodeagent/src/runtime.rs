@@ -22,6 +22,8 @@ use crate::status::{ContainerRun, Exit, RunState};
 
 /// Kubernetes' default termination grace period.
 pub const GRACE_PERIOD_DEFAULT: Duration = Duration::from_secs(30);
+/// The longest grace period honoured, so a stop always ends.
+pub const GRACE_PERIOD_MAX: Duration = Duration::from_secs(600);
 /// A container that ran this long restarts with the back-off reset, as in Kubernetes.
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(600);
 /// Exit codes a shell reports for a command that is missing or not executable.
@@ -36,6 +38,8 @@ pub struct RuntimeConfig {
     pub backoff_max: Duration,
     /// Where containers' limits are enforced (cgroup v2), if this machine can.
     pub cgroups: Option<Arc<Cgroups>>,
+    /// The node's address, reported as the pods' hostIP.
+    pub host_ip: String,
 }
 
 /// The shared view of a pod's containers, read by the status writer.
@@ -176,6 +180,11 @@ impl Supervisor {
                 terminate(&mut child, pid, grace).await
             }
         };
+        // The container is over when its first process ends: what it left behind in its
+        // process group (`daemon &`) goes too, or a restart would run it twice.
+        if let Some(pid) = pid {
+            signal_group(pid, libc::SIGKILL);
+        }
         let _ = std::fs::remove_file(self.pid_file());
         if let Some(cgroups) = &self.config.cgroups {
             cgroups.remove(&self.cgroup_name());

@@ -825,6 +825,11 @@ pub fn decode_stored(key: &[u8], value: &[u8], mod_revision: i64) -> Result<Obje
     if object.key() != key_text {
         return Err(error(format!("its name and namespace belong at {}", object.key())));
     }
+    // Names become file and directory names on nodes: refuse what validation would.
+    let meta = object.metadata();
+    if !validate::is_subdomain(&meta.name) || !validate::is_dns_label(object.namespace()) && kind.namespaced() {
+        return Err(error(format!("invalid name {:?} or namespace {:?}", meta.name, meta.namespace)));
+    }
     object.metadata_mut().resource_version = mod_revision.to_string();
     Ok(object)
 }

@@ -71,6 +71,9 @@ impl Checker {
             self.error("metadata.namespace", format!("invalid value {:?}: {LABEL_RULE}", meta.namespace));
         }
         self.labels("metadata.labels", &meta.labels);
+        if !meta.uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') || meta.uid.len() > 64 {
+            self.error("metadata.uid", format!("invalid value {:?}: letters, digits and '-' only", meta.uid));
+        }
     }
 
     fn labels(&mut self, path: &str, labels: &BTreeMap<String, String>) {
@@ -260,7 +263,7 @@ const LABEL_KEY_RULE: &str = "a label key is an optional DNS subdomain prefix an
 const LABEL_VALUE_RULE: &str =
     "a label value is empty or at most 63 alphanumeric characters, '-', '_' or '.', starting and ending with an alphanumeric character";
 
-fn is_dns_label(text: &str) -> bool {
+pub(crate) fn is_dns_label(text: &str) -> bool {
     let bytes = text.as_bytes();
     !bytes.is_empty()
         && bytes.len() <= LABEL_BYTES_MAX
@@ -269,7 +272,7 @@ fn is_dns_label(text: &str) -> bool {
         && bytes[bytes.len() - 1] != b'-'
 }
 
-fn is_subdomain(text: &str) -> bool {
+pub(crate) fn is_subdomain(text: &str) -> bool {
     text.len() <= SUBDOMAIN_BYTES_MAX && text.split('.').all(is_dns_label)
 }
 
@@ -352,6 +355,19 @@ mod tests {
         assert!(errors[0].starts_with("metadata.name: invalid value \"Web_1\""), "{errors:?}");
         assert!(errors[1].starts_with("metadata.labels.app: invalid label value \"not ok!\""), "{errors:?}");
         assert!(is_label_key("kubernetes.io/hostname") && !is_label_key("/x") && !is_label_key("a/b/c"));
+    }
+
+    #[test]
+    fn names_that_would_be_paths_are_refused_even_from_the_store() {
+        // Regression: an agent makes directories and files from pod names and UIDs; a pod
+        // written straight into the store by another client must not reach outside.
+        let key = b"/registry/pods/default/x/../../evil";
+        let value = br#"{"metadata":{"name":"x/../../evil","namespace":"default"},"spec":{}}"#;
+        let error = decode_stored(key, value, 1).unwrap_err().to_string();
+        assert!(error.contains("invalid name"), "{error}");
+        let mut sneaky = pod(PodSpec { containers: vec![container()], ..Default::default() });
+        sneaky.metadata_mut().uid = "../../x".into();
+        assert!(messages(&sneaky)[0].starts_with("metadata.uid: invalid value"));
     }
 
     #[test]

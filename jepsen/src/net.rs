@@ -40,10 +40,12 @@ impl Network {
         let first = std::process::id() % 250;
         for step in 0..250 {
             let id = (first + step) % 250 + 1;
-            let network = Network { prefix: format!("cj{id}"), subnet: id as u8, nodes };
-            if ip("ip", &["netns", "add", &network.hub()]).is_err() {
+            // Taken by another run: move on (and build no Network for it, whose drop
+            // would remove the other run's namespaces).
+            if ip("ip", &["netns", "add", &format!("cj{id}-hub")]).is_err() {
                 continue;
             }
+            let network = Network { prefix: format!("cj{id}"), subnet: id as u8, nodes };
             if let Err(error) = network.build() {
                 return Err(error.context("cannot build the test network (this needs root and iproute2)"));
             }

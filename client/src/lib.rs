@@ -31,6 +31,8 @@ pub enum ClientError {
     Conflict { kind: Kind, name: String },
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    #[error("{0} timed out")]
+    Timeout(&'static str),
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
 }
@@ -45,6 +47,17 @@ pub async fn connect(endpoints: &[String], timeout: Duration) -> Result<Client> 
         .with_timeout(timeout)
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
     Ok(Client::connect(&endpoints, Some(options)).await?)
+}
+
+/// One lease keep-alive round trip, bounded by `timeout`: the TTL the lease has left
+/// (0: it is gone, expired or revoked).
+pub async fn renew_lease(client: &Client, lease_id: i64, timeout: Duration) -> Result<i64> {
+    let round_trip = async {
+        let (mut keeper, mut stream) = client.lease_client().keep_alive(lease_id).await?;
+        keeper.keep_alive().await?;
+        Ok::<_, etcd_client::Error>(stream.message().await?.map_or(0, |response| response.ttl()))
+    };
+    Ok(tokio::time::timeout(timeout, round_trip).await.map_err(|_| ClientError::Timeout("lease keep-alive"))??)
 }
 
 /// etcd-client wants URLs; etcdctl users write `host:port`.

@@ -39,8 +39,6 @@ pub enum AgentError {
     Etcd(#[from] etcd_client::Error),
     #[error(transparent)]
     Client(#[from] ClientError),
-    #[error("{0} timed out")]
-    Timeout(&'static str),
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
 }

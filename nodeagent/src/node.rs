@@ -15,7 +15,7 @@ use capstan_proto::objects::{
 };
 use etcd_client::PutOptions;
 
-use crate::{AgentConfig, AgentError};
+use crate::AgentConfig;
 
 /// How soon a failed lease renewal is tried again.
 const RENEW_RETRY_DELAY: Duration = Duration::from_millis(200);
@@ -127,7 +127,7 @@ pub async fn heartbeat(objects: Objects, config: AgentConfig, mut stop: tokio::s
             }
         }
         let result = match lease {
-            Some(id) => renew(&objects, id, config.renew_interval).await,
+            Some(id) => capstan_client::renew_lease(objects.client(), id, config.renew_interval).await,
             None => Ok(0),
         };
         match result {
@@ -157,16 +157,6 @@ async fn acquire(objects: &Objects, key: &str, config: &AgentConfig) -> Result<i
     let id = objects.client().lease_client().grant(config.lease_ttl.as_secs().max(1) as i64, None).await?.id();
     objects.client().kv_client().put(key, config.name.as_str(), Some(PutOptions::new().with_lease(id))).await?;
     Ok(id)
-}
-
-/// One keep-alive round trip; the TTL left (0: the lease is gone).
-async fn renew(objects: &Objects, id: i64, timeout: Duration) -> Result<i64, AgentError> {
-    let round_trip = async {
-        let (mut keeper, mut stream) = objects.client().lease_client().keep_alive(id).await?;
-        keeper.keep_alive().await?;
-        Ok::<_, etcd_client::Error>(stream.message().await?.map_or(0, |response| response.ttl()))
-    };
-    Ok(tokio::time::timeout(timeout, round_trip).await.map_err(|_| AgentError::Timeout("lease keep-alive"))??)
 }
 
 /// Posts the conditions when they differ from what the store has (or the node is gone,

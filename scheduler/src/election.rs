@@ -137,7 +137,7 @@ async fn keep_alive(client: Client, lease_id: i64, config: ElectionConfig, lost:
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        match renew_once(&client, lease_id, config.renew_interval).await {
+        match capstan_client::renew_lease(&client, lease_id, config.renew_interval).await {
             Ok(ttl) if ttl > 0 => renewed_at = Instant::now(),
             Ok(_) => {
                 tracing::warn!(lease = lease_id, "the scheduler's lease expired; leadership lost");
@@ -152,17 +152,4 @@ async fn keep_alive(client: Client, lease_id: i64, config: ElectionConfig, lost:
             return;
         }
     }
-}
-
-/// One keep-alive round trip, bounded by `timeout`.
-async fn renew_once(client: &Client, lease_id: i64, timeout: Duration) -> Result<i64, SchedulerError> {
-    let renew = async {
-        let (mut keeper, mut stream) = client.lease_client().keep_alive(lease_id).await?;
-        keeper.keep_alive().await?;
-        Ok::<_, etcd_client::Error>(stream.message().await?.map_or(0, |response| response.ttl()))
-    };
-    tokio::time::timeout(timeout, renew)
-        .await
-        .map_err(|_| SchedulerError::Timeout("lease keep-alive"))?
-        .map_err(Into::into)
 }

@@ -33,8 +33,6 @@ pub enum SchedulerError {
     Etcd(#[from] etcd_client::Error),
     #[error(transparent)]
     Client(#[from] capstan_client::ClientError),
-    #[error("{0} timed out")]
-    Timeout(&'static str),
     /// The leader key is no longer the one this scheduler created.
     #[error("deposed: another scheduler leads")]
     Deposed,

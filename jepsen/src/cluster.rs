@@ -1,5 +1,6 @@
-//! Real `capstan plane` processes, one per network namespace, that the nemesis kills and
-//! restarts. Each keeps its data directory across restarts, as a rebooted machine would.
+//! Real `capstan plane` processes, one per network namespace, that the nemesis kills,
+//! pauses, restarts, removes from the cluster and adds back. A restarted plane keeps its
+//! data directory, as a rebooted machine would; a plane added back starts empty and joins.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,7 +19,17 @@ pub struct Cluster {
     dir: PathBuf,
     plane_args: Vec<String>,
     planes: Vec<Option<Child>>,
+    /// Planes that were removed and added back: they start with `--initial-cluster-state
+    /// existing` from then on.
+    joined: Vec<bool>,
+    /// Planes removed from the cluster and not yet added back: they must not restart.
+    removed: Vec<bool>,
 }
+
+/// How long the harness waits on a plane's answer about the cluster.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the harness looks for a leader before it gives up.
+const LEADER_WAIT: Duration = Duration::from_secs(5);
 
 impl Cluster {
     /// Starts `nodes` planes, each in its own namespace of a fresh network.
@@ -30,6 +41,8 @@ impl Cluster {
             dir: dir.to_path_buf(),
             plane_args: plane_args.to_vec(),
             planes: Vec::new(),
+            joined: vec![false; nodes],
+            removed: vec![false; nodes],
         };
         for node in 0..nodes {
             let child = cluster.spawn(node)?;
@@ -55,12 +68,15 @@ impl Cluster {
         self.planes.is_empty()
     }
 
+    fn peer_url(&self, node: usize) -> String {
+        format!("http://{}:{PEER_PORT}", self.network.address(node))
+    }
+
     fn spawn(&self, node: usize) -> anyhow::Result<Child> {
         let address = self.network.address(node);
-        let initial = (0..self.network.nodes())
-            .map(|n| format!("n{n}=http://{}:{PEER_PORT}", self.network.address(n)))
-            .collect::<Vec<_>>()
-            .join(",");
+        let initial =
+            (0..self.network.nodes()).map(|n| format!("n{n}={}", self.peer_url(n))).collect::<Vec<_>>().join(",");
+        let state = if self.joined[node] { "existing" } else { "new" };
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -74,6 +90,7 @@ impl Cluster {
             .args(["--listen-client", &format!("{address}:{CLIENT_PORT}")])
             .args(["--listen-peer", &format!("{address}:{PEER_PORT}")])
             .args(["--initial-cluster", &initial, "--initial-cluster-token", "jepsen"])
+            .args(["--initial-cluster-state", state])
             .args(&self.plane_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -101,11 +118,93 @@ impl Cluster {
         }
     }
 
+    /// Starts a plane that was killed (not one that was removed).
     pub fn restart(&mut self, node: usize) -> anyhow::Result<()> {
-        if self.planes[node].is_none() {
+        if self.planes[node].is_none() && !self.removed[node] {
             self.planes[node] = Some(self.spawn(node)?);
         }
         Ok(())
+    }
+
+    /// The plane that leads, as the running planes report it; None when none knows one
+    /// within a few seconds (an election takes about that long).
+    pub async fn leader(&self) -> Option<usize> {
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        loop {
+            for node in self.running() {
+                let asked = async {
+                    let mut client = admin_client(&self.endpoint(node)).await?;
+                    let leader = client.status().await?.leader();
+                    let members = client.member_list().await?;
+                    let member = members.members().iter().find(|member| member.id() == leader);
+                    anyhow::Ok(member.and_then(|member| member.name().strip_prefix('n')?.parse::<usize>().ok()))
+                };
+                if let Ok(Ok(Some(leader))) = tokio::time::timeout(ADMIN_TIMEOUT, asked).await {
+                    return Some(leader);
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Removes `node` from the cluster through another plane, then stops it and deletes
+    /// its data: it comes back only through [`Cluster::add_back`].
+    pub async fn remove_member(&mut self, node: usize) -> anyhow::Result<()> {
+        let peer_url = self.peer_url(node);
+        let mut last_error = anyhow::anyhow!("no other plane runs");
+        for other in self.running().into_iter().filter(|other| *other != node) {
+            let removed = async {
+                let mut client = admin_client(&self.endpoint(other)).await?;
+                let members = client.member_list().await?;
+                let id = members
+                    .members()
+                    .iter()
+                    .find(|member| member.peer_urls().contains(&peer_url))
+                    .map(|member| member.id())
+                    .context("not a member")?;
+                client.member_remove(id).await?;
+                anyhow::Ok(())
+            };
+            match tokio::time::timeout(ADMIN_TIMEOUT * 5, removed).await {
+                Ok(Ok(())) => {
+                    self.removed[node] = true;
+                    self.kill(node);
+                    let data = self.dir.join(format!("n{node}"));
+                    std::fs::remove_dir_all(&data).with_context(|| format!("cannot delete {}", data.display()))?;
+                    return Ok(());
+                }
+                Ok(Err(error)) => last_error = error,
+                Err(_) => last_error = anyhow::anyhow!("n{other} did not answer in time"),
+            }
+        }
+        Err(last_error.context(format!("cannot remove n{node}")))
+    }
+
+    /// Adds a removed `node` back as a new member and starts it empty; it joins the
+    /// cluster and catches up from the leader.
+    pub async fn add_back(&mut self, node: usize) -> anyhow::Result<()> {
+        let peer_url = self.peer_url(node);
+        let mut last_error = anyhow::anyhow!("no other plane runs");
+        for other in self.running().into_iter().filter(|other| *other != node) {
+            let added = async {
+                let mut client = admin_client(&self.endpoint(other)).await?;
+                client.member_add([peer_url.as_str()], None).await?;
+                anyhow::Ok(())
+            };
+            match tokio::time::timeout(ADMIN_TIMEOUT * 5, added).await {
+                Ok(Ok(())) => {
+                    self.joined[node] = true;
+                    self.removed[node] = false;
+                    return self.restart(node);
+                }
+                Ok(Err(error)) => last_error = error,
+                Err(_) => last_error = anyhow::anyhow!("n{other} did not answer in time"),
+            }
+        }
+        Err(last_error.context(format!("cannot add n{node} back")))
     }
 
     /// Which planes run now.
@@ -118,9 +217,8 @@ impl Cluster {
         let deadline = tokio::time::Instant::now() + timeout;
         for endpoint in self.endpoints() {
             loop {
-                let options = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(1));
                 let ready = async {
-                    let mut client = etcd_client::Client::connect([endpoint.as_str()], Some(options)).await?;
+                    let mut client = admin_client(&endpoint).await?;
                     client.get("jepsen/ready", None).await
                 };
                 if ready.await.is_ok() {
@@ -134,6 +232,11 @@ impl Cluster {
         }
         Ok(())
     }
+}
+
+async fn admin_client(endpoint: &str) -> Result<etcd_client::Client, etcd_client::Error> {
+    let options = etcd_client::ConnectOptions::new().with_connect_timeout(ADMIN_TIMEOUT).with_timeout(ADMIN_TIMEOUT);
+    etcd_client::Client::connect([endpoint], Some(options)).await
 }
 
 impl Drop for Cluster {

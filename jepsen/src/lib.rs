@@ -1,19 +1,26 @@
-//! capstan-jepsen: the chaos harness (being built).
+//! capstan-jepsen: the chaos harness.
 //!
-//! - [`net`]: a network of Linux namespaces, one per node, with partitions.
-//! - [`cluster`]: real `capstan plane` processes in them, killed and restarted.
-//! - [`run`]: a register workload under a nemesis, its history checked.
-//! - [`linearizability`]: the WGL checker, per key.
-//! - [`set`]: the lost-writes checker of the set workload.
+//! - [`net`]: a network of Linux namespaces, one per plane, with nftables and tc faults.
+//! - [`cluster`]: real `capstan plane` processes in them, killed, paused, restarted,
+//!   removed from the cluster and added back.
+//! - [`nemesis`]: the faults, injected on a schedule and healed.
+//! - [`workload`]: register, set, bank, watch, lock and scheduler clients and their
+//!   checkers; [`linearizability`] is the register's WGL checker.
+//! - [`history`]: what every client and the nemesis did, as JSON lines; [`check`] runs
+//!   the checkers over it; [`report`] draws the timeline and plots.
+//! - [`run`]: one whole run.
 //!
-//! Still to come: pause and membership nemeses, slow links, the bank, watch, lease
-//! and scheduler workloads, and HTML reports.
-//!
-//! Invariant: it treats the cluster as a black box reached over the network API; it never
-//! depends on capstan-store or capstan-raft.
+//! Invariant: it treats the cluster as a black box reached over the network API (the etcd
+//! API, and the object types and client of `capstan-proto` and `capstan-client` for the
+//! scheduler workload); it never depends on capstan-store, capstan-raft or the planes.
 
+pub mod check;
+pub mod client;
 pub mod cluster;
+pub mod history;
 pub mod linearizability;
+pub mod nemesis;
 pub mod net;
+pub mod report;
 pub mod run;
-pub mod set;
+pub mod workload;

@@ -1,8 +1,11 @@
 //! A test network of Linux network namespaces: one per node, each with an `eth0` on a
 //! bridge in a hub namespace, and a veth from the harness (the root namespace) to the
 //! same bridge, so the harness reaches every node and the nodes reach each other on a
-//! private /24. Faults are made with iproute2 only: a partition is a set of blackhole
-//! routes inside the nodes' namespaces, and slow links are tc netem on their `eth0`.
+//! private /24. Faults live inside the nodes' namespaces, where nothing else sees them:
+//! - partitions and packet loss are nftables rules (table `inet jepsen`) that drop what
+//!   comes in, so a cut link loses packets silently, as a real one does;
+//! - slow links are a tc qdisc on `eth0`: netem delay where the kernel has netem, else a
+//!   token bucket (tbf) that queues at a low rate (this machine's kernel lacks netem).
 //!
 //! Everything is named after the run (`cj<id>-...`) and removed on drop.
 
@@ -19,9 +22,10 @@ pub struct Network {
     nodes: usize,
 }
 
-/// Runs `ip ARGS` (or another iproute2 tool), failing with its stderr.
+/// Runs `tool ARGS` (ip, tc), failing with its stderr.
 fn ip(tool: &str, args: &[&str]) -> anyhow::Result<()> {
-    let output = Command::new(tool).args(args).output().with_context(|| format!("cannot run {tool} (iproute2)"))?;
+    let output =
+        Command::new(tool).args(args).output().with_context(|| format!("cannot run {tool} (iproute2 and nftables)"))?;
     if !output.status.success() {
         bail!("{tool} {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
     }
@@ -47,7 +51,7 @@ impl Network {
             }
             let network = Network { prefix: format!("cj{id}"), subnet: id as u8, nodes };
             if let Err(error) = network.build() {
-                return Err(error.context("cannot build the test network (this needs root and iproute2)"));
+                return Err(error.context("cannot build the test network (this needs root, iproute2 and nftables)"));
             }
             return Ok(network);
         }
@@ -73,6 +77,8 @@ impl Network {
             ip("ip", &["-n", &namespace, "addr", "add", &format!("{}/24", self.address(node)), "dev", "eth0"])?;
             ip("ip", &["-n", &namespace, "link", "set", "eth0", "up"])?;
             ip("ip", &["-n", &hub, "link", "set", &port, "master", "br0", "up"])?;
+            self.nft(node, "add table inet jepsen")?;
+            self.nft(node, "add chain inet jepsen input { type filter hook input priority 0; policy accept; }")?;
         }
         Ok(())
     }
@@ -103,26 +109,68 @@ impl Network {
         Ipv4Addr::new(10, 77, self.subnet, 254)
     }
 
-    /// Cuts the network into `groups`: a node reaches only the nodes of its own group
-    /// (and the harness, which sees everyone, as a client anywhere would).
-    pub fn partition(&self, groups: &[Vec<usize>]) -> anyhow::Result<()> {
-        for group in groups {
-            for &node in group {
-                for other in (0..self.nodes).filter(|other| !group.contains(other)) {
-                    let route = format!("{}/32", self.address(other));
-                    ip("ip", &["-n", &self.namespace(node), "route", "add", "blackhole", &route])?;
-                }
+    /// Cuts the links between each pair in `cut`, both ways. The harness still reaches
+    /// every node, as a client anywhere would.
+    pub fn cut(&self, cut: &[(usize, usize)]) -> anyhow::Result<()> {
+        for node in 0..self.nodes {
+            let unreachable: Vec<String> = cut
+                .iter()
+                .filter_map(|&(a, b)| match (a == node, b == node) {
+                    (true, false) => Some(b),
+                    (false, true) => Some(a),
+                    _ => None,
+                })
+                .map(|other| self.address(other).to_string())
+                .collect();
+            if !unreachable.is_empty() {
+                self.nft(node, &format!("add rule inet jepsen input ip saddr {{ {} }} drop", unreachable.join(", ")))?;
             }
         }
         Ok(())
     }
 
-    /// Removes every partition.
-    pub fn heal(&self) -> anyhow::Result<()> {
+    /// Drops `percent` of the packets every node receives, at random.
+    pub fn lose(&self, percent: u8) -> anyhow::Result<()> {
         for node in 0..self.nodes {
-            ip("ip", &["-n", &self.namespace(node), "route", "flush", "type", "blackhole"])?;
+            self.nft(node, &format!("add rule inet jepsen input numgen random mod 100 < {percent} drop"))?;
         }
         Ok(())
+    }
+
+    /// Slows every node's link: netem delay (50 ms ± 25 ms) where the kernel has it,
+    /// else a 1 Mbit/s token bucket. Returns which.
+    pub fn slow(&self) -> anyhow::Result<&'static str> {
+        let netem = ["delay", "50ms", "25ms", "distribution", "normal"];
+        let tbf = ["tbf", "rate", "1mbit", "burst", "16kb", "latency", "500ms"];
+        let mut how = "netem";
+        for node in 0..self.nodes {
+            let namespace = self.namespace(node);
+            let qdisc = |kind: &[&str]| {
+                let mut args = vec!["-n", &namespace, "qdisc", "replace", "dev", "eth0", "root"];
+                args.extend_from_slice(kind);
+                ip("tc", &args)
+            };
+            if how == "netem" && qdisc(&[&["netem"][..], &netem[..]].concat()).is_ok() {
+                continue;
+            }
+            how = "tbf";
+            qdisc(&tbf)?;
+        }
+        Ok(how)
+    }
+
+    /// Removes every fault: the nftables rules and the qdiscs.
+    pub fn heal(&self) -> anyhow::Result<()> {
+        for node in 0..self.nodes {
+            self.nft(node, "flush chain inet jepsen input")?;
+            // Deleting the root qdisc of a link that has none fails; that is healed already.
+            let _ = ip("tc", &["-n", &self.namespace(node), "qdisc", "del", "dev", "eth0", "root"]);
+        }
+        Ok(())
+    }
+
+    fn nft(&self, node: usize, command: &str) -> anyhow::Result<()> {
+        ip("ip", &["netns", "exec", &self.namespace(node), "nft", command])
     }
 
     fn remove(&self) {

@@ -8,10 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use capstan_client::{Listed, Objects};
-use capstan_proto::objects::{
-    condition, decode_stored, Condition, Container, Kind, Node, Object, ObjectMeta, Pod, PodSpec, Quantity,
-    CONDITION_TRUE, NODE_READY, POD_SCHEDULED,
-};
+use capstan_proto::objects::{condition, decode_stored, Kind, Node, Object, Pod, NODE_READY, POD_SCHEDULED};
 use capstan_scheduler::LEADER_KEY;
 use common::{ctl, pods, summary, wait_for, Cluster, CONVERGE_TIMEOUT};
 use etcd_client::{EventType, PutOptions, Txn, TxnOp, WatchOptions};
@@ -22,40 +19,15 @@ async fn objects(cluster: &Cluster) -> Objects {
 }
 
 fn node(name: &str, cpu: &str, memory: &str, labels: &[(&str, &str)]) -> Object {
-    let mut node = Node {
-        metadata: ObjectMeta {
-            name: name.into(),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    node.status.capacity.insert("cpu".into(), Quantity::new(cpu));
-    node.status.capacity.insert("memory".into(), Quantity::new(memory));
-    node.status.capacity.insert("pods".into(), Quantity::new("110"));
-    node.status.conditions.push(Condition {
-        type_: NODE_READY.into(),
-        status: CONDITION_TRUE.into(),
-        ..Default::default()
-    });
+    let mut node = Node::ready(name, cpu, memory, "110");
+    node.metadata.labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     Object::Node(node)
 }
 
 fn pod(name: &str, cpu: &str, memory: &str) -> Object {
-    let mut container =
-        Container { name: "main".into(), command: vec!["sleep".into(), "3600".into()], ..Default::default() };
-    container.resources.requests.insert("cpu".into(), Quantity::new(cpu));
-    container.resources.requests.insert("memory".into(), Quantity::new(memory));
-    Object::Pod(Pod {
-        metadata: ObjectMeta {
-            name: name.into(),
-            namespace: "default".into(),
-            uid: format!("uid-{name}"),
-            ..Default::default()
-        },
-        spec: PodSpec { containers: vec![container], ..Default::default() },
-        ..Default::default()
-    })
+    let mut pod = Pod::requesting("default", name, &["sleep", "3600"], cpu, memory);
+    pod.metadata.uid = format!("uid-{name}");
+    Object::Pod(pod)
 }
 
 /// Node leases, as agents keep them, so the node-lifecycle controller leaves the nodes Ready.

@@ -150,61 +150,60 @@ impl Cluster {
         }
     }
 
-    /// Removes `node` from the cluster through another plane, then stops it and deletes
-    /// its data: it comes back only through [`Cluster::add_back`].
-    pub async fn remove_member(&mut self, node: usize) -> anyhow::Result<()> {
-        let peer_url = self.peer_url(node);
+    /// Runs a membership change through the first other running plane that carries it out.
+    async fn through_another<F, Fut>(&self, node: usize, change: F) -> anyhow::Result<()>
+    where
+        F: Fn(etcd_client::Client) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
         let mut last_error = anyhow::anyhow!("no other plane runs");
         for other in self.running().into_iter().filter(|other| *other != node) {
-            let removed = async {
-                let mut client = admin_client(&self.endpoint(other)).await?;
-                let members = client.member_list().await?;
-                let id = members
-                    .members()
-                    .iter()
-                    .find(|member| member.peer_urls().contains(&peer_url))
-                    .map(|member| member.id())
-                    .context("not a member")?;
-                client.member_remove(id).await?;
-                anyhow::Ok(())
-            };
-            match tokio::time::timeout(ADMIN_TIMEOUT * 5, removed).await {
-                Ok(Ok(())) => {
-                    self.removed[node] = true;
-                    self.kill(node);
-                    let data = self.dir.join(format!("n{node}"));
-                    std::fs::remove_dir_all(&data).with_context(|| format!("cannot delete {}", data.display()))?;
-                    return Ok(());
-                }
+            let attempt = async { change(admin_client(&self.endpoint(other)).await?).await };
+            match tokio::time::timeout(ADMIN_TIMEOUT * 5, attempt).await {
+                Ok(Ok(())) => return Ok(()),
                 Ok(Err(error)) => last_error = error,
                 Err(_) => last_error = anyhow::anyhow!("n{other} did not answer in time"),
             }
         }
-        Err(last_error.context(format!("cannot remove n{node}")))
+        Err(last_error)
+    }
+
+    /// Removes `node` from the cluster through another plane, then stops it and deletes
+    /// its data: it comes back only through [`Cluster::add_back`].
+    pub async fn remove_member(&mut self, node: usize) -> anyhow::Result<()> {
+        let peer_url = self.peer_url(node);
+        let remove = |mut client: etcd_client::Client| {
+            let peer_url = peer_url.clone();
+            async move {
+                let members = client.member_list().await?;
+                let member = members.members().iter().find(|member| member.peer_urls().contains(&peer_url));
+                let id = member.map(|member| member.id()).context("not a member")?;
+                client.member_remove(id).await?;
+                anyhow::Ok(())
+            }
+        };
+        self.through_another(node, remove).await.with_context(|| format!("cannot remove n{node}"))?;
+        self.removed[node] = true;
+        self.kill(node);
+        let data = self.dir.join(format!("n{node}"));
+        std::fs::remove_dir_all(&data).with_context(|| format!("cannot delete {}", data.display()))
     }
 
     /// Adds a removed `node` back as a new member and starts it empty; it joins the
     /// cluster and catches up from the leader.
     pub async fn add_back(&mut self, node: usize) -> anyhow::Result<()> {
         let peer_url = self.peer_url(node);
-        let mut last_error = anyhow::anyhow!("no other plane runs");
-        for other in self.running().into_iter().filter(|other| *other != node) {
-            let added = async {
-                let mut client = admin_client(&self.endpoint(other)).await?;
+        let add = |mut client: etcd_client::Client| {
+            let peer_url = peer_url.clone();
+            async move {
                 client.member_add([peer_url.as_str()], None).await?;
                 anyhow::Ok(())
-            };
-            match tokio::time::timeout(ADMIN_TIMEOUT * 5, added).await {
-                Ok(Ok(())) => {
-                    self.joined[node] = true;
-                    self.removed[node] = false;
-                    return self.restart(node);
-                }
-                Ok(Err(error)) => last_error = error,
-                Err(_) => last_error = anyhow::anyhow!("n{other} did not answer in time"),
             }
-        }
-        Err(last_error.context(format!("cannot add n{node} back")))
+        };
+        self.through_another(node, add).await.with_context(|| format!("cannot add n{node} back"))?;
+        self.joined[node] = true;
+        self.removed[node] = false;
+        self.restart(node)
     }
 
     /// Which planes run now.

@@ -186,36 +186,17 @@ pub fn score(request: &PodRequest<'_>, node: &NodeInfo, max_on_any: u32) -> i64 
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use capstan_proto::objects::{
-        Condition, Container, ContainerPort, Node, ObjectMeta, OwnerReference, Quantity, CONDITION_FALSE,
-        CONDITION_TRUE, NODE_READY,
-    };
+    use capstan_proto::objects::{ContainerPort, Node, OwnerReference, Quantity, CONDITION_FALSE};
 
     use super::*;
     use crate::cache::Usage;
 
     pub fn node(name: &str, cpu: &str, memory: &str, pods: i64) -> NodeInfo {
-        let mut node = Node { metadata: ObjectMeta { name: name.into(), ..Default::default() }, ..Default::default() };
-        node.status.capacity.insert("cpu".into(), Quantity::new(cpu));
-        node.status.capacity.insert("memory".into(), Quantity::new(memory));
-        node.status.capacity.insert("pods".into(), Quantity::new(pods.to_string()));
-        node.status.conditions.push(Condition {
-            type_: NODE_READY.into(),
-            status: CONDITION_TRUE.into(),
-            ..Default::default()
-        });
-        NodeInfo::new(node, Usage::default())
+        NodeInfo::new(Node::ready(name, cpu, memory, &pods.to_string()), Usage::default())
     }
 
     pub fn pod(cpu: &str, memory: &str) -> Pod {
-        let mut container = Container { name: "c".into(), command: vec!["true".into()], ..Default::default() };
-        container.resources.requests.insert("cpu".into(), Quantity::new(cpu));
-        container.resources.requests.insert("memory".into(), Quantity::new(memory));
-        Pod {
-            metadata: ObjectMeta { name: "p".into(), ..Default::default() },
-            spec: capstan_proto::objects::PodSpec { containers: vec![container], ..Default::default() },
-            ..Default::default()
-        }
+        Pod::requesting("", "p", &["true"], cpu, memory)
     }
 
     fn rejections(pod: &Pod, node: &NodeInfo) -> Vec<Rejection> {

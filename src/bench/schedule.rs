@@ -14,10 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use capstan_client::{create_op, Objects};
-use capstan_proto::objects::{
-    decode_stored, Condition, Container, Kind, Node, Object, ObjectMeta, Pod, PodPhase, PodSpec, Quantity,
-    CONDITION_TRUE, NODE_LEASE_PREFIX, NODE_READY,
-};
+use capstan_proto::objects::{decode_stored, Kind, Node, Object, Pod, PodPhase, NODE_LEASE_PREFIX};
 use etcd_client::{DeleteOptions, EventType, PutOptions, Txn, TxnOp, WatchOptions, WatchStream};
 
 use super::{percentile, BenchArgs};
@@ -210,29 +207,9 @@ async fn clean(objects: &Objects) -> anyhow::Result<()> {
 }
 
 fn node(index: usize) -> Object {
-    let mut node = Node {
-        metadata: ObjectMeta { name: format!("{NODE_PREFIX}{index:05}"), ..Default::default() },
-        ..Default::default()
-    };
-    for (resource, amount) in [("cpu", "32"), ("memory", "128Gi"), ("pods", "110")] {
-        node.status.capacity.insert(resource.into(), Quantity::new(amount));
-    }
-    node.status.conditions.push(Condition {
-        type_: NODE_READY.into(),
-        status: CONDITION_TRUE.into(),
-        ..Default::default()
-    });
-    Object::Node(node)
+    Object::Node(Node::ready(&format!("{NODE_PREFIX}{index:05}"), "32", "128Gi", "110"))
 }
 
 fn pod(index: usize) -> Object {
-    let mut container =
-        Container { name: "main".into(), command: vec!["sleep".into(), "3600".into()], ..Default::default() };
-    container.resources.requests.insert("cpu".into(), Quantity::new("100m"));
-    container.resources.requests.insert("memory".into(), Quantity::new("128Mi"));
-    Object::Pod(Pod {
-        metadata: ObjectMeta { name: format!("pod-{index:06}"), namespace: NAMESPACE.into(), ..Default::default() },
-        spec: PodSpec { containers: vec![container], ..Default::default() },
-        ..Default::default()
-    })
+    Object::Pod(Pod::requesting(NAMESPACE, &format!("pod-{index:06}"), &["sleep", "3600"], "100m", "128Mi"))
 }

@@ -72,11 +72,7 @@ impl Plane {
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => return Err(status::not_leader()),
                 Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
                     ChangeMembershipError::InProgress(_),
-                ))) => {
-                    if tokio::time::timeout_at(deadline, metrics.changed()).await.is_err() {
-                        return Err(Status::unavailable(status::TIMEOUT));
-                    }
-                }
+                ))) => membership_applied(&mut metrics, deadline).await?,
                 Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(error))) => {
                     return Err(Status::failed_precondition(format!("etcdserver: {error}")))
                 }
@@ -229,6 +225,29 @@ pub(super) async fn watch_removal(plane: Arc<Plane>) {
         }
         if metrics.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+/// Waits, after a refused change, for the metrics to move and the newest membership to be
+/// applied: openraft refuses a change while the one before it is not committed (planes
+/// publishing their URLs at start race so), and retrying at every other change of the
+/// metrics would spin.
+async fn membership_applied(
+    metrics: &mut tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, PeerNode>>,
+    deadline: tokio::time::Instant,
+) -> Result<(), Status> {
+    loop {
+        match tokio::time::timeout_at(deadline, metrics.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(Status::unavailable(status::STOPPED)),
+            Err(_) => return Err(Status::unavailable(status::TIMEOUT)),
+        }
+        let current = metrics.borrow_and_update();
+        // Nothing applied yet (None) is before the bootstrap membership at index 0.
+        let applied = current.last_applied.as_ref().map(|id| id.index);
+        if applied >= current.membership_config.log_id().as_ref().map(|id| id.index) {
+            return Ok(());
         }
     }
 }

@@ -12,10 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use anyhow::Context;
-use capstan_proto::objects::{
-    decode_stored, Condition, Container, Kind, Node, Object, ObjectMeta, Pod, PodSpec, Quantity, CONDITION_TRUE,
-    NODE_LEASE_PREFIX, NODE_READY,
-};
+use capstan_proto::objects::{decode_stored, Kind, Node, Object, Pod, NODE_LEASE_PREFIX};
 use etcd_client::{EventType, PutOptions, Txn, TxnOp};
 
 use crate::check::Check;
@@ -35,30 +32,11 @@ pub const PLANE_ARGS: [&str; 5] =
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn node(index: usize) -> Object {
-    let mut node = Node {
-        metadata: ObjectMeta { name: format!("jepsen-node-{index}"), ..Default::default() },
-        ..Default::default()
-    };
-    node.status.capacity.insert("cpu".into(), Quantity::new(format!("{NODE_CPU_MILLI}m")));
-    node.status.capacity.insert("memory".into(), Quantity::new("64Gi"));
-    node.status.capacity.insert("pods".into(), Quantity::new("110"));
-    node.status.conditions.push(Condition {
-        type_: NODE_READY.into(),
-        status: CONDITION_TRUE.into(),
-        ..Default::default()
-    });
-    Object::Node(node)
+    Object::Node(Node::ready(&format!("jepsen-node-{index}"), &format!("{NODE_CPU_MILLI}m"), "64Gi", "110"))
 }
 
 fn pod(name: &str, cpu_milli: i64) -> Object {
-    let mut container = Container { name: "main".into(), command: vec!["sleep".into()], ..Default::default() };
-    container.resources.requests.insert("cpu".into(), Quantity::new(format!("{cpu_milli}m")));
-    container.resources.requests.insert("memory".into(), Quantity::new("64Mi"));
-    Object::Pod(Pod {
-        metadata: ObjectMeta { name: name.into(), namespace: NAMESPACE.into(), ..Default::default() },
-        spec: PodSpec { containers: vec![container], ..Default::default() },
-        ..Default::default()
-    })
+    Object::Pod(Pod::requesting(NAMESPACE, name, &["sleep"], &format!("{cpu_milli}m"), "64Mi"))
 }
 
 /// Registers the nodes and their lease keys (on a lease that outlives the run).

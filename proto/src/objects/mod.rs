@@ -312,6 +312,21 @@ pub struct Endpoint {
 pub const NODE_READY: &str = "Ready";
 
 impl Node {
+    /// A node that says it is Ready, with this capacity: what benchmarks, tests and the
+    /// chaos harness register where no agent runs.
+    pub fn ready(name: &str, cpu: &str, memory: &str, pods: &str) -> Node {
+        let mut node = Node { metadata: ObjectMeta { name: name.into(), ..Default::default() }, ..Default::default() };
+        for (resource, amount) in [(RESOURCE_CPU, cpu), (RESOURCE_MEMORY, memory), (RESOURCE_PODS, pods)] {
+            node.status.capacity.insert(resource.into(), Quantity::new(amount));
+        }
+        node.status.conditions.push(Condition {
+            type_: NODE_READY.into(),
+            status: CONDITION_TRUE.into(),
+            ..Default::default()
+        });
+        node
+    }
+
     /// Allocatable where given, else capacity (as the Kubernetes scheduler reads it).
     pub fn allocatable(&self, resource: &str) -> Option<&Quantity> {
         self.status.allocatable.get(resource).or_else(|| self.status.capacity.get(resource))
@@ -542,6 +557,23 @@ pub struct Requests {
 }
 
 impl Pod {
+    /// A pod of one container, `main`, running `command` and requesting `cpu` and
+    /// `memory`: what benchmarks, tests and the chaos harness create.
+    pub fn requesting(namespace: &str, name: &str, command: &[&str], cpu: &str, memory: &str) -> Pod {
+        let mut container = Container {
+            name: "main".into(),
+            command: command.iter().map(|arg| arg.to_string()).collect(),
+            ..Default::default()
+        };
+        container.resources.requests.insert(RESOURCE_CPU.into(), Quantity::new(cpu));
+        container.resources.requests.insert(RESOURCE_MEMORY.into(), Quantity::new(memory));
+        Pod {
+            metadata: ObjectMeta { name: name.into(), namespace: namespace.into(), ..Default::default() },
+            spec: PodSpec { containers: vec![container], ..Default::default() },
+            ..Default::default()
+        }
+    }
+
     pub fn namespace(&self) -> &str {
         namespace_or_default(&self.metadata.namespace)
     }

@@ -92,7 +92,9 @@ impl Nemesis<'_> {
     pub async fn run(mut self, deadline: Instant) -> anyhow::Result<Vec<Record>> {
         let mut history = Vec::new();
         let mut turn = 0;
-        while !self.schedule.is_empty() && Instant::now() + 2 * self.interval < deadline {
+        // A turn is a calm, a fault and its heal; the run ends with a calm of its own, so
+        // the history shows the cluster after the last heal.
+        while !self.schedule.is_empty() && Instant::now() + 3 * self.interval < deadline {
             tokio::time::sleep(self.interval).await;
             let faults = self.schedule[turn % self.schedule.len()].clone();
             turn += 1;

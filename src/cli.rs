@@ -57,6 +57,10 @@ pub struct PlaneArgs {
     /// Address for Raft traffic from other planes.
     #[arg(long, default_value = "127.0.0.1:2380")]
     pub listen_peer: SocketAddr,
+    /// Where to serve Prometheus metrics (`/metrics`) and health probes (`/health`,
+    /// `/readyz`, `/livez`) over HTTP, as etcd's flag: `http://127.0.0.1:2381`.
+    #[arg(long)]
+    pub listen_metrics_urls: Option<String>,
     /// Client URLs announced to the cluster (default: http://<listen-client>).
     #[arg(long, value_delimiter = ',')]
     pub advertise_client_urls: Vec<String>,
@@ -258,6 +262,13 @@ async fn run_scheduler(args: StandaloneSchedulerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `http://host:port`, an address to listen on (one: Capstan serves metrics on one).
+fn parse_metrics_url(url: &str) -> anyhow::Result<SocketAddr> {
+    let bad = || format!("--listen-metrics-urls {url:?}: expected one http://ip:port");
+    let address = url.strip_prefix("http://").with_context(bad)?.trim_end_matches('/');
+    address.parse().with_context(bad)
+}
+
 impl PlaneArgs {
     pub fn into_config(self) -> anyhow::Result<PlaneConfig> {
         let mut config = PlaneConfig::single(
@@ -271,6 +282,9 @@ impl PlaneArgs {
         }
         if let Some(initial) = &self.initial_cluster {
             config.initial_cluster = parse_initial_cluster(initial)?;
+        }
+        if let Some(url) = &self.listen_metrics_urls {
+            config.listen_metrics = Some(parse_metrics_url(url)?);
         }
         if self.heartbeat_interval_ms == 0 || self.election_timeout_ms < 3 * self.heartbeat_interval_ms {
             anyhow::bail!(

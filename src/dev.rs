@@ -16,7 +16,8 @@ pub struct DevArgs {
     /// Where the local cluster keeps its data.
     #[arg(long, default_value = ".capstan-dev")]
     pub data_dir: PathBuf,
-    /// Client ports of the planes (their peer ports are one higher).
+    /// Client ports of the planes (their peer ports are one higher, their metrics and
+    /// health ports two higher, as etcd's 2379/2380/2381).
     #[arg(long, value_delimiter = ',', default_value = "2379,22379,32379")]
     pub client_ports: Vec<u16>,
 }
@@ -67,7 +68,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         args.data_dir.display()
     );
     for plane in &planes {
-        println!("  {}: clients 127.0.0.1:{}, peers 127.0.0.1:{}", plane.name, plane.client_port, plane.peer_port);
+        println!(
+            "  {}: clients 127.0.0.1:{}, peers 127.0.0.1:{}, metrics and health http://127.0.0.1:{}/metrics",
+            plane.name,
+            plane.client_port,
+            plane.peer_port,
+            plane.client_port + 2
+        );
     }
     println!("Try:");
     println!("  etcdctl --endpoints={endpoints} put hello world");
@@ -92,6 +99,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .arg(args.data_dir.join(&plane.name))
             .args(["--listen-client", &format!("127.0.0.1:{}", plane.client_port)])
             .args(["--listen-peer", &format!("127.0.0.1:{}", plane.peer_port)])
+            .args(["--listen-metrics-urls", &format!("http://127.0.0.1:{}", plane.client_port + 2)])
             .args(["--initial-cluster", &initial_cluster])
             // Every plane runs a scheduler candidate; dev's node timings are short so a
             // lost node's pods are visibly replaced within a minute.

@@ -14,6 +14,7 @@
 
 pub mod error;
 pub mod log_store;
+pub mod metrics;
 pub mod network;
 pub mod service;
 pub mod state_machine;
@@ -29,6 +30,7 @@ use tokio::sync::broadcast;
 use capstan_store::Store;
 
 pub use error::RaftError;
+pub use metrics::StorageMetrics;
 pub use service::PeerService;
 pub use state_machine::{RevisionEvents, StateMachine};
 pub use types::{cluster_id, member_id, new_member_id, NodeId, PeerNode, Raft, Response, TypeConfig};
@@ -125,7 +127,7 @@ pub fn mark_removed(store: &Store) -> Result<(), RaftError> {
 }
 
 /// Starts the plane's Raft on `store` (kept in `data_dir`), talking to peers over
-/// `peer_channels`; bootstraps the cluster when the directory is new and `identity` names
+/// `peer_channels` and measuring into `metrics`; bootstraps the cluster when the directory is new and `identity` names
 /// initial members.
 pub async fn start(
     store: Store,
@@ -133,11 +135,12 @@ pub async fn start(
     identity: &PlaneIdentity,
     config: &RaftConfig,
     peer_channels: network::PeerChannels,
+    metrics: &StorageMetrics,
 ) -> Result<PlaneRaft, RaftError> {
     check_identity(&store, identity)?;
     let (events, _) = broadcast::channel(EVENT_CHANNEL_REVISIONS);
-    let state_machine = StateMachine::new(store.clone(), data_dir.join("snapshots"), events.clone())?;
-    let log_store = log_store::LogStore::new(store.db().clone())?;
+    let state_machine = StateMachine::new(store.clone(), data_dir.join("snapshots"), events.clone(), metrics.clone())?;
+    let log_store = log_store::LogStore::new(store.db().clone(), metrics.wal_fsync_seconds.clone())?;
     let raft_config = openraft::Config {
         cluster_name: format!("{:x}", identity.cluster_id),
         heartbeat_interval: config.heartbeat_interval_ms,
@@ -149,7 +152,7 @@ pub async fn start(
         ..Default::default()
     }
     .validate()?;
-    let network = network::GrpcNetwork::new(identity.cluster_id, peer_channels.clone());
+    let network = network::GrpcNetwork::new(identity.cluster_id, peer_channels.clone(), metrics.snapshots_sent.clone());
     let raft = Raft::new(identity.node_id, Arc::new(raft_config), network, log_store, state_machine).await?;
     if !identity.initial_members.is_empty() && !raft.is_initialized().await? {
         tracing::info!(members = identity.initial_members.len(), "bootstrapping a new cluster");

@@ -41,14 +41,18 @@ pub struct LogStore {
 /// tells openraft they are durable, oldest first. Ends when every `LogStore` is dropped.
 /// It holds the database only while syncing, so that a stopped plane's database closes as
 /// soon as the plane lets go of it.
-fn sync_appends(db: std::sync::Weak<DB>, mut unsynced: tokio::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
+fn sync_appends(
+    db: std::sync::Weak<DB>,
+    mut unsynced: tokio::sync::mpsc::Receiver<LogFlushed<TypeConfig>>,
+    fsync_seconds: prometheus_client::metrics::histogram::Histogram,
+) {
     while let Some(first) = unsynced.blocking_recv() {
         let mut written = vec![first];
         while let Ok(next) = unsynced.try_recv() {
             written.push(next);
         }
         let synced = match db.upgrade() {
-            Some(db) => db.flush_wal(true).map_err(|error| error.to_string()),
+            Some(db) => crate::metrics::timed(&fsync_seconds, || db.flush_wal(true)).map_err(|error| error.to_string()),
             None => Err("the database is closed".to_string()),
         };
         for callback in written {
@@ -76,10 +80,16 @@ pub(crate) fn synced() -> WriteOptions {
 }
 
 impl LogStore {
-    pub fn new(db: Arc<DB>) -> std::io::Result<LogStore> {
+    /// The log in `db`, timing each WAL sync into `fsync_seconds`.
+    pub fn new(
+        db: Arc<DB>,
+        fsync_seconds: prometheus_client::metrics::histogram::Histogram,
+    ) -> std::io::Result<LogStore> {
         let (unsynced, queue) = tokio::sync::mpsc::channel(SYNC_QUEUE_MAX);
         let sync_db = Arc::downgrade(&db);
-        std::thread::Builder::new().name("raft-log-sync".into()).spawn(move || sync_appends(sync_db, queue))?;
+        std::thread::Builder::new()
+            .name("raft-log-sync".into())
+            .spawn(move || sync_appends(sync_db, queue, fsync_seconds))?;
         Ok(LogStore { db, unsynced })
     }
 

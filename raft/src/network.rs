@@ -16,6 +16,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
 };
+use prometheus_client::metrics::counter::Counter;
 use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 
@@ -113,11 +114,13 @@ impl PeerChannels {
 pub struct GrpcNetwork {
     cluster_id: u64,
     channels: PeerChannels,
+    /// Counts every snapshot sent whole to a peer.
+    snapshots_sent: Counter,
 }
 
 impl GrpcNetwork {
-    pub fn new(cluster_id: u64, channels: PeerChannels) -> GrpcNetwork {
-        GrpcNetwork { cluster_id, channels }
+    pub fn new(cluster_id: u64, channels: PeerChannels, snapshots_sent: Counter) -> GrpcNetwork {
+        GrpcNetwork { cluster_id, channels, snapshots_sent }
     }
 }
 
@@ -136,6 +139,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
             target,
             node: node.clone(),
             client: client.map_err(|error| error.to_string()),
+            snapshots_sent: self.snapshots_sent.clone(),
         }
     }
 }
@@ -148,6 +152,7 @@ pub struct PeerClient {
     node: PeerNode,
     /// The client, or why the peer's URL cannot be used.
     client: Result<RaftPeerClient<Channel>, String>,
+    snapshots_sent: Counter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -222,15 +227,19 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId, InstallSnapshotError>>>
     {
         let mut client = self.client()?;
+        let done = rpc.done;
         let request = raftpb::InstallSnapshotRequest {
             cluster_id: self.cluster_id,
             vote: Some(types::vote_to_pb(&rpc.vote)),
             meta: Some(types::snapshot_meta_to_pb(&rpc.meta)),
             offset: rpc.offset,
             data: rpc.data,
-            done: rpc.done,
+            done,
         };
         let response = call!(self, option, client.install_snapshot(request))?;
+        if done {
+            self.snapshots_sent.inc();
+        }
         if let Some(mismatch) = response.mismatch {
             let mismatch = SnapshotMismatch {
                 expect: types::segment_from_pb(mismatch.expect.unwrap_or_default()),

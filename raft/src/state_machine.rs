@@ -59,6 +59,7 @@ pub struct StateMachine {
     store: Store,
     snapshot_dir: PathBuf,
     events: broadcast::Sender<Arc<RevisionEvents>>,
+    metrics: crate::StorageMetrics,
 }
 
 fn sm_error(verb: ErrorVerb, error: impl std::error::Error + 'static) -> StorageError {
@@ -74,9 +75,10 @@ impl StateMachine {
         store: Store,
         snapshot_dir: PathBuf,
         events: broadcast::Sender<Arc<RevisionEvents>>,
+        metrics: crate::StorageMetrics,
     ) -> std::io::Result<StateMachine> {
         std::fs::create_dir_all(&snapshot_dir)?;
-        Ok(StateMachine { store, snapshot_dir, events })
+        Ok(StateMachine { store, snapshot_dir, events, metrics })
     }
 
     fn read_applied(&self) -> Result<AppliedState, StorageError> {
@@ -280,11 +282,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // A few small entries apply faster here than the hand-off to a blocking thread takes
         // (each is one unsynced RocksDB batch); many, or any whose work grows with the
         // store (deletes, txns, compaction, revokes), go to a blocking thread.
+        let apply_all = |this: &StateMachine, entries: Vec<Entry>| {
+            crate::metrics::timed(&this.metrics.apply_seconds, || {
+                entries.into_iter().map(|entry| this.apply_entry(entry)).collect()
+            })
+        };
         if entries.len() <= APPLY_INLINE_ENTRIES_MAX && entries.iter().all(is_small) {
-            return entries.into_iter().map(|entry| self.apply_entry(entry)).collect();
+            return apply_all(self, entries);
         }
         let this = self.clone();
-        tokio::task::spawn_blocking(move || entries.into_iter().map(|entry| this.apply_entry(entry)).collect())
+        tokio::task::spawn_blocking(move || apply_all(&this, entries))
             .await
             .map_err(|error| sm_error(ErrorVerb::Write, error))?
     }
@@ -315,6 +322,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let received = this.snapshot_dir.join(RECEIVING_FILE);
             this.store.import(&received).map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
             this.keep_snapshot(&received, &meta).map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
+            this.metrics.snapshots_received.inc();
             tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
             Ok(())
         })
@@ -354,7 +362,7 @@ mod tests {
 
         fn machine(&self) -> StateMachine {
             let store = Store::open(&self.0.join("db"), &[]).unwrap();
-            StateMachine::new(store, self.0.join("snapshots"), broadcast::channel(16).0).unwrap()
+            StateMachine::new(store, self.0.join("snapshots"), broadcast::channel(16).0, Default::default()).unwrap()
         }
     }
 

@@ -332,7 +332,7 @@ impl<'a> State<'a> {
                     undo.push(original);
                 }
                 Some(Decision::Unschedulable { key, message }) => {
-                    self.metrics.unschedulable.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.metrics.attempted("unschedulable", 1);
                     let Some(mut pod) = self.cache.pods.get(&key).cloned() else { continue };
                     self.queue.park(key);
                     let condition = Condition {
@@ -350,19 +350,24 @@ impl<'a> State<'a> {
             }
         }
         let bound = binds.len();
+        let started = std::time::Instant::now();
         let outcomes = self.commit_outcomes(&binds).await?;
+        if !binds.is_empty() {
+            self.metrics.bind_seconds.observe(started.elapsed().as_secs_f64());
+        }
         for (original, committed) in undo.into_iter().zip(&outcomes) {
             if !committed {
                 // Someone changed the pod since it was read; its newer version comes by
                 // the watch and is scheduled from there.
-                self.metrics.bind_conflicts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.metrics.attempted("conflict", 1);
                 // The resources it was assumed to take are free again.
                 let change = self.cache.upsert(Object::Pod(*original));
                 self.react(change);
             }
         }
         let committed = outcomes.iter().filter(|ok| **ok).count();
-        self.metrics.binds.fetch_add(committed as u64, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.attempted("scheduled", committed as u64);
+        self.metrics.pending_pods.set((self.queue.active_len() + self.queue.unschedulable_len()) as i64);
         if bound > 0 {
             tracing::debug!(bound = committed, conflicts = bound - committed, "bound pods");
         }

@@ -19,10 +19,14 @@ pub mod leader;
 pub mod plugins;
 pub mod schedule;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use etcd_client::Client;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
 use tokio::sync::watch;
 
 pub use election::{Fence, LEADER_KEY};
@@ -63,21 +67,51 @@ impl SchedulerConfig {
     }
 }
 
-/// Counters an operator (and a test) reads.
-#[derive(Debug, Default)]
+/// What the scheduler measures, for the plane's metrics endpoint (cheap, shared clones).
+#[derive(Clone, Debug)]
 pub struct Metrics {
-    pub leader: AtomicBool,
-    pub binds: AtomicU64,
-    pub bind_conflicts: AtomicU64,
-    pub unschedulable: AtomicU64,
+    /// 1 while this scheduler leads.
+    pub leader: Gauge,
+    /// Pods waiting for a node: queued, or parked because none fits.
+    pub pending_pods: Gauge,
+    /// Scheduling attempts by result: `scheduled` (bound), `unschedulable`, `conflict`
+    /// (the pod changed under the bind, which was refused).
+    pub attempts: Family<[(&'static str, &'static str); 1], Counter>,
+    /// One txn of binds, from send to answer.
+    pub bind_seconds: Histogram,
     /// Values under `/registry/` that are not valid objects (written by another client);
     /// they are skipped with a warning.
-    pub decode_errors: AtomicU64,
+    pub decode_errors: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics {
+            leader: Gauge::default(),
+            pending_pods: Gauge::default(),
+            attempts: Family::default(),
+            bind_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            decode_errors: Counter::default(),
+        }
+    }
 }
 
 impl Metrics {
+    /// Registers every family under `registry` (the plane names them `capstan_scheduler_*`).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register("leader", "1 while this plane's scheduler leads", self.leader.clone());
+        registry.register("pending_pods", "Pods waiting for a node", self.pending_pods.clone());
+        registry.register("attempts", "Scheduling attempts by result", self.attempts.clone());
+        registry.register_with_unit("bind_duration", "One txn of binds", Unit::Seconds, self.bind_seconds.clone());
+        registry.register("decode_errors", "Values under /registry/ that do not decode", self.decode_errors.clone());
+    }
+
+    fn attempted(&self, result: &'static str, count: u64) {
+        self.attempts.get_or_create(&[("result", result)]).inc_by(count);
+    }
+
     fn record_decode_error(&self, error: &capstan_proto::objects::DecodeError) {
-        let count = self.decode_errors.fetch_add(1, Ordering::Relaxed) + 1;
+        let count = self.decode_errors.inc() + 1;
         tracing::warn!(%error, decode_errors = count, "skipping an object that does not decode");
     }
 }
@@ -107,9 +141,10 @@ pub async fn run(client: Client, config: SchedulerConfig, metrics: &Metrics, mut
                 continue;
             }
         };
-        metrics.leader.store(true, Ordering::Relaxed);
+        metrics.leader.set(1);
         let outcome = leader::lead(&client, &mut leadership, &config, metrics, &mut shutdown).await;
-        metrics.leader.store(false, Ordering::Relaxed);
+        metrics.leader.set(0);
+        metrics.pending_pods.set(0);
         match outcome {
             Ok(leader::Exit::Shutdown) => {
                 leadership.resign(&client).await;

@@ -100,11 +100,19 @@ async fn write(plane: &Plane, batch: Vec<Proposal>) {
         })
         .collect();
     let count = commands.len();
+    let metrics = &plane.metrics;
+    metrics.proposals_pending.inc_by(count as i64);
     let entry = match <[Command; 1]>::try_from(commands) {
         Ok([single]) => single,
         Err(commands) => Command { request: Some(command::Request::Batch(CommandBatch { commands })) },
     };
-    let results: Vec<Result<CommandResponse, Status>> = match plane.raft.client_write(entry).await {
+    let written = plane.raft.client_write(entry).await;
+    metrics.proposals_pending.dec_by(count as i64);
+    match &written {
+        Ok(_) => metrics.proposals_committed.inc_by(count as u64),
+        Err(_) => metrics.proposals_failed.inc_by(count as u64),
+    };
+    let results: Vec<Result<CommandResponse, Status>> = match written {
         Ok(written) if count == 1 => vec![match written.data.result {
             Some(result) => result.map_err(|error| status::from_store(&error)),
             None => Err(Status::internal("a command entry applied without a response")),

@@ -111,7 +111,10 @@ pub async fn run_expiry(plane: Arc<Plane>) {
             // Raft commits its proposal only if it still leads.
             let revoke = Command { request: Some(command::Request::LeaseRevoke(pb::LeaseRevokeRequest { id })) };
             match plane.propose_local(revoke).await {
-                Ok(_) => tracing::info!(lease = format!("{id:x}"), "lease expired and revoked"),
+                Ok(_) => {
+                    plane.metrics.leases_expired.inc();
+                    tracing::info!(lease = format!("{id:x}"), "lease expired and revoked")
+                }
                 Err(error) if error.code() == tonic::Code::NotFound => plane.lessor.forget(id),
                 Err(error) if error.message() == status::NOT_LEADER => {
                     plane.lessor.state().leading_term = None;

@@ -12,6 +12,7 @@ mod kv;
 mod lease;
 mod maintenance;
 mod membership;
+pub mod metrics;
 pub mod status;
 
 pub use membership::check_peer_url;
@@ -53,6 +54,8 @@ pub struct PlaneConfig {
     pub data_dir: PathBuf,
     pub listen_client: SocketAddr,
     pub listen_peer: SocketAddr,
+    /// Where to serve `/metrics`, `/health`, `/readyz` and `/livez` over HTTP.
+    pub listen_metrics: Option<SocketAddr>,
     pub advertise_client_urls: Vec<String>,
     /// `name=peer-url` of every initial member, this plane included; when joining a running
     /// cluster, this plane and members to ask for the cluster.
@@ -82,6 +85,7 @@ impl PlaneConfig {
             data_dir,
             listen_client,
             listen_peer,
+            listen_metrics: None,
             advertise_client_urls: vec![format!("http://{listen_client}")],
             initial_cluster: vec![(name.to_string(), format!("http://{listen_peer}"))],
             initial_cluster_state: ClusterState::New,
@@ -194,6 +198,7 @@ pub struct Plane {
     stop: tokio::sync::Notify,
     /// Set once the plane is stopping, for long-lived streams to end.
     stopping: tokio::sync::watch::Sender<bool>,
+    metrics: metrics::PlaneMetrics,
 }
 
 impl Plane {
@@ -409,8 +414,7 @@ async fn run_scheduler(plane: Arc<Plane>, config: capstan_scheduler::SchedulerCo
             () = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
     };
-    let metrics = capstan_scheduler::Metrics::default();
-    capstan_scheduler::run(client, config, &metrics, stopping).await;
+    capstan_scheduler::run(client, config, &plane.metrics.scheduler, stopping).await;
 }
 
 /// Starts a plane and serves it until `shutdown` resolves.
@@ -424,13 +428,23 @@ pub async fn run(
     let peer_listener = tokio::net::TcpListener::bind(config.listen_peer)
         .await
         .with_context(|| format!("cannot listen for peers on {}", config.listen_peer))?;
+    let metrics_listener = match config.listen_metrics {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {address}"))?,
+        ),
+        None => None,
+    };
+    let metrics = metrics::PlaneMetrics::default();
     let cannot_start = || format!("cannot start the plane in {}", config.data_dir.display());
     let store = capstan_raft::open_store(config.data_dir.clone()).await.with_context(cannot_start)?;
     let identity = config.identity(&store).await?;
     let channels = config.peer_faults.clone().map_or_else(PeerChannels::default, PeerChannels::with_faults);
-    let started = capstan_raft::start(store, config.data_dir.clone(), &identity, &config.raft, channels)
-        .await
-        .with_context(cannot_start)?;
+    let started =
+        capstan_raft::start(store, config.data_dir.clone(), &identity, &config.raft, channels, &metrics.storage)
+            .await
+            .with_context(cannot_start)?;
     let (proposals, queued) = tokio::sync::mpsc::channel(batch::QUEUE_MAX);
     let (reads, queued_reads) = tokio::sync::mpsc::channel(batch::QUEUE_MAX);
     let plane = Arc::new(Plane {
@@ -448,6 +462,7 @@ pub async fn run(
         identity,
         stop: tokio::sync::Notify::new(),
         stopping: tokio::sync::watch::channel(false).0,
+        metrics,
     });
     tracing::info!(
         name = %plane.config.name,
@@ -463,7 +478,15 @@ pub async fn run(
     background.spawn(batch::run(plane.clone(), queued));
     background.spawn(batch::run_reads(plane.clone(), queued_reads));
     background.spawn(lease::run_expiry(plane.clone()));
-    background.spawn(log_leadership(plane.raft.clone()));
+    background.spawn(log_leadership(plane.raft.clone(), plane.metrics.leader_changes.clone()));
+    if let Some(listener) = metrics_listener {
+        let served = metrics::serve(plane.clone(), listener, plane.stopping());
+        background.spawn(async move {
+            if let Err(error) = served.await {
+                tracing::error!(%error, "the metrics listener failed");
+            }
+        });
+    }
     background.spawn(publish_client_urls(plane.clone()));
     background.spawn(membership::watch_removal(plane.clone()));
     if let Some(config) = plane.config.scheduler.clone() {
@@ -576,8 +599,8 @@ async fn publish_client_urls(plane: Arc<Plane>) {
     }
 }
 
-/// Logs every change of leader, as etcd does ("elected leader", "lost leader").
-async fn log_leadership(raft: Raft) {
+/// Logs and counts every change of leader, as etcd does ("elected leader", "lost leader").
+async fn log_leadership(raft: Raft, leader_changes: prometheus_client::metrics::counter::Counter) {
     let mut metrics = raft.metrics();
     let mut known = None;
     loop {
@@ -587,7 +610,10 @@ async fn log_leadership(raft: Raft) {
         };
         if leader != known {
             match leader {
-                Some(leader) => tracing::info!(leader = format!("{leader:x}"), term, "leader elected"),
+                Some(leader) => {
+                    leader_changes.inc();
+                    tracing::info!(leader = format!("{leader:x}"), term, "leader elected")
+                }
                 None => tracing::warn!(term, "no leader"),
             }
             known = leader;
@@ -620,6 +646,7 @@ async fn serve(
     }
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .layer(plane.metrics.grpc_layer())
         .add_service(limited!(KvServer::new(kv::KvService(plane.clone()))))
         .add_service(limited!(WatchServer::new(watch::WatchService(plane.clone()))))
         .add_service(limited!(LeaseServer::new(lease::LeaseService(plane.clone()))))

@@ -244,10 +244,13 @@ impl WatcherTask {
         if self.out.send(Ok(created)).await.is_err() {
             return;
         }
+        let watchers = self.plane.metrics.watchers.clone();
+        watchers.inc();
         let stop = tokio::select! {
             stop = self.follow(&mut live) => stop,
             _ = &mut stopped => Stop::Cancelled,
         };
+        watchers.dec();
         let id = self.watcher.id;
         match stop {
             Stop::Cancelled | Stop::ClientGone => {}
@@ -318,7 +321,11 @@ impl WatcherTask {
                         }
                     }
                     // A gap: a revision reached the store but not this receiver; read it.
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    Ok(_) => break,
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        self.plane.metrics.slow_watchers.inc();
+                        break;
+                    }
                     Err(broadcast::error::RecvError::Closed) => {
                         return Stop::Failed("etcdserver: server stopped".into())
                     }
@@ -330,6 +337,7 @@ impl WatcherTask {
     /// Sends `events` (possibly none) as delivered up to `revision`.
     async fn deliver(&mut self, events: Vec<mvccpb::Event>, revision: i64) -> Result<(), Stop> {
         if !events.is_empty() {
+            self.plane.metrics.watch_events.inc_by(events.len() as u64);
             let response = pb::WatchResponse {
                 header: self.plane.header(revision),
                 watch_id: self.watcher.id,

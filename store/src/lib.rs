@@ -185,6 +185,12 @@ impl Store {
         total
     }
 
+    /// Stored key versions, as RocksDB estimates them (cheap; for metrics).
+    pub fn key_versions_estimate(&self) -> u64 {
+        let db = &self.inner.db;
+        db.property_int_value_cf(cf(db, codec::CF_KV), "rocksdb.estimate-num-keys").ok().flatten().unwrap_or(0)
+    }
+
     fn reload_counters(&self) -> Result<()> {
         let reader = Reader::latest(&self.inner.db);
         let revision = reader.meta_i64(codec::META_REVISION)?.unwrap_or(REVISION_INITIAL);

@@ -258,6 +258,8 @@ pub async fn leader_index(cluster: &Cluster) -> usize {
 /// Planes started together as one cluster.
 pub struct Cluster {
     pub planes: Vec<PlaneProcess>,
+    /// Each plane's metrics and health listener.
+    pub metrics: Vec<SocketAddr>,
     dir: tempfile::TempDir,
 }
 
@@ -272,6 +274,8 @@ impl Cluster {
     pub fn start_with(size: usize, extra_args: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let addrs: Vec<(SocketAddr, SocketAddr)> = (0..size).map(|_| (free_addr(), free_addr())).collect();
+        let metrics: Vec<SocketAddr> = (0..size).map(|_| free_addr()).collect();
+        let metrics_urls: Vec<String> = metrics.iter().map(|address| format!("http://{address}")).collect();
         let initial = addrs
             .iter()
             .enumerate()
@@ -283,7 +287,7 @@ impl Cluster {
             .enumerate()
             .map(|(index, (client, peer))| {
                 let name = format!("plane-{index}");
-                let mut args = vec!["--initial-cluster", &initial];
+                let mut args = vec!["--initial-cluster", &initial, "--listen-metrics-urls", &metrics_urls[index]];
                 args.extend_from_slice(extra_args);
                 PlaneProcess::spawn_named(&name, &dir.path().join(&name), *client, *peer, &args)
             })
@@ -291,7 +295,7 @@ impl Cluster {
         for plane in &mut planes {
             plane.wait_until_ready();
         }
-        Cluster { planes, dir }
+        Cluster { planes, metrics, dir }
     }
 
     pub fn endpoints(&self) -> Vec<String> {

@@ -1,0 +1,321 @@
+//! The plane's HTTP listener (`--listen-metrics-urls`, as etcd's): Prometheus metrics at
+//! `/metrics`, etcd's `/health`, and Kubernetes-style `/readyz` and `/livez` probes.
+//!
+//! Counters and histograms are updated where the work happens (handles shared with the
+//! Raft storage, the scheduler, the batcher, watches and leases); gauges that describe the
+//! plane's state (leader, term, indexes, revisions, sizes, leases) are read when scraped.
+//! Names follow Prometheus' conventions: `capstan_` prefix, `_seconds`, `_bytes`, `_total`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use tonic::codegen::http;
+
+use super::Plane;
+
+/// A plane is ready while it applies no further than this many entries behind its log.
+pub const READY_APPLY_LAG_MAX: u64 = 1_000;
+
+type Labels<const N: usize> = [(&'static str, String); N];
+
+/// Every handle the plane measures through, and the registry that names them.
+#[derive(Clone)]
+pub struct PlaneMetrics {
+    registry: Arc<Registry>,
+    pub storage: capstan_raft::StorageMetrics,
+    pub scheduler: capstan_scheduler::Metrics,
+    pub grpc: GrpcMetrics,
+    pub leader_changes: Counter,
+    pub proposals_committed: Counter,
+    pub proposals_failed: Counter,
+    pub proposals_pending: Gauge,
+    pub watchers: Gauge,
+    pub watch_events: Counter,
+    pub slow_watchers: Counter,
+    pub leases_expired: Counter,
+    state: StateGauges,
+}
+
+/// Gauges set from the plane's state at each scrape.
+#[derive(Clone, Default)]
+struct StateGauges {
+    has_leader: Gauge,
+    is_leader: Gauge,
+    term: Gauge,
+    last_log_index: Gauge,
+    applied_index: Gauge,
+    db_size: Gauge,
+    key_versions: Gauge,
+    revision: Gauge,
+    compacted_revision: Gauge,
+    leases_active: Gauge,
+}
+
+#[derive(Clone)]
+pub struct GrpcMetrics {
+    requests: Family<Labels<3>, Counter>,
+    seconds: Family<Labels<2>, Histogram>,
+}
+
+impl Default for PlaneMetrics {
+    fn default() -> PlaneMetrics {
+        let grpc = GrpcMetrics {
+            requests: Family::default(),
+            seconds: Family::new_with_constructor(|| Histogram::new(capstan_raft::metrics::duration_buckets())),
+        };
+        let mut metrics = PlaneMetrics {
+            registry: Arc::new(Registry::default()),
+            storage: capstan_raft::StorageMetrics::default(),
+            scheduler: capstan_scheduler::Metrics::default(),
+            grpc,
+            leader_changes: Counter::default(),
+            proposals_committed: Counter::default(),
+            proposals_failed: Counter::default(),
+            proposals_pending: Gauge::default(),
+            watchers: Gauge::default(),
+            watch_events: Counter::default(),
+            slow_watchers: Counter::default(),
+            leases_expired: Counter::default(),
+            state: StateGauges::default(),
+        };
+        metrics.registry = Arc::new(metrics.build_registry());
+        metrics
+    }
+}
+
+impl PlaneMetrics {
+    fn build_registry(&self) -> Registry {
+        let mut registry = Registry::with_prefix("capstan");
+        let state = &self.state;
+        let raft = registry.sub_registry_with_prefix("raft");
+        raft.register("has_leader", "1 while this plane knows a leader", state.has_leader.clone());
+        raft.register("is_leader", "1 while this plane leads", state.is_leader.clone());
+        raft.register("term", "The Raft term", state.term.clone());
+        raft.register("leader_changes", "Leaders seen by this plane", self.leader_changes.clone());
+        raft.register(
+            "last_log_index",
+            "The index of the last entry in this plane's log",
+            state.last_log_index.clone(),
+        );
+        raft.register("applied_index", "The index of the last entry applied to the store", state.applied_index.clone());
+        raft.register("proposals_committed", "Client writes committed", self.proposals_committed.clone());
+        raft.register("proposals_failed", "Client writes Raft refused or lost", self.proposals_failed.clone());
+        raft.register(
+            "proposals_pending",
+            "Client writes proposed and not yet answered",
+            self.proposals_pending.clone(),
+        );
+        let storage = &self.storage;
+        raft.register_with_unit("wal_fsync_duration", "One WAL sync", Unit::Seconds, storage.wal_fsync_seconds.clone());
+        raft.register("snapshots_sent", "Snapshots sent whole to peers", storage.snapshots_sent.clone());
+        raft.register("snapshots_received", "Snapshots received and installed", storage.snapshots_received.clone());
+        let store = registry.sub_registry_with_prefix("store");
+        store.register_with_unit("db_size", "Bytes on disk and in memtables", Unit::Bytes, state.db_size.clone());
+        store.register("key_versions", "Stored key versions (RocksDB's estimate)", state.key_versions.clone());
+        store.register("revision", "The store's current revision", state.revision.clone());
+        store.register("compacted_revision", "The revision compacted up to", state.compacted_revision.clone());
+        store.register_with_unit(
+            "apply_duration",
+            "One apply of committed entries",
+            Unit::Seconds,
+            storage.apply_seconds.clone(),
+        );
+        let grpc = registry.sub_registry_with_prefix("grpc");
+        grpc.register("requests", "gRPC requests by service, method and status code", self.grpc.requests.clone());
+        grpc.register_with_unit(
+            "request_duration",
+            "gRPC request latency (to the first answer of a stream)",
+            Unit::Seconds,
+            self.grpc.seconds.clone(),
+        );
+        let watch = registry.sub_registry_with_prefix("watch");
+        watch.register("watchers", "Watchers open on this plane", self.watchers.clone());
+        watch.register("events_sent", "Watch events sent to clients", self.watch_events.clone());
+        watch.register(
+            "slow_watchers",
+            "Times a watcher fell behind and caught up from history",
+            self.slow_watchers.clone(),
+        );
+        let lease = registry.sub_registry_with_prefix("lease");
+        lease.register("active", "Leases granted and not revoked", state.leases_active.clone());
+        lease.register("expired", "Leases this plane revoked as expired (while leading)", self.leases_expired.clone());
+        self.scheduler.register(registry.sub_registry_with_prefix("scheduler"));
+        registry
+    }
+
+    pub fn grpc_layer(&self) -> GrpcMetricsLayer {
+        GrpcMetricsLayer(self.grpc.clone())
+    }
+
+    /// The metrics in Prometheus' text format, with the state gauges read from `plane`.
+    fn render(&self, plane: &Plane) -> String {
+        let state = &self.state;
+        let raft = plane.raft.metrics().borrow().clone();
+        state.has_leader.set(i64::from(raft.current_leader.is_some()));
+        state.is_leader.set(i64::from(raft.current_leader == Some(plane.node_id)));
+        state.term.set(raft.current_term as i64);
+        state.last_log_index.set(raft.last_log_index.unwrap_or(0) as i64);
+        state.applied_index.set(raft.last_applied.map_or(0, |id| id.index) as i64);
+        state.db_size.set(plane.store.size_bytes() as i64);
+        state.key_versions.set(plane.store.key_versions_estimate() as i64);
+        state.revision.set(plane.store.revision());
+        state.compacted_revision.set(plane.store.compacted_revision());
+        state.leases_active.set(plane.store.reader().leases().map_or(0, |leases| leases.len() as i64));
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// Why a plane is not ready, if it is not: no leader, applying too far behind, an alarm.
+fn unready_reasons(plane: &Plane) -> Vec<String> {
+    let raft = plane.raft.metrics().borrow().clone();
+    let mut reasons = Vec::new();
+    if raft.current_leader.is_none() {
+        reasons.push("no leader".to_string());
+    }
+    let lag = raft.last_log_index.unwrap_or(0).saturating_sub(raft.last_applied.map_or(0, |id| id.index));
+    if lag > READY_APPLY_LAG_MAX {
+        reasons.push(format!("applied {lag} entries behind its log"));
+    }
+    if plane.alarms.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).no_space {
+        reasons.push("alarm NOSPACE".to_string());
+    }
+    reasons
+}
+
+async fn metrics(State(plane): State<Arc<Plane>>) -> impl IntoResponse {
+    let text = plane.metrics.render(&plane);
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
+}
+
+/// etcd's health answer: `{"health":"true","reason":""}`, or 503 with etcd's reason.
+async fn health(State(plane): State<Arc<Plane>>) -> impl IntoResponse {
+    let reason = if plane.raft.metrics().borrow().current_leader.is_none() {
+        "RAFT NO LEADER"
+    } else if plane.alarms.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).no_space {
+        "ALARM NOSPACE"
+    } else {
+        ""
+    };
+    let code = if reason.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, axum::Json(serde_json::json!({ "health": reason.is_empty().to_string(), "reason": reason })))
+}
+
+async fn readyz(State(plane): State<Arc<Plane>>) -> impl IntoResponse {
+    match unready_reasons(&plane).as_slice() {
+        [] => (StatusCode::OK, "ok\n".to_string()),
+        reasons => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", reasons.join("; "))),
+    }
+}
+
+async fn livez() -> &'static str {
+    "ok\n"
+}
+
+/// Serves the HTTP listener until `shutdown` resolves.
+pub async fn serve(
+    plane: Arc<Plane>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let router = axum::Router::new()
+        .route("/metrics", axum::routing::get(metrics))
+        .route("/health", axum::routing::get(health))
+        .route("/readyz", axum::routing::get(readyz))
+        .route("/livez", axum::routing::get(livez))
+        .with_state(plane);
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+}
+
+/// gRPC's status codes by number, as grpc-go and etcd's metrics name them.
+const GRPC_CODE_NAMES: [&str; 17] = [
+    "OK",
+    "Canceled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
+];
+
+/// Counts and times every gRPC request by service, method and status code.
+#[derive(Clone)]
+pub struct GrpcMetricsLayer(GrpcMetrics);
+
+impl<S> tower::Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetricsService<S>;
+
+    fn layer(&self, inner: S) -> GrpcMetricsService<S> {
+        GrpcMetricsService { inner, metrics: self.0.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct GrpcMetricsService<S> {
+    inner: S,
+    metrics: GrpcMetrics,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for GrpcMetricsService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, context: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(context)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        // `/etcdserverpb.KV/Range` → service `etcdserverpb.KV`, method `Range`.
+        let mut parts = request.uri().path().trim_start_matches('/').splitn(2, '/');
+        let service = parts.next().unwrap_or_default().to_string();
+        let method = parts.next().unwrap_or_default().to_string();
+        let started = Instant::now();
+        let answer = self.inner.call(request);
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let response = answer.await;
+            // An error status comes in the headers (a trailers-only answer); a success's
+            // status is in trailers the layer does not wait for.
+            let code = match &response {
+                Ok(response) => response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|value| value.to_str().ok()?.parse::<i32>().ok())
+                    .map_or(tonic::Code::Ok, tonic::Code::from),
+                Err(_) => tonic::Code::Unknown,
+            };
+            let elapsed = started.elapsed().as_secs_f64();
+            let call = [("grpc_service", service), ("grpc_method", method)];
+            metrics.seconds.get_or_create(&call).observe(elapsed);
+            let [service, method] = call;
+            let code = ("grpc_code", GRPC_CODE_NAMES.get(code as usize).unwrap_or(&"Unknown").to_string());
+            metrics.requests.get_or_create(&[service, method, code]).inc();
+            response
+        })
+    }
+}

@@ -1,0 +1,194 @@
+//! The HTTP listener of real planes: every metric family is served in Prometheus' text
+//! format and moves when work happens; `/health`, `/readyz` and `/livez` answer as etcd and
+//! Kubernetes probes expect, and turn unhealthy when the plane loses its quorum.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use capstan_client::Objects;
+use capstan_proto::objects::{Node, Object, Pod};
+use common::{leader_index, wait_for, Cluster};
+
+/// A plain HTTP/1.0 GET: the status code and the body.
+fn get(address: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(address).expect("connect to the metrics listener");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    let status = head.split_whitespace().nth(1).and_then(|code| code.parse().ok()).expect("a status code");
+    (status, body.to_string())
+}
+
+/// Samples by name with labels (`name{a="b"}`) → value. A line that is neither a comment
+/// nor `sample value` fails the parse.
+fn parse(text: &str) -> Result<BTreeMap<String, f64>, String> {
+    let mut samples = BTreeMap::new();
+    for line in text.lines().filter(|line| !line.is_empty() && !line.starts_with('#')) {
+        let (name, value) = line.rsplit_once(' ').ok_or_else(|| format!("not a sample: {line:?}"))?;
+        let value = value.parse().map_err(|_| format!("not a number in {line:?}"))?;
+        if !name.starts_with("capstan_") {
+            return Err(format!("not a capstan metric: {line:?}"));
+        }
+        samples.insert(name.to_string(), value);
+    }
+    if !text.trim_end().ends_with("# EOF") {
+        return Err("no # EOF at the end".into());
+    }
+    Ok(samples)
+}
+
+fn scrape(address: SocketAddr) -> BTreeMap<String, f64> {
+    let (status, body) = get(address, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    parse(&body).unwrap_or_else(|error| panic!("{error}\n{body}"))
+}
+
+/// The value of the sample named exactly `name` (with its labels), 0 if absent.
+fn value(samples: &BTreeMap<String, f64>, name: &str) -> f64 {
+    samples.get(name).copied().unwrap_or(0.0)
+}
+
+#[test]
+fn the_parser_refuses_what_is_not_prometheus_text() {
+    assert!(parse("capstan_a 1\n# EOF\n").is_ok());
+    assert!(parse("capstan_a one\n# EOF\n").is_err());
+    assert!(parse("capstan_a\n# EOF\n").is_err());
+    assert!(parse("other_a 1\n# EOF\n").is_err());
+    assert!(parse("capstan_a 1\n").is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_family_is_served_and_moves_with_work() {
+    let mut cluster = Cluster::start_with(3, &["--scheduler", "--scheduler-lease-ttl-secs", "5"]);
+    let before = scrape(cluster.metrics[0]);
+    let families = [
+        "capstan_raft_has_leader",
+        "capstan_raft_is_leader",
+        "capstan_raft_term",
+        "capstan_raft_leader_changes_total",
+        "capstan_raft_last_log_index",
+        "capstan_raft_applied_index",
+        "capstan_raft_proposals_committed_total",
+        "capstan_raft_proposals_failed_total",
+        "capstan_raft_proposals_pending",
+        "capstan_raft_wal_fsync_duration_seconds_count",
+        "capstan_raft_snapshots_sent_total",
+        "capstan_raft_snapshots_received_total",
+        "capstan_store_db_size_bytes",
+        "capstan_store_key_versions",
+        "capstan_store_revision",
+        "capstan_store_compacted_revision",
+        "capstan_store_apply_duration_seconds_count",
+        "capstan_watch_watchers",
+        "capstan_watch_events_sent_total",
+        "capstan_watch_slow_watchers_total",
+        "capstan_lease_active",
+        "capstan_lease_expired_total",
+        "capstan_scheduler_leader",
+        "capstan_scheduler_pending_pods",
+        "capstan_scheduler_bind_duration_seconds_count",
+        "capstan_scheduler_decode_errors_total",
+    ];
+    for family in families {
+        assert!(before.contains_key(family), "no {family} in {before:#?}");
+    }
+    assert_eq!(value(&before, "capstan_raft_has_leader"), 1.0);
+
+    // Work through plane 0: puts, a watch that sees them, a lease that expires, a pod the
+    // scheduler binds.
+    let endpoint = cluster.planes[0].endpoint();
+    let mut client = etcd_client::Client::connect([endpoint.as_str()], None).await.unwrap();
+    let mut stream = client.watch("m/", Some(etcd_client::WatchOptions::new().with_prefix())).await.unwrap();
+    for i in 0..50 {
+        client.put(format!("m/{i}"), "v", None).await.unwrap();
+    }
+    let mut seen = 0;
+    while seen < 50 {
+        seen += stream.message().await.unwrap().expect("a watch response").events().len();
+    }
+    let lease = client.lease_grant(1, None).await.unwrap().id();
+    client.put("m/leased", "v", Some(etcd_client::PutOptions::new().with_lease(lease))).await.unwrap();
+    let objects = Objects::new(client.clone());
+    objects.create(&Object::Node(Node::ready("metrics-node", "4", "8Gi", "110"))).await.unwrap();
+    let lease_key = "/registry/leases/nodes/metrics-node";
+    let node_lease = client.lease_grant(600, None).await.unwrap().id();
+    client.put(lease_key, "", Some(etcd_client::PutOptions::new().with_lease(node_lease))).await.unwrap();
+    objects.create(&Object::Pod(Pod::requesting("default", "metrics-pod", &["true"], "100m", "64Mi"))).await.unwrap();
+    wait_for(&objects, "the pod bound", |listed| {
+        common::pods(listed).iter().any(|pod| pod.metadata.name == "metrics-pod" && !pod.spec.node_name.is_empty())
+    })
+    .await;
+    // The leased key goes when the leader expires the lease.
+    let expired = async {
+        while !client.get("m/leased", None).await.unwrap().kvs().is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), expired).await.expect("the lease expired");
+
+    // A refused request is counted under its code.
+    let missing = client.lease_revoke(0x7777).await.expect_err("no such lease");
+    assert!(missing.to_string().contains("lease not found"), "{missing}");
+    let after = scrape(cluster.metrics[0]);
+    let put = r#"capstan_grpc_requests_total{grpc_service="etcdserverpb.KV",grpc_method="Put",grpc_code="OK"}"#;
+    assert!(value(&after, put) >= 52.0, "{put}: {after:#?}");
+    let refused = r#"capstan_grpc_requests_total{grpc_service="etcdserverpb.Lease",grpc_method="LeaseRevoke",grpc_code="NotFound"}"#;
+    assert_eq!(value(&after, refused), 1.0, "{after:#?}");
+    let latency = r#"capstan_grpc_request_duration_seconds_count{grpc_service="etcdserverpb.KV",grpc_method="Put"}"#;
+    assert!(value(&after, latency) >= 52.0, "{latency}");
+    assert!(value(&after, "capstan_watch_events_sent_total") >= 50.0);
+    // Ours, and the plane's scheduler's.
+    assert!(value(&after, "capstan_watch_watchers") >= 1.0);
+    assert!(value(&after, "capstan_store_revision") >= value(&before, "capstan_store_revision") + 52.0);
+    assert!(
+        value(&after, "capstan_store_apply_duration_seconds_count")
+            > value(&before, "capstan_store_apply_duration_seconds_count")
+    );
+    assert!(value(&after, "capstan_raft_applied_index") > value(&before, "capstan_raft_applied_index"));
+    assert!(value(&after, "capstan_store_db_size_bytes") > 0.0);
+
+    // The leader proposed the writes, synced its WAL and expired the lease; one scheduler
+    // leads and bound the pod.
+    let all: Vec<BTreeMap<String, f64>> = cluster.metrics.iter().map(|address| scrape(*address)).collect();
+    let leader = leader_index(&cluster).await;
+    let on_leader = &all[leader];
+    assert_eq!(value(on_leader, "capstan_raft_is_leader"), 1.0);
+    assert_eq!(all.iter().map(|samples| value(samples, "capstan_raft_is_leader")).sum::<f64>(), 1.0);
+    assert!(value(on_leader, "capstan_raft_proposals_committed_total") >= 52.0);
+    assert!(value(on_leader, "capstan_raft_wal_fsync_duration_seconds_count") > 0.0);
+    assert!(value(on_leader, "capstan_lease_expired_total") >= 1.0);
+    assert!(value(on_leader, "capstan_lease_active") >= 1.0, "the node's lease is active");
+    assert_eq!(all.iter().map(|samples| value(samples, "capstan_scheduler_leader")).sum::<f64>(), 1.0);
+    let scheduled = r#"capstan_scheduler_attempts_total{result="scheduled"}"#;
+    assert_eq!(all.iter().map(|samples| value(samples, scheduled)).sum::<f64>(), 1.0);
+
+    // Healthy and ready, everywhere.
+    for address in &cluster.metrics {
+        assert_eq!(get(*address, "/health"), (200, r#"{"health":"true","reason":""}"#.to_string()));
+        assert_eq!(get(*address, "/readyz"), (200, "ok\n".to_string()));
+        assert_eq!(get(*address, "/livez"), (200, "ok\n".to_string()));
+    }
+
+    // Two planes die: the last one has no quorum, so no leader; it says so, and stays live.
+    let survivor = (leader + 1) % 3;
+    for index in (0..3).filter(|index| *index != survivor) {
+        cluster.planes[index].kill();
+    }
+    let address = cluster.metrics[survivor];
+    let unhealthy = async {
+        while get(address, "/health").0 == 200 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), unhealthy).await.expect("the survivor turns unhealthy");
+    assert_eq!(get(address, "/health"), (503, r#"{"health":"false","reason":"RAFT NO LEADER"}"#.to_string()));
+    assert_eq!(get(address, "/readyz"), (503, "not ready: no leader\n".to_string()));
+    assert_eq!(get(address, "/livez"), (200, "ok\n".to_string()));
+    assert_eq!(value(&scrape(address), "capstan_raft_has_leader"), 0.0);
+}

@@ -134,24 +134,42 @@ impl InProcessPlane {
         self.running = Some((stop, task));
     }
 
-    /// Starts the plane again on its data after `stop`. The stopped plane's store may still
-    /// be closing (RocksDB refuses a second open in one process), so a start that fails at
-    /// once for that reason is tried again; any other failure fails the test here.
+    /// Starts the plane again on its data after `stop`, and waits until it serves. The
+    /// stopped plane's store may still be closing (RocksDB refuses a second open in one
+    /// process), so a start that fails for that reason is tried again; any other failure
+    /// fails the test here.
     async fn restart(&mut self) {
         let deadline = Instant::now() + SETTLE_TIMEOUT;
+        let endpoint = self.config.listen_client.to_string();
         loop {
             self.start();
-            let (_, task) = self.running.as_mut().expect("just started");
-            let Ok(outcome) = tokio::time::timeout(Duration::from_millis(500), task).await else {
-                return; // still running
+            let (stop, mut task) = self.running.take().expect("just started");
+            let serving = async {
+                loop {
+                    let options = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(1));
+                    if let Ok(mut client) = Client::connect([endpoint.as_str()], Some(options)).await {
+                        if client.status().await.is_ok() {
+                            return;
+                        }
+                    }
+                    // Polling: nothing announces that a plane serves but its answer.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
             };
-            let failure = format!("{outcome:?}");
-            assert!(
-                failure.contains("in use") && Instant::now() < deadline,
-                "plane {} does not restart: {failure}",
-                self.config.name
-            );
-            self.running = None;
+            tokio::select! {
+                () = serving => {
+                    self.running = Some((stop, task));
+                    return;
+                }
+                outcome = &mut task => {
+                    let failure = format!("{outcome:?}");
+                    assert!(
+                        failure.contains("in use") && Instant::now() < deadline,
+                        "plane {} does not restart: {failure}",
+                        self.config.name
+                    );
+                }
+            }
         }
     }
 

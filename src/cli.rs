@@ -92,6 +92,10 @@ pub struct PlaneArgs {
     /// How often idle watches that asked for progress notifications get one, in seconds.
     #[arg(long, default_value_t = 600)]
     pub watch_progress_notify_interval_secs: u64,
+    /// Start a new cluster from a backup (`capstan ctl snapshot save FILE`): every initial
+    /// member is started once with the same FILE and a new, empty --data-dir.
+    #[arg(long, value_name = "FILE")]
+    pub restore: Option<PathBuf>,
     /// Also run a scheduler candidate and the controllers (the elected one leads).
     #[arg(long)]
     pub scheduler: bool,
@@ -294,6 +298,7 @@ impl PlaneArgs {
             );
         }
         config.initial_cluster_state = self.initial_cluster_state;
+        config.restore = self.restore;
         config.initial_cluster_token = self.initial_cluster_token;
         config.raft.heartbeat_interval_ms = self.heartbeat_interval_ms;
         config.raft.election_timeout_ms_min = self.election_timeout_ms;

@@ -32,7 +32,7 @@ use capstan_store::Store;
 pub use error::RaftError;
 pub use metrics::StorageMetrics;
 pub use service::PeerService;
-pub use state_machine::{RevisionEvents, StateMachine};
+pub use state_machine::{restore_backup, RevisionEvents, StateMachine};
 pub use types::{cluster_id, member_id, new_member_id, NodeId, PeerNode, Raft, Response, TypeConfig};
 
 /// How many applied revisions the event channel buffers before a slow watcher lags and

@@ -157,6 +157,9 @@ pub enum CtlCommand {
     /// Member commands.
     #[command(subcommand)]
     Member(MemberCommand),
+    /// Backups of the store.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Create or update cluster objects from manifests (YAML or JSON files, directories,
     /// or - for standard input), like kubectl apply.
     Apply {
@@ -238,6 +241,13 @@ pub enum LeaseCommand {
         keys: bool,
     },
     List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Save a backup of the store, as one plane holds it, to FILE (checked whole before
+    /// it is kept); `capstan plane --restore FILE` starts a new cluster from it.
+    Save { file: std::path::PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
@@ -478,6 +488,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             }
         }
         CtlCommand::Member(command) => member(&mut client, command).await?,
+        CtlCommand::Snapshot(SnapshotCommand::Save { file }) => save_snapshot(&mut client, &file).await?,
         CtlCommand::Apply { files, namespace } => objects::apply(&Objects::new(client), &files, &namespace).await?,
         CtlCommand::GetObjects(args) => objects::get(&Objects::new(client), &args).await?,
         CtlCommand::Describe { kind, name, namespace } => {
@@ -496,6 +507,31 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             objects::logs(&Objects::new(client), &pod, container.as_deref(), follow, &namespace).await?
         }
     }
+    Ok(())
+}
+
+/// Streams a backup into `FILE.part`, syncs and checks it, then renames it to `file`.
+async fn save_snapshot(client: &mut Client, file: &std::path::Path) -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut part_name = file.as_os_str().to_owned();
+    part_name.push(".part");
+    let part = std::path::PathBuf::from(part_name);
+    let mut stream = client.snapshot().await.context("the snapshot was refused")?;
+    let mut out = tokio::fs::File::create(&part).await.with_context(|| format!("cannot create {}", part.display()))?;
+    let mut revision = 0;
+    while let Some(chunk) = stream.message().await.context("the snapshot stream broke")? {
+        revision = chunk.header().map_or(revision, |header| header.revision());
+        out.write_all(chunk.blob()).await.with_context(|| format!("cannot write {}", part.display()))?;
+    }
+    out.sync_all().await.with_context(|| format!("cannot sync {}", part.display()))?;
+    drop(out);
+    if let Err(error) = capstan_store::check_backup(&part) {
+        let _ = std::fs::remove_file(&part);
+        bail!("the snapshot received is not whole: {error}");
+    }
+    std::fs::rename(&part, file).with_context(|| format!("cannot rename {} to {}", part.display(), file.display()))?;
+    let bytes = std::fs::metadata(file).map_or(0, |meta| meta.len());
+    println!("Snapshot saved at {} ({bytes} bytes, revision {revision})", file.display());
     Ok(())
 }
 

@@ -1,4 +1,8 @@
-//! etcd's Maintenance service: status, alarms, defragment.
+//! etcd's Maintenance service: status, alarms, defragment, hash, and Snapshot: a backup
+//! of the whole store at one moment, streamed in chunks. The stream is a Capstan snapshot
+//! file (not etcd's bbolt file) sealed with a SHA-256 as etcd seals its own, so etcdctl
+//! saves it too; `capstan ctl snapshot save` checks it and `capstan plane --restore`
+//! starts a new cluster from it.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,6 +18,33 @@ use super::Plane;
 pub const ETCD_API_VERSION: &str = "3.5.0";
 
 pub struct MaintenanceService(pub Arc<Plane>);
+
+/// Where a plane writes a backup before it streams it (under its data directory).
+const BACKUP_DIR: &str = "backups";
+/// A backup travels in chunks of this size.
+const BACKUP_CHUNK_BYTES: usize = 1 << 20;
+
+/// Streams the backup file at `path` in chunks, each with how much is left; stops early
+/// when the client has gone.
+async fn send_backup(
+    path: &std::path::Path,
+    header: &Option<pb::ResponseHeader>,
+    chunks: &tokio::sync::mpsc::Sender<Result<pb::SnapshotResponse, Status>>,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut file = tokio::fs::File::open(path).await?;
+    let mut remaining = file.metadata().await?.len();
+    while remaining > 0 {
+        let mut blob = vec![0; BACKUP_CHUNK_BYTES.min(remaining as usize)];
+        file.read_exact(&mut blob).await?;
+        remaining -= blob.len() as u64;
+        let chunk = pb::SnapshotResponse { header: *header, remaining_bytes: remaining, blob };
+        if chunks.send(Ok(chunk)).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
 
 fn not_served(what: &str) -> Status {
     Status::unimplemented(format!("capstan: {what} is not served yet"))
@@ -112,7 +143,43 @@ impl Maintenance for MaintenanceService {
     type SnapshotStream = Pin<Box<dyn Stream<Item = Result<pb::SnapshotResponse, Status>> + Send>>;
 
     async fn snapshot(&self, _request: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
-        Err(not_served("Snapshot"))
+        let plane = self.0.clone();
+        let dir = plane.config.data_dir.join(BACKUP_DIR);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.as_nanos());
+        let path = dir.join(format!("backup-{nanos}"));
+        let store = plane.store.clone();
+        let exported = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || {
+                std::fs::create_dir_all(&dir)?;
+                let exported = store.export(&path, &[capstan_store::codec::META_REVISION])?;
+                capstan_store::seal_backup(&path)?;
+                Ok(exported)
+            })
+            .await
+            .map_err(|error| Status::internal(format!("the snapshot task failed: {error}")))?
+        };
+        let exported = match exported {
+            Ok(exported) => exported,
+            Err(error) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(super::status::from_store(&error));
+            }
+        };
+        let revision = exported.meta[0]
+            .as_deref()
+            .and_then(|raw| raw.try_into().ok())
+            .map_or(plane.store.revision(), i64::from_be_bytes);
+        tracing::info!(revision, "streaming a snapshot");
+        let (chunks, stream) = tokio::sync::mpsc::channel(2);
+        tokio::spawn(async move {
+            let sent = send_backup(&path, &plane.header(revision), &chunks).await;
+            let _ = tokio::fs::remove_file(&path).await;
+            if let Err(error) = sent {
+                let _ = chunks.send(Err(Status::internal(format!("cannot read the snapshot: {error}")))).await;
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(stream))))
     }
 
     async fn move_leader(

@@ -75,6 +75,9 @@ pub struct PlaneConfig {
     /// Run a scheduler candidate (and the controllers, when it leads) beside the plane,
     /// as a client of this plane's own client address.
     pub scheduler: Option<capstan_scheduler::SchedulerConfig>,
+    /// A backup (`capstan ctl snapshot save`) to fill a new data directory with before the
+    /// plane bootstraps a new cluster on it, as `etcdutl snapshot restore` does.
+    pub restore: Option<PathBuf>,
 }
 
 impl PlaneConfig {
@@ -96,6 +99,7 @@ impl PlaneConfig {
             peer_faults: None,
             unsafe_stale_reads: false,
             scheduler: None,
+            restore: None,
         }
     }
 
@@ -391,6 +395,26 @@ impl Plane {
     }
 }
 
+/// `--restore`: a new data directory takes a backup's content, checked whole first.
+fn restore(store: &Store, backup: &std::path::Path, config: &PlaneConfig) -> anyhow::Result<()> {
+    if config.initial_cluster_state == ClusterState::Existing {
+        anyhow::bail!(
+            "--restore starts a new cluster; it cannot join a running one (--initial-cluster-state existing)"
+        );
+    }
+    if let Some(stored) = capstan_raft::stored_identity(store)? {
+        anyhow::bail!(
+            "--restore needs a new data directory: {} already holds member {:x} of cluster {:x} (start it without --restore)",
+            config.data_dir.display(),
+            stored.node_id,
+            stored.cluster_id
+        );
+    }
+    capstan_raft::restore_backup(store, backup).with_context(|| format!("cannot restore {}", backup.display()))?;
+    tracing::info!(backup = %backup.display(), revision = store.revision(), "restored a backup");
+    Ok(())
+}
+
 /// Runs the plane's scheduler candidate until the plane stops; a leader resigns then, so
 /// a standby on another plane takes over without waiting for the lease to expire.
 async fn run_scheduler(plane: Arc<Plane>, config: capstan_scheduler::SchedulerConfig) {
@@ -439,6 +463,9 @@ pub async fn run(
     let metrics = metrics::PlaneMetrics::default();
     let cannot_start = || format!("cannot start the plane in {}", config.data_dir.display());
     let store = capstan_raft::open_store(config.data_dir.clone()).await.with_context(cannot_start)?;
+    if let Some(backup) = &config.restore {
+        restore(&store, backup, &config)?;
+    }
     let identity = config.identity(&store).await?;
     let channels = config.peer_faults.clone().map_or_else(PeerChannels::default, PeerChannels::with_faults);
     let started =

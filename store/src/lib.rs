@@ -28,7 +28,7 @@ use rocksdb::{ColumnFamilyDescriptor, Options, DB};
 pub use apply::{check_txn, Applied};
 pub use error::{Result, StoreError};
 pub use read::{EventsPage, KeyRange, Reader};
-pub use snapshot::Exported;
+pub use snapshot::{check_backup, check_snapshot, seal_backup, Exported};
 
 use capstan_proto::etcdserverpb as pb;
 

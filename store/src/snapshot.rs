@@ -5,6 +5,10 @@
 //! once to check it whole, then to replace the store's content, with a marker in `meta`
 //! while it does, so a store whose import was cut short refuses to open rather than serve
 //! half of two states.
+//!
+//! A backup (Maintenance Snapshot) is that file sealed as etcd seals its snapshot stream:
+//! zero bytes up to a multiple of 512, then the SHA-256 of everything before. etcdctl
+//! checks that shape when it saves; Capstan checks the digest and the file inside.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -22,6 +26,9 @@ const END: u8 = 0xff;
 /// Keys are bounded by etcd's request limit, so anything larger is corruption.
 const SNAPSHOT_FIELD_BYTES_MAX: u32 = 64 << 20;
 const IMPORT_BATCH_BYTES: usize = 8 << 20;
+/// A sealed backup's length before its digest is a multiple of this (etcd's page math).
+const BACKUP_ALIGN_BYTES: u64 = 512;
+const SHA256_BYTES: u64 = 32;
 pub(crate) const META_IMPORTING: &[u8] = b"importing_snapshot";
 
 /// What [`Store::export`] wrote.
@@ -93,7 +100,18 @@ impl Store {
 
     /// Replaces the store's whole content with the snapshot at `path`, after checking it.
     pub fn import(&self, path: &Path) -> Result<()> {
-        read_records(path, &mut |_, _, _| Ok(()))?;
+        check_snapshot(path)?;
+        self.import_checked(path)
+    }
+
+    /// Replaces the store's content with a sealed backup's ([`seal_backup`]).
+    pub fn import_backup(&self, path: &Path) -> Result<()> {
+        check_backup(path)?;
+        self.import_checked(path)
+    }
+
+    /// Replaces the store's content with a snapshot file's, checked before.
+    fn import_checked(&self, path: &Path) -> Result<()> {
         let db = self.db();
         let mut sync = rocksdb::WriteOptions::default();
         sync.set_sync(true);
@@ -131,6 +149,62 @@ impl Store {
     }
 }
 
+/// Checks a snapshot file whole (format and checksum, nothing after it) without loading it.
+pub fn check_snapshot(path: &Path) -> Result<()> {
+    let read = read_records(path, &mut |_, _, _| Ok(()))?;
+    if read != std::fs::metadata(path)?.len() {
+        return Err(StoreError::SnapshotInvalid(format!("{}: data after the checksum", path.display())));
+    }
+    Ok(())
+}
+
+/// Seals the snapshot file at `path` as a backup: zero padding to a multiple of 512 bytes,
+/// then the SHA-256 of all before it. Returns the sealed length.
+pub fn seal_backup(path: &Path) -> Result<u64> {
+    use sha2::Digest;
+    let length = std::fs::metadata(path)?.len();
+    let padding = (BACKUP_ALIGN_BYTES - length % BACKUP_ALIGN_BYTES) % BACKUP_ALIGN_BYTES;
+    let mut file = std::fs::OpenOptions::new().append(true).open(path)?;
+    file.write_all(&vec![0; padding as usize])?;
+    let mut digest = sha2::Sha256::new();
+    std::io::copy(&mut File::open(path)?, &mut digest)?;
+    file.write_all(&digest.finalize())?;
+    file.sync_all()?;
+    Ok(length + padding + SHA256_BYTES)
+}
+
+/// Checks a sealed backup whole: its shape, its SHA-256, the snapshot inside, and that
+/// only zero padding follows the snapshot.
+pub fn check_backup(path: &Path) -> Result<()> {
+    use sha2::Digest;
+    let invalid = |detail: &str| StoreError::SnapshotInvalid(format!("{}: {detail}", path.display()));
+    let length = std::fs::metadata(path)?.len();
+    if length % BACKUP_ALIGN_BYTES != SHA256_BYTES {
+        return Err(invalid(&format!("{length} bytes is not the length of a sealed backup (truncated?)")));
+    }
+    let sealed = length - SHA256_BYTES;
+    let mut file = File::open(path)?;
+    let mut digest = sha2::Sha256::new();
+    std::io::copy(&mut (&mut file).take(sealed), &mut digest)?;
+    let mut expected = [0; SHA256_BYTES as usize];
+    file.read_exact(&mut expected)?;
+    if digest.finalize().as_slice() != expected {
+        return Err(invalid("SHA-256 mismatch"));
+    }
+    let read = read_records(path, &mut |_, _, _| Ok(()))?;
+    // The padding is shorter than the alignment, and all zero.
+    if read > sealed || sealed - read >= BACKUP_ALIGN_BYTES {
+        return Err(invalid("data after the snapshot"));
+    }
+    let mut padding = vec![0; (sealed - read) as usize];
+    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(read))?;
+    file.read_exact(&mut padding)?;
+    if padding.iter().any(|byte| *byte != 0) {
+        return Err(invalid("data after the snapshot"));
+    }
+    Ok(())
+}
+
 /// Called with each record's column family, key and value.
 type RecordVisitor<'a> = dyn FnMut(&str, &[u8], &[u8]) -> Result<()> + 'a;
 
@@ -139,6 +213,8 @@ struct SnapshotReader {
     input: BufReader<File>,
     hasher: Hasher,
     path: String,
+    /// Bytes read (and hashed) so far.
+    read: u64,
 }
 
 impl SnapshotReader {
@@ -150,6 +226,7 @@ impl SnapshotReader {
         let mut buffer = vec![0; length];
         self.input.read_exact(&mut buffer).map_err(|_| self.invalid("truncated"))?;
         self.hasher.update(&buffer);
+        self.read += length as u64;
         Ok(buffer)
     }
 
@@ -164,11 +241,13 @@ impl SnapshotReader {
 
 /// Reads every record of a snapshot file, then checks its hash; an error for anything
 /// malformed. `visit` sees records before the hash is checked: check first with a no-op.
-fn read_records(path: &Path, visit: &mut RecordVisitor) -> Result<()> {
+/// Returns how many bytes the snapshot took (what follows is the caller's to judge).
+fn read_records(path: &Path, visit: &mut RecordVisitor) -> Result<u64> {
     let mut reader = SnapshotReader {
         input: BufReader::new(File::open(path)?),
         hasher: Hasher::new(),
         path: path.display().to_string(),
+        read: 0,
     };
     if reader.bytes(MAGIC.len())? != MAGIC {
         return Err(reader.invalid("not a Capstan snapshot"));
@@ -191,8 +270,5 @@ fn read_records(path: &Path, visit: &mut RecordVisitor) -> Result<()> {
     if u64::from_be_bytes(trailer) != expected {
         return Err(reader.invalid("checksum mismatch"));
     }
-    if reader.input.read(&mut [0])? != 0 {
-        return Err(reader.invalid("data after the checksum"));
-    }
-    Ok(())
+    Ok(reader.read + trailer.len() as u64)
 }

@@ -92,6 +92,13 @@ pub struct PlaneArgs {
     /// How often idle watches that asked for progress notifications get one, in seconds.
     #[arg(long, default_value_t = 600)]
     pub watch_progress_notify_interval_secs: u64,
+    /// `periodic` keeps --auto-compaction-retention of history (a duration: `1h`, `30m`;
+    /// a bare number is hours); `revision` keeps that many revisions (checked every 5 min).
+    #[arg(long, default_value = "periodic")]
+    pub auto_compaction_mode: String,
+    /// How much history auto-compaction keeps; 0 (the default) turns it off.
+    #[arg(long, default_value = "0")]
+    pub auto_compaction_retention: String,
     /// Start a new cluster from a backup (`capstan ctl snapshot save FILE`): every initial
     /// member is started once with the same FILE and a new, empty --data-dir.
     #[arg(long, value_name = "FILE")]
@@ -299,6 +306,12 @@ impl PlaneArgs {
         }
         config.initial_cluster_state = self.initial_cluster_state;
         config.restore = self.restore;
+        if self.auto_compaction_retention != "0" {
+            config.auto_compaction = Some(crate::plane::compaction::AutoCompaction::parse(
+                &self.auto_compaction_mode,
+                &self.auto_compaction_retention,
+            )?);
+        }
         config.initial_cluster_token = self.initial_cluster_token;
         config.raft.heartbeat_interval_ms = self.heartbeat_interval_ms;
         config.raft.election_timeout_ms_min = self.election_timeout_ms;

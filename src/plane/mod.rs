@@ -7,6 +7,7 @@
 //! back to the store's history when they fall behind ([`watch`]).
 
 mod batch;
+pub mod compaction;
 mod forward;
 mod kv;
 mod lease;
@@ -75,6 +76,8 @@ pub struct PlaneConfig {
     /// Run a scheduler candidate (and the controllers, when it leads) beside the plane,
     /// as a client of this plane's own client address.
     pub scheduler: Option<capstan_scheduler::SchedulerConfig>,
+    /// Compact history automatically (etcd's --auto-compaction-*); `None`: never.
+    pub auto_compaction: Option<compaction::AutoCompaction>,
     /// A backup (`capstan ctl snapshot save`) to fill a new data directory with before the
     /// plane bootstraps a new cluster on it, as `etcdutl snapshot restore` does.
     pub restore: Option<PathBuf>,
@@ -99,6 +102,7 @@ impl PlaneConfig {
             peer_faults: None,
             unsafe_stale_reads: false,
             scheduler: None,
+            auto_compaction: None,
             restore: None,
         }
     }
@@ -516,6 +520,9 @@ pub async fn run(
     }
     background.spawn(publish_client_urls(plane.clone()));
     background.spawn(membership::watch_removal(plane.clone()));
+    if let Some(mode) = plane.config.auto_compaction {
+        background.spawn(compaction::run(plane.clone(), mode));
+    }
     if let Some(config) = plane.config.scheduler.clone() {
         background.spawn(run_scheduler(plane.clone(), config));
     }

@@ -198,6 +198,10 @@ pub struct AgentArgs {
     /// First delay before restarting a failed container; doubles up to 5 minutes.
     #[arg(long, default_value_t = 10_000)]
     pub restart_backoff_ms: u64,
+    /// Where to serve Prometheus metrics (`/metrics`) and `/livez` over HTTP:
+    /// `http://127.0.0.1:10255`.
+    #[arg(long)]
+    pub listen_metrics_urls: Option<String>,
 }
 
 impl AgentArgs {
@@ -249,8 +253,26 @@ impl AgentArgs {
             logs_port: 0,
             backoff_base: Duration::from_millis(self.restart_backoff_ms.max(1)),
             backoff_max: Duration::from_secs(300),
+            metrics: capstan_nodeagent::metrics::AgentMetrics::default(),
         })
     }
+}
+
+/// Runs a node agent until Ctrl-C or SIGTERM, with its metrics listener if asked for.
+async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    let listen_metrics = args.listen_metrics_urls.as_deref().map(crate::http::parse_listen_url).transpose()?;
+    let config = args.into_config()?;
+    if let Some(address) = listen_metrics {
+        let listener = crate::http::bind(address).await?;
+        let mut registry = prometheus_client::registry::Registry::with_prefix("capstan");
+        config.metrics.register(registry.sub_registry_with_prefix("agent"));
+        let registry = std::sync::Arc::new(registry);
+        let router = axum::Router::new()
+            .route("/metrics", axum::routing::get(move || async move { crate::http::metrics_response(&registry) }))
+            .route("/livez", axum::routing::get(crate::http::livez));
+        tokio::spawn(crate::http::serve(listener, router, std::future::pending()));
+    }
+    capstan_nodeagent::run(config, crate::shutdown_signal()).await.context("the agent failed")
 }
 
 /// Runs a standalone scheduler until Ctrl-C or SIGTERM.
@@ -273,13 +295,6 @@ async fn run_scheduler(args: StandaloneSchedulerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `http://host:port`, an address to listen on (one: Capstan serves metrics on one).
-fn parse_metrics_url(url: &str) -> anyhow::Result<SocketAddr> {
-    let bad = || format!("--listen-metrics-urls {url:?}: expected one http://ip:port");
-    let address = url.strip_prefix("http://").with_context(bad)?.trim_end_matches('/');
-    address.parse().with_context(bad)
-}
-
 impl PlaneArgs {
     pub fn into_config(self) -> anyhow::Result<PlaneConfig> {
         let mut config = PlaneConfig::single(
@@ -295,7 +310,7 @@ impl PlaneArgs {
             config.initial_cluster = parse_initial_cluster(initial)?;
         }
         if let Some(url) = &self.listen_metrics_urls {
-            config.listen_metrics = Some(parse_metrics_url(url)?);
+            config.listen_metrics = Some(crate::http::parse_listen_url(url)?);
         }
         if self.heartbeat_interval_ms == 0 || self.election_timeout_ms < 3 * self.heartbeat_interval_ms {
             anyhow::bail!(
@@ -354,9 +369,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dev(args) => crate::dev::run(args).await,
         Command::Bench(args) => crate::bench::run(args).await,
         Command::Scheduler(args) => run_scheduler(args).await,
-        Command::Agent(args) => {
-            capstan_nodeagent::run(args.into_config()?, crate::shutdown_signal()).await.context("the agent failed")
-        }
+        Command::Agent(args) => run_agent(args).await,
     }
 }
 

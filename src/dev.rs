@@ -28,6 +28,8 @@ const RESTART_BACKOFF_MS_MAX: u64 = 10_000;
 const DEV_AGENTS: u16 = 2;
 /// Agent i serves logs on this port + i.
 const DEV_AGENT_LOG_PORT: u16 = 10249;
+/// Agent i serves metrics on this port + i (the kubelet's read-only port is 10255).
+const DEV_AGENT_METRICS_PORT: u16 = 10254;
 /// Short, so a lost node is noticed in seconds (production: 40 s).
 const DEV_NODE_LEASE_TTL_SECS: u64 = 10;
 const DEV_RESTART_BACKOFF_MS: u64 = 1_000;
@@ -122,6 +124,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .arg("--data-dir")
             .arg(args.data_dir.join(&name))
             .args(["--listen-logs", &format!("127.0.0.1:{}", DEV_AGENT_LOG_PORT + index)])
+            .args(["--listen-metrics-urls", &format!("http://127.0.0.1:{}", DEV_AGENT_METRICS_PORT + index)])
             .args(["--node-lease-ttl-secs", &DEV_NODE_LEASE_TTL_SECS.to_string()])
             .args(["--restart-backoff-ms", &DEV_RESTART_BACKOFF_MS.to_string()])
             .stdin(Stdio::null())

@@ -14,6 +14,7 @@ pub mod bench;
 pub mod cli;
 pub mod ctl;
 pub mod dev;
+pub mod http;
 pub mod plane;
 
 /// Resolves when the process receives Ctrl-C or SIGTERM.

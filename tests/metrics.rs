@@ -1,6 +1,7 @@
-//! The HTTP listener of real planes: every metric family is served in Prometheus' text
-//! format and moves when work happens; `/health`, `/readyz` and `/livez` answer as etcd and
-//! Kubernetes probes expect, and turn unhealthy when the plane loses its quorum.
+//! The HTTP listener of real planes and agents: every metric family is served in
+//! Prometheus' text format and moves when work happens; `/health`, `/readyz` and `/livez`
+//! answer as etcd and Kubernetes probes expect, and turn unhealthy when the plane loses its
+//! quorum.
 
 mod common;
 
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use capstan_client::Objects;
 use capstan_proto::objects::{Node, Object, Pod};
-use common::{leader_index, wait_for, Cluster};
+use common::{leader_index, wait_for, AgentProcess, Cluster};
 
 /// A plain HTTP/1.0 GET: the status code and the body.
 fn get(address: SocketAddr, path: &str) -> (u16, String) {
@@ -191,4 +192,33 @@ async fn every_family_is_served_and_moves_with_work() {
     assert_eq!(get(address, "/readyz"), (503, "not ready: no leader\n".to_string()));
     assert_eq!(get(address, "/livez"), (200, "ok\n".to_string()));
     assert_eq!(value(&scrape(address), "capstan_raft_has_leader"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_serves_its_pods_by_phase_and_its_heartbeats() {
+    let cluster = Cluster::start_with(1, &["--scheduler"]);
+    let endpoint = cluster.planes[0].endpoint();
+    let address = common::free_addr();
+    let url = format!("http://{address}");
+    let args = ["--listen-metrics-urls", url.as_str(), "--node-lease-ttl-secs", "4", "--node-lease-renew-secs", "1"];
+    let _agent = AgentProcess::start("m1", &endpoint, &cluster.dir().join("m1"), &args);
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: sleeper}\nspec:\n  containers: [{name: c, command: [sleep, '3600']}]\n";
+    let (ok, _, err) = common::ctl(&endpoint, &["apply", "-f", "-"], pod);
+    assert!(ok, "{err}");
+    let running = r#"capstan_agent_pods{phase="Running"}"#;
+    let seen = async {
+        loop {
+            let samples = scrape(address);
+            if value(&samples, running) == 1.0
+                && value(&samples, "capstan_agent_heartbeat_duration_seconds_count") > 0.0
+            {
+                return samples;
+            }
+            // Polling: the pod starts and the lease renews on their own time.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let samples = tokio::time::timeout(Duration::from_secs(60), seen).await.expect("the agent's pod and heartbeat");
+    assert_eq!(value(&samples, "capstan_agent_heartbeat_failures_total"), 0.0);
+    assert_eq!(get(address, "/livez"), (200, "ok\n".to_string()));
 }

@@ -14,6 +14,7 @@
 
 pub mod cgroup;
 pub mod logs;
+pub mod metrics;
 pub mod node;
 pub mod runtime;
 pub mod status;
@@ -67,6 +68,8 @@ pub struct AgentConfig {
     pub logs_port: u16,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// Where the agent measures into (its metrics endpoint registers these).
+    pub metrics: metrics::AgentMetrics,
 }
 
 /// Delay before reconnecting after the planes could not be reached, doubling to the max.
@@ -232,6 +235,7 @@ impl Agent {
     /// Starts, keeps or stops the worker of one pod key given what the store has.
     fn reconcile(&mut self, key: &str, pod: Option<Pod>) {
         let ours = pod.filter(|pod| pod.spec.node_name == self.config.name);
+        self.config.metrics.pod_phase(key, ours.as_ref().map(|pod| pod.status.phase));
         match (ours, self.pods.get(key)) {
             (None, Some(_)) => self.stop(key),
             (Some(pod), Some(worker)) if worker.uid != pod.metadata.uid => {

@@ -126,10 +126,18 @@ pub async fn heartbeat(objects: Objects, config: AgentConfig, mut stop: tokio::s
                 return;
             }
         }
+        let started = std::time::Instant::now();
         let result = match lease {
             Some(id) => capstan_client::renew_lease(objects.client(), id, config.renew_interval).await,
             None => Ok(0),
         };
+        match (&result, lease) {
+            (Ok(_), Some(_)) => config.metrics.heartbeat_seconds.observe(started.elapsed().as_secs_f64()),
+            (Err(_), _) => {
+                config.metrics.heartbeat_failures.inc();
+            }
+            _ => {}
+        }
         match result {
             Ok(ttl) if ttl > 0 => {}
             Ok(_) => match acquire(&objects, &key, &config).await {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -155,8 +155,8 @@ impl PlaneMetrics {
         GrpcMetricsLayer(self.grpc.clone())
     }
 
-    /// The metrics in Prometheus' text format, with the state gauges read from `plane`.
-    fn render(&self, plane: &Plane) -> String {
+    /// Sets the state gauges from `plane`, for a scrape.
+    fn refresh(&self, plane: &Plane) {
         let state = &self.state;
         let raft = plane.raft.metrics().borrow().clone();
         state.has_leader.set(i64::from(raft.current_leader.is_some()));
@@ -169,10 +169,6 @@ impl PlaneMetrics {
         state.revision.set(plane.store.revision());
         state.compacted_revision.set(plane.store.compacted_revision());
         state.leases_active.set(plane.store.reader().leases().map_or(0, |leases| leases.len() as i64));
-        let mut text = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
-        text
     }
 }
 
@@ -194,8 +190,8 @@ fn unready_reasons(plane: &Plane) -> Vec<String> {
 }
 
 async fn metrics(State(plane): State<Arc<Plane>>) -> impl IntoResponse {
-    let text = plane.metrics.render(&plane);
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
+    plane.metrics.refresh(&plane);
+    crate::http::metrics_response(&plane.metrics.registry)
 }
 
 /// etcd's health answer: `{"health":"true","reason":""}`, or 503 with etcd's reason.
@@ -218,23 +214,14 @@ async fn readyz(State(plane): State<Arc<Plane>>) -> impl IntoResponse {
     }
 }
 
-async fn livez() -> &'static str {
-    "ok\n"
-}
-
-/// Serves the HTTP listener until `shutdown` resolves.
-pub async fn serve(
-    plane: Arc<Plane>,
-    listener: tokio::net::TcpListener,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let router = axum::Router::new()
+/// The plane's routes.
+pub fn router(plane: Arc<Plane>) -> axum::Router {
+    axum::Router::new()
         .route("/metrics", axum::routing::get(metrics))
         .route("/health", axum::routing::get(health))
         .route("/readyz", axum::routing::get(readyz))
-        .route("/livez", axum::routing::get(livez))
-        .with_state(plane);
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+        .route("/livez", axum::routing::get(crate::http::livez))
+        .with_state(plane)
 }
 
 /// gRPC's status codes by number, as grpc-go and etcd's metrics name them.

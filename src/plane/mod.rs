@@ -457,11 +457,7 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot listen for peers on {}", config.listen_peer))?;
     let metrics_listener = match config.listen_metrics {
-        Some(address) => Some(
-            tokio::net::TcpListener::bind(address)
-                .await
-                .with_context(|| format!("cannot listen for metrics on {address}"))?,
-        ),
+        Some(address) => Some(crate::http::bind(address).await?),
         None => None,
     };
     let metrics = metrics::PlaneMetrics::default();
@@ -511,12 +507,7 @@ pub async fn run(
     background.spawn(lease::run_expiry(plane.clone()));
     background.spawn(log_leadership(plane.raft.clone(), plane.metrics.leader_changes.clone()));
     if let Some(listener) = metrics_listener {
-        let served = metrics::serve(plane.clone(), listener, plane.stopping());
-        background.spawn(async move {
-            if let Err(error) = served.await {
-                tracing::error!(%error, "the metrics listener failed");
-            }
-        });
+        background.spawn(crate::http::serve(listener, metrics::router(plane.clone()), plane.stopping()));
     }
     background.spawn(publish_client_urls(plane.clone()));
     background.spawn(membership::watch_removal(plane.clone()));

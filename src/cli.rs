@@ -61,7 +61,19 @@ pub struct PlaneArgs {
     /// `/readyz`, `/livez`) over HTTP, as etcd's flag: `http://127.0.0.1:2381`.
     #[arg(long)]
     pub listen_metrics_urls: Option<String>,
-    /// Client URLs announced to the cluster (default: http://<listen-client>).
+    /// Serve clients over TLS with this certificate (PEM), as etcd's flag.
+    #[arg(long)]
+    pub cert_file: Option<PathBuf>,
+    /// The key of --cert-file (PEM).
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// The CA (PEM) client certificates must be signed by, with --client-cert-auth.
+    #[arg(long)]
+    pub trusted_ca_file: Option<PathBuf>,
+    /// Refuse clients without a certificate signed by --trusted-ca-file.
+    #[arg(long)]
+    pub client_cert_auth: bool,
+    /// Client URLs announced to the cluster (default: http(s)://<listen-client>).
     #[arg(long, value_delimiter = ',')]
     pub advertise_client_urls: Vec<String>,
     /// Initial members as `name=peer-url,...` (default: this plane alone).
@@ -303,8 +315,16 @@ impl PlaneArgs {
             self.listen_client,
             self.listen_peer,
         );
+        config.client_tls = crate::tls::ServerTls::from_flags(
+            self.cert_file,
+            self.key_file,
+            self.trusted_ca_file,
+            self.client_cert_auth,
+        )?;
         if !self.advertise_client_urls.is_empty() {
             config.advertise_client_urls = self.advertise_client_urls;
+        } else if config.client_tls.is_some() {
+            config.advertise_client_urls = vec![format!("https://{}", self.listen_client)];
         }
         if let Some(initial) = &self.initial_cluster {
             config.initial_cluster = parse_initial_cluster(initial)?;

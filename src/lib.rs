@@ -16,6 +16,7 @@ pub mod ctl;
 pub mod dev;
 pub mod http;
 pub mod plane;
+pub mod tls;
 
 /// Resolves when the process receives Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {

@@ -35,17 +35,72 @@ pub enum ClientError {
     Timeout(&'static str),
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
+/// TLS for a client, as etcdctl's `--cacert`, `--cert` and `--key` give it (PEM files).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientTls {
+    /// The CA that signed the planes' certificates.
+    pub ca: Option<std::path::PathBuf>,
+    /// The client's own certificate and key, for planes that ask for one.
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl ClientTls {
+    pub fn enabled(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some()
+    }
+
+    /// The files read into etcd-client's options; None without TLS.
+    pub fn options(&self) -> std::io::Result<Option<etcd_client::TlsOptions>> {
+        if !self.enabled() {
+            return Ok(None);
+        }
+        let read = |path: &std::path::Path| {
+            std::fs::read(path)
+                .map_err(|error| std::io::Error::new(error.kind(), format!("cannot read {}: {error}", path.display())))
+        };
+        let mut options = etcd_client::TlsOptions::new();
+        if let Some(ca) = &self.ca {
+            options = options.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+        }
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                options = options.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "a client certificate needs both --cert and --key",
+                ))
+            }
+        }
+        Ok(Some(options))
+    }
+}
+
 /// Connects to the cluster at any of `endpoints` (`host:port` or URLs).
 pub async fn connect(endpoints: &[String], timeout: Duration) -> Result<Client> {
-    let endpoints: Vec<String> = endpoints.iter().map(|e| with_scheme(e)).collect();
-    let options = ConnectOptions::new()
+    connect_tls(endpoints, timeout, &ClientTls::default()).await
+}
+
+/// [`connect`] over TLS when `tls` is enabled (endpoints without a scheme get `https://`).
+pub async fn connect_tls(endpoints: &[String], timeout: Duration, tls: &ClientTls) -> Result<Client> {
+    let tls_options = tls.options().map_err(|error| ClientError::Tls(error.to_string()))?;
+    let endpoints: Vec<String> = endpoints.iter().map(|e| with_scheme(e, tls_options.is_some())).collect();
+    let mut options = ConnectOptions::new()
         .with_connect_timeout(timeout)
         .with_timeout(timeout)
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+    if let Some(tls_options) = tls_options {
+        options = options.with_tls(tls_options);
+    }
     Ok(Client::connect(&endpoints, Some(options)).await?)
 }
 
@@ -60,12 +115,16 @@ pub async fn renew_lease(client: &Client, lease_id: i64, timeout: Duration) -> R
     Ok(tokio::time::timeout(timeout, round_trip).await.map_err(|_| ClientError::Timeout("lease keep-alive"))??)
 }
 
-/// etcd-client wants URLs; etcdctl users write `host:port`.
-pub fn with_scheme(endpoint: &str) -> String {
-    if endpoint.contains("://") {
-        endpoint.to_string()
-    } else {
-        format!("http://{endpoint}")
+/// etcd-client wants URLs; etcdctl users write `host:port`. With TLS, `http://` is taken
+/// as `https://`, as etcdctl does when it is given certificates.
+pub fn with_scheme(endpoint: &str, tls: bool) -> String {
+    if endpoint.contains("://") && !endpoint.starts_with("http://") && !endpoint.starts_with("https://") {
+        return endpoint.to_string();
+    }
+    let address = endpoint.trim_start_matches("http://").trim_start_matches("https://");
+    match (tls, endpoint.starts_with("https://")) {
+        (true, _) | (false, true) => format!("https://{address}"),
+        (false, false) => format!("http://{address}"),
     }
 }
 

@@ -95,7 +95,8 @@ struct Tally {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let endpoints: Vec<String> = args.endpoints.iter().map(|endpoint| capstan_client::with_scheme(endpoint)).collect();
+    let endpoints: Vec<String> =
+        args.endpoints.iter().map(|endpoint| capstan_client::with_scheme(endpoint, false)).collect();
     match args.workload {
         Workload::Failover => return failover(&args, &endpoints).await,
         Workload::Schedule { nodes, pods } => return schedule::run(&args, &endpoints, nodes, pods).await,

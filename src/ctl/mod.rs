@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use base64::Engine;
-use capstan_client::{with_scheme, Objects};
+use capstan_client::Objects;
 use clap::{Args, Subcommand, ValueEnum};
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, KeyValue, LeaseTimeToLiveOptions,
-    PutOptions, ResponseHeader, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    Client, Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, LeaseTimeToLiveOptions, PutOptions,
+    ResponseHeader, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use serde_json::{json, Value};
 
@@ -47,6 +47,15 @@ pub struct CtlArgs {
     /// Timeout of each request, in seconds.
     #[arg(long, global = true, default_value_t = 5)]
     pub command_timeout_secs: u64,
+    /// Verify the planes' certificates with this CA bundle (PEM); turns TLS on.
+    #[arg(long, global = true)]
+    pub cacert: Option<std::path::PathBuf>,
+    /// This client's certificate (PEM), for planes that ask for one.
+    #[arg(long = "cert", id = "tls_cert", global = true)]
+    pub cert: Option<std::path::PathBuf>,
+    /// The key of --cert (PEM). (Its id differs from the `key` that commands take.)
+    #[arg(long = "key", id = "tls_key", global = true)]
+    pub key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: CtlCommand,
 }
@@ -278,11 +287,10 @@ pub enum MemberCommand {
 
 pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(args.command_timeout_secs.max(1));
-    let options = ConnectOptions::new().with_connect_timeout(timeout).with_timeout(timeout);
-    let endpoints: Vec<String> = args.endpoints.iter().map(|endpoint| with_scheme(endpoint)).collect();
-    let mut client = Client::connect(&endpoints, Some(options))
+    let tls = capstan_client::ClientTls { ca: args.cacert.clone(), cert: args.cert.clone(), key: args.key.clone() };
+    let mut client = capstan_client::connect_tls(&args.endpoints, timeout, &tls)
         .await
-        .with_context(|| format!("cannot connect to {}", endpoints.join(",")))?;
+        .with_context(|| format!("cannot connect to {}", args.endpoints.join(",")))?;
     let json = args.write_out == Output::Json;
     match args.command {
         CtlCommand::Put { key, value, lease, prev_kv, ignore_value, ignore_lease } => {
@@ -457,8 +465,8 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             println!("compacted revision {revision}");
         }
         CtlCommand::Status => {
-            for endpoint in &endpoints {
-                let mut one = Client::connect([endpoint], Some(ConnectOptions::new().with_timeout(timeout))).await?;
+            for endpoint in &args.endpoints {
+                let mut one = capstan_client::connect_tls(std::slice::from_ref(endpoint), timeout, &tls).await?;
                 let status = one.status().await?;
                 if json {
                     print_json(json!({

@@ -57,6 +57,8 @@ pub struct PlaneConfig {
     pub listen_peer: SocketAddr,
     /// Where to serve `/metrics`, `/health`, `/readyz` and `/livez` over HTTP.
     pub listen_metrics: Option<SocketAddr>,
+    /// TLS on the client listener (`--cert-file` and the rest).
+    pub client_tls: Option<crate::tls::ServerTls>,
     pub advertise_client_urls: Vec<String>,
     /// `name=peer-url` of every initial member, this plane included; when joining a running
     /// cluster, this plane and members to ask for the cluster.
@@ -92,6 +94,7 @@ impl PlaneConfig {
             listen_client,
             listen_peer,
             listen_metrics: None,
+            client_tls: None,
             advertise_client_urls: vec![format!("http://{listen_client}")],
             initial_cluster: vec![(name.to_string(), format!("http://{listen_peer}"))],
             initial_cluster_state: ClusterState::New,
@@ -433,7 +436,8 @@ async fn run_scheduler(plane: Arc<Plane>, config: capstan_scheduler::SchedulerCo
     let endpoint = [loopback.to_string()];
     let mut stopping = plane.stopping.subscribe();
     let client = loop {
-        match capstan_client::connect(&endpoint, Duration::from_secs(5)).await {
+        let tls = plane.config.client_tls.as_ref().map(crate::tls::ServerTls::as_client).unwrap_or_default();
+        match capstan_client::connect_tls(&endpoint, Duration::from_secs(5), &tls).await {
             Ok(client) => break client,
             Err(error) => tracing::warn!(%error, "scheduler cannot reach its plane yet"),
         }
@@ -450,6 +454,7 @@ pub async fn run(
     config: PlaneConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let client_tls = config.client_tls.as_ref().map(crate::tls::ServerTls::server_config).transpose()?;
     let listener = tokio::net::TcpListener::bind(config.listen_client)
         .await
         .with_context(|| format!("cannot listen for clients on {}", config.listen_client))?;
@@ -556,7 +561,7 @@ pub async fn run(
         }
     };
     let served = tokio::select! {
-        served = serve(plane.clone(), listener, stop_requested) => served,
+        served = serve(plane.clone(), listener, client_tls, stop_requested) => served,
         () = grace_over => {
             tracing::warn!(grace_ms = SHUTDOWN_GRACE_MS, "clients still connected after the grace period; stopping anyway");
             Ok(())
@@ -658,6 +663,7 @@ fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpI
 async fn serve(
     plane: Arc<Plane>,
     listener: tokio::net::TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     use capstan_proto::etcdserverpb::{
@@ -669,7 +675,11 @@ async fn serve(
             $server.max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX).max_encoding_message_size(usize::MAX)
         };
     }
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls).context("the TLS certificate or key is not usable")?;
+    }
+    server
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .layer(plane.metrics.grpc_layer())
         .add_service(limited!(KvServer::new(kv::KvService(plane.clone()))))

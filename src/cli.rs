@@ -161,11 +161,33 @@ pub struct StandaloneSchedulerArgs {
     /// Comma-separated client endpoints of the planes.
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:2379")]
     pub endpoints: Vec<String>,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
     /// The name this candidate leads under (default: scheduler-<host>-<pid>).
     #[arg(long)]
     pub identity: Option<String>,
     #[command(flatten)]
     pub scheduler_args: SchedulerArgs,
+}
+
+/// A client's TLS, with etcdctl's flags.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ClientTlsArgs {
+    /// Verify the planes' certificates with this CA bundle (PEM); turns TLS on.
+    #[arg(long, global = true)]
+    pub cacert: Option<PathBuf>,
+    /// This client's certificate (PEM), for planes that ask for one.
+    #[arg(long = "cert", id = "tls_cert", global = true)]
+    pub cert: Option<PathBuf>,
+    /// The key of --cert (PEM). (Its id differs from the `key` that ctl's commands take.)
+    #[arg(long = "key", id = "tls_key", global = true)]
+    pub key: Option<PathBuf>,
+}
+
+impl ClientTlsArgs {
+    pub fn tls(&self) -> capstan_client::ClientTls {
+        capstan_client::ClientTls { ca: self.cacert.clone(), cert: self.cert.clone(), key: self.key.clone() }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -176,6 +198,8 @@ pub struct AgentArgs {
     /// Comma-separated client endpoints of the planes.
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:2379")]
     pub endpoints: Vec<String>,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
     /// Where pods' working directories and logs live (default: `<name>.agent`).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -266,6 +290,7 @@ impl AgentArgs {
             backoff_base: Duration::from_millis(self.restart_backoff_ms.max(1)),
             backoff_max: Duration::from_secs(300),
             metrics: capstan_nodeagent::metrics::AgentMetrics::default(),
+            tls: self.tls.tls(),
         })
     }
 }
@@ -294,7 +319,7 @@ async fn run_scheduler(args: StandaloneSchedulerArgs) -> anyhow::Result<()> {
         format!("scheduler-{host}-{}", std::process::id())
     });
     let config = args.scheduler_args.config(identity)?;
-    let client = capstan_client::connect(&args.endpoints, Duration::from_secs(5))
+    let client = capstan_client::connect_tls(&args.endpoints, Duration::from_secs(5), &args.tls.tls())
         .await
         .with_context(|| format!("cannot connect to {}", args.endpoints.join(",")))?;
     let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -1,13 +1,13 @@
 //! TLS on a real plane's client port, checked with Debian's etcdctl and `capstan ctl`:
 //! with `--client-cert-auth`, a client with a certificate from the cluster's CA is served
-//! (the plane's own scheduler too); one without a certificate, with one from another CA,
+//! (the plane's own scheduler and an agent too); one without a certificate, with one from another CA,
 //! or speaking plain HTTP/2 is refused, and a client refuses a plane it does not trust.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{ctl, PlaneProcess};
+use common::{ctl, AgentProcess, PlaneProcess};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 
 /// A CA, and certificates it signs, written as PEM files into a directory.
@@ -109,6 +109,11 @@ fn mutual_tls_serves_the_clusters_clients_and_refuses_the_rest() {
         // Polling: the election is visible only in the store.
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+
+    // An agent registers its node over TLS with the same flags.
+    let _agent = AgentProcess::start("tls-node", &endpoint, &dir.path().join("agent"), &tls);
+    let (ok, out, err) = ctl(&endpoint, &[&tls[..], &["get", "nodes"]].concat(), "");
+    assert!(ok && out.contains("tls-node"), "{out}{err}");
 
     // No client certificate, another CA's, or no TLS at all: refused.
     let (ok, out) = etcdctl(&["--endpoints", &endpoint, "--cacert", path(&ca_file), "get", "secure"]);

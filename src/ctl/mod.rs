@@ -47,15 +47,8 @@ pub struct CtlArgs {
     /// Timeout of each request, in seconds.
     #[arg(long, global = true, default_value_t = 5)]
     pub command_timeout_secs: u64,
-    /// Verify the planes' certificates with this CA bundle (PEM); turns TLS on.
-    #[arg(long, global = true)]
-    pub cacert: Option<std::path::PathBuf>,
-    /// This client's certificate (PEM), for planes that ask for one.
-    #[arg(long = "cert", id = "tls_cert", global = true)]
-    pub cert: Option<std::path::PathBuf>,
-    /// The key of --cert (PEM). (Its id differs from the `key` that commands take.)
-    #[arg(long = "key", id = "tls_key", global = true)]
-    pub key: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub tls: crate::cli::ClientTlsArgs,
     #[command(subcommand)]
     pub command: CtlCommand,
 }
@@ -287,7 +280,7 @@ pub enum MemberCommand {
 
 pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(args.command_timeout_secs.max(1));
-    let tls = capstan_client::ClientTls { ca: args.cacert.clone(), cert: args.cert.clone(), key: args.key.clone() };
+    let tls = args.tls.tls();
     let mut client = capstan_client::connect_tls(&args.endpoints, timeout, &tls)
         .await
         .with_context(|| format!("cannot connect to {}", args.endpoints.join(",")))?;

@@ -71,7 +71,9 @@ pub fn route_object_get(mut args: Vec<String>) -> Vec<String> {
     while index < args.len() {
         let arg = args[index].as_str();
         match arg {
-            "--endpoints" | "--write-out" | "-w" | "--command-timeout-secs" => index += 2,
+            "--endpoints" | "--write-out" | "-w" | "--command-timeout-secs" | "--cacert" | "--cert" | "--key" => {
+                index += 2
+            }
             _ if arg.starts_with('-') => index += 1,
             _ => break,
         }
@@ -858,6 +860,10 @@ mod tests {
         );
         assert_eq!(route_object_get(args("capstan ctl get foo -w json")), args("capstan ctl get foo -w json"));
         assert_eq!(route_object_get(args("capstan ctl put get pods")), args("capstan ctl put get pods"));
+        assert_eq!(
+            route_object_get(args("capstan ctl --cacert ca --cert c --key k get nodes")),
+            args("capstan ctl --cacert ca --cert c --key k get-objects nodes")
+        );
     }
 
     #[test]

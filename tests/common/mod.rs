@@ -101,10 +101,11 @@ impl PlaneProcess {
         }
     }
 
-    /// Waits for the process to exit and returns its status and the rest of its log.
+    /// Waits for the process to exit and returns its status and the rest of its log (all
+    /// of it: the reader ends at the end of the exited process's stderr).
     pub fn wait_for_exit(mut self) -> (std::process::ExitStatus, String) {
         let status = self.child.wait().expect("wait for plane");
-        let log: Vec<String> = self.log.try_iter().collect();
+        let log: Vec<String> = self.log.iter().collect();
         (status, log.join("\n"))
     }
 

@@ -51,6 +51,14 @@ async fn a_backup_restores_into_a_fresh_cluster_with_identical_content() {
         "{out}"
     );
     assert!(!dir.path().join("backup.snap.part").exists());
+    // The plane keeps no copy once the stream is done.
+    let backups = old.planes[0].data_dir.join("backups");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read_dir(&backups).map_or(0, |entries| entries.count()) > 0 {
+        assert!(std::time::Instant::now() < deadline, "a backup stayed in {}", backups.display());
+        // Polling: the plane deletes the file after its last chunk, on its own time.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     // etcdctl saves the same stream.
     let etcdctl_backup = dir.path().join("etcdctl.snap");
     let saved = std::process::Command::new("etcdctl")

@@ -109,6 +109,18 @@ impl Nemesis<'_> {
                     Err(error) => {
                         what.push(format!("{fault:?} failed: {error:#}"));
                         outcome = Outcome::Info;
+                        // Applied on some planes, maybe: the heal (idempotent) clears them.
+                        if matches!(
+                            fault,
+                            Fault::Partition
+                                | Fault::PartitionLeader
+                                | Fault::Bridge
+                                | Fault::Ring
+                                | Fault::Slow
+                                | Fault::Lossy
+                        ) {
+                            undo.push(Undo::Network);
+                        }
                     }
                 }
             }

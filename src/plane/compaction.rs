@@ -34,12 +34,15 @@ impl AutoCompaction {
     pub fn parse(mode: &str, retention: &str) -> anyhow::Result<AutoCompaction> {
         match mode {
             "periodic" => {
-                let duration = match retention.parse::<u64>() {
-                    Ok(hours) => Duration::from_secs(hours * 3600),
-                    Err(_) => humantime::parse_duration(retention).map_err(|error| {
-                        anyhow::anyhow!("--auto-compaction-retention {retention:?}: not a duration ({error})")
-                    })?,
-                };
+                let duration =
+                    match retention.parse::<u64>() {
+                        Ok(hours) => Duration::from_secs(hours.checked_mul(3600).ok_or_else(|| {
+                            anyhow::anyhow!("--auto-compaction-retention {retention:?}: too many hours")
+                        })?),
+                        Err(_) => humantime::parse_duration(retention).map_err(|error| {
+                            anyhow::anyhow!("--auto-compaction-retention {retention:?}: not a duration ({error})")
+                        })?,
+                    };
                 if duration.is_zero() {
                     anyhow::bail!("--auto-compaction-retention must be positive");
                 }

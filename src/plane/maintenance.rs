@@ -19,8 +19,18 @@ pub const ETCD_API_VERSION: &str = "3.5.0";
 
 pub struct MaintenanceService(pub Arc<Plane>);
 
-/// Where a plane writes a backup before it streams it (under its data directory).
-const BACKUP_DIR: &str = "backups";
+/// Where a plane writes a backup before it streams it (under its data directory; emptied
+/// when the plane starts).
+pub(super) const BACKUP_DIR: &str = "backups";
+
+/// A backup file on disk, deleted when dropped.
+struct BackupFile(std::path::PathBuf);
+
+impl Drop for BackupFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
 /// A backup travels in chunks of this size.
 const BACKUP_CHUNK_BYTES: usize = 1 << 20;
 
@@ -143,38 +153,36 @@ impl Maintenance for MaintenanceService {
     type SnapshotStream = Pin<Box<dyn Stream<Item = Result<pb::SnapshotResponse, Status>> + Send>>;
 
     async fn snapshot(&self, _request: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
-        let plane = self.0.clone();
+        let plane = &self.0;
         let dir = plane.config.data_dir.join(BACKUP_DIR);
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.as_nanos());
-        let path = dir.join(format!("backup-{nanos}"));
         let store = plane.store.clone();
-        let exported = {
-            let path = path.clone();
-            tokio::task::spawn_blocking(move || {
-                std::fs::create_dir_all(&dir)?;
-                let exported = store.export(&path, &[capstan_store::codec::META_REVISION])?;
-                capstan_store::seal_backup(&path)?;
-                Ok(exported)
-            })
-            .await
-            .map_err(|error| Status::internal(format!("the snapshot task failed: {error}")))?
-        };
-        let exported = match exported {
-            Ok(exported) => exported,
-            Err(error) => {
-                let _ = std::fs::remove_file(&path);
-                return Err(super::status::from_store(&error));
-            }
-        };
+        // The file goes with the guard: on an error, when the client gives up (even while
+        // the export still runs), and when the stream ends.
+        let exported = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)?;
+            let file = BackupFile(dir.join(format!("backup-{nanos}")));
+            let exported = store.export(&file.0, &[capstan_store::codec::META_REVISION])?;
+            capstan_store::seal_backup(&file.0)?;
+            Ok::<_, capstan_store::StoreError>((file, exported))
+        })
+        .await
+        .map_err(|error| Status::internal(format!("the snapshot task failed: {error}")))?;
+        let (file, exported) = exported.map_err(|error| super::status::from_store(&error))?;
         let revision = exported.meta[0]
             .as_deref()
             .and_then(|raw| raw.try_into().ok())
             .map_or(plane.store.revision(), i64::from_be_bytes);
         tracing::info!(revision, "streaming a snapshot");
+        let header = plane.header(revision);
+        let stopping = plane.stopping();
         let (chunks, stream) = tokio::sync::mpsc::channel(2);
         tokio::spawn(async move {
-            let sent = send_backup(&path, &plane.header(revision), &chunks).await;
-            let _ = tokio::fs::remove_file(&path).await;
+            let sent = tokio::select! {
+                sent = send_backup(&file.0, &header, &chunks) => sent,
+                () = stopping => Ok(()),
+            };
+            drop(file);
             if let Err(error) = sent {
                 let _ = chunks.send(Err(Status::internal(format!("cannot read the snapshot: {error}")))).await;
             }

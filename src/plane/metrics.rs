@@ -297,6 +297,12 @@ where
                 Err(_) => tonic::Code::Unknown,
             };
             let elapsed = started.elapsed().as_secs_f64();
+            // Paths no service serves are one label, so clients cannot grow the families.
+            let (service, method) = if code == tonic::Code::Unimplemented {
+                ("unknown".to_string(), "unknown".to_string())
+            } else {
+                (service, method)
+            };
             let call = [("grpc_service", service), ("grpc_method", method)];
             metrics.seconds.get_or_create(&call).observe(elapsed);
             let [service, method] = call;

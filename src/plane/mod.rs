@@ -468,6 +468,8 @@ pub async fn run(
     let metrics = metrics::PlaneMetrics::default();
     let cannot_start = || format!("cannot start the plane in {}", config.data_dir.display());
     let store = capstan_raft::open_store(config.data_dir.clone()).await.with_context(cannot_start)?;
+    // Backups a stopped plane was streaming are of no use now.
+    let _ = std::fs::remove_dir_all(config.data_dir.join(maintenance::BACKUP_DIR));
     if let Some(backup) = &config.restore {
         restore(&store, backup, &config)?;
     }

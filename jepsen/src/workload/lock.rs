@@ -155,6 +155,9 @@ pub fn check(history: &[Record]) -> Check {
             Some((Outcome::Ok, false)) => {
                 problems.push(format!("revision {revision} holds a write the store refused ({token}:{client}:{seq})"))
             }
+            Some((Outcome::Fail, _)) => {
+                problems.push(format!("revision {revision} holds a write that was never sent ({token}:{client}:{seq})"))
+            }
             Some(_) => {}
             None => problems.push(format!("revision {revision} holds a write no client made ({token}:{client}:{seq})")),
         }

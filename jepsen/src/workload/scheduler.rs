@@ -153,32 +153,42 @@ pub fn check(history: &[Record]) -> Check {
     let mut pods: BTreeMap<&str, (&str, i64)> = BTreeMap::new();
     let mut used: BTreeMap<&str, i64> = BTreeMap::new();
     let mut binds = 0;
+    // Nodes whose usage grew in the revision being replayed: judged once all its events
+    // are in (a txn binds many pods).
+    let mut touched: BTreeSet<&str> = BTreeSet::new();
     for (index, event) in events.iter().enumerate() {
         let before = pods.remove(event.pod.as_str());
         if let Some((node, cpu)) = before {
             *used.entry(node).or_default() -= cpu;
         }
-        let Some(node) = &event.node else { continue };
-        match before {
-            Some((old, _)) if !old.is_empty() && old != node => problems
-                .push(format!("pod {} was bound to {old}, then to {node} at revision {}", event.pod, event.revision)),
-            Some((old, _)) if old.is_empty() && !node.is_empty() => binds += 1,
-            None if !node.is_empty() => binds += 1,
-            _ => {}
+        if let Some(node) = &event.node {
+            match before {
+                Some((old, _)) if !old.is_empty() && old != node => problems.push(format!(
+                    "pod {} was bound to {old}, then to {node} at revision {}",
+                    event.pod, event.revision
+                )),
+                Some((old, _)) if old.is_empty() && !node.is_empty() => binds += 1,
+                None if !node.is_empty() => binds += 1,
+                _ => {}
+            }
+            pods.insert(&event.pod, (node, event.cpu_milli));
+            if !node.is_empty() {
+                *used.entry(node).or_default() += event.cpu_milli;
+                touched.insert(node);
+            }
         }
-        pods.insert(&event.pod, (node, event.cpu_milli));
-        if node.is_empty() {
+        if events.get(index + 1).is_some_and(|next| next.revision == event.revision) {
             continue;
         }
-        let in_use = used.entry(node).or_default();
-        *in_use += event.cpu_milli;
-        // Judge a node once its revision's events are all in (a txn binds many pods).
-        let revision_done = events.get(index + 1).is_none_or(|next| next.revision != event.revision);
-        match capacity(node) {
-            None => problems.push(format!("pod {} was bound to {node}, which is not a node", event.pod)),
-            Some(capacity) if revision_done && *in_use > capacity => problems
-                .push(format!("{node} was over-committed at revision {}: {}m of {capacity}m", event.revision, *in_use)),
-            _ => {}
+        for node in std::mem::take(&mut touched) {
+            match capacity(node) {
+                None => problems.push(format!("a pod was bound to {node}, which is not a node")),
+                Some(capacity) if used[node] > capacity => problems.push(format!(
+                    "{node} was over-committed at revision {}: {}m of {capacity}m",
+                    event.revision, used[node]
+                )),
+                _ => {}
+            }
         }
     }
     let unbound: Vec<&str> = pods.iter().filter(|(_, (node, _))| node.is_empty()).map(|(pod, _)| *pod).collect();
@@ -274,15 +284,24 @@ mod tests {
         rebound.push(event(6, "a", Some("jepsen-node-1"), 3000));
         let mut over = good();
         over.push(event(6, "d", Some("jepsen-node-0"), 1000));
+        // The over-commit is not the revision's last event.
+        let mut over_mid_txn = good();
+        over_mid_txn.push(event(6, "d", Some("jepsen-node-0"), 1000));
+        over_mid_txn.push(event(6, "e", Some("jepsen-node-1"), 100));
         let mut unbound = good();
         unbound.push(event(6, "d", Some(""), 100));
         let mut lost = good();
         lost.push(event(6, "b", None, 0));
         let mut nowhere = good();
         nowhere[3] = event(4, "a", Some("elsewhere"), 3000);
-        for (what, events) in
-            [("rebound", rebound), ("over-committed", over), ("unbound", unbound), ("lost", lost), ("nowhere", nowhere)]
-        {
+        for (what, events) in [
+            ("rebound", rebound),
+            ("over-committed", over),
+            ("over-committed mid-txn", over_mid_txn),
+            ("unbound", unbound),
+            ("lost", lost),
+            ("nowhere", nowhere),
+        ] {
             let verdict = check(&history(events));
             assert!(!verdict.valid, "{what} passed: {}", verdict.summary);
         }

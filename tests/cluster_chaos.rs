@@ -14,6 +14,8 @@
 //! hook (`capstan_raft::network::PeerFaults`); everything else is the real plane: gRPC on
 //! loopback sockets, openraft, RocksDB.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -35,10 +37,6 @@ const KEY_EPOCH_MS: u128 = 400;
 const CLIENTS: u64 = 3;
 const OP_TIMEOUT: Duration = Duration::from_millis(1_500);
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
 
 /// A small deterministic generator. A case's seed fixes the schedule and each client's
 /// choices; which messages a lossy network drops still depends on timing.
@@ -170,6 +168,15 @@ impl InProcessPlane {
                     );
                 }
             }
+        }
+    }
+
+    /// Fails the test if the plane stopped on its own (a plane never should), with why.
+    async fn assert_running(&mut self) {
+        let Some((_, task)) = self.running.as_mut() else { return };
+        if task.is_finished() {
+            let (_, task) = self.running.take().expect("checked above");
+            panic!("plane {} stopped on its own: {:?}", self.config.name, task.await);
         }
     }
 
@@ -319,7 +326,7 @@ async fn settle<T, F: std::future::Future<Output = Result<T, etcd_client::Error>
 /// (the first key that fails, with where its history was saved).
 async fn run_case(size: usize, steps: Vec<Step>, seed: u64, stale_reads: bool) -> Result<(), String> {
     let dir = tempfile::tempdir().unwrap();
-    let addrs: Vec<(SocketAddr, SocketAddr)> = (0..size).map(|_| (free_addr(), free_addr())).collect();
+    let addrs: Vec<(SocketAddr, SocketAddr)> = (0..size).map(|_| (common::free_addr(), common::free_addr())).collect();
     let initial_cluster: Vec<(String, String)> = addrs
         .iter()
         .enumerate()
@@ -373,6 +380,9 @@ async fn run_case(size: usize, steps: Vec<Step>, seed: u64, stale_reads: bool) -
         }
     }
     network.state.lock().unwrap().fault = Fault::Healthy;
+    for plane in &mut planes {
+        plane.assert_running().await;
+    }
     let _ = stop.send(true);
     while workers.join_next().await.is_some() {}
 

@@ -198,18 +198,20 @@ impl Agent {
 
     async fn list_and_watch(&mut self, delay: &mut Duration) -> Result<(), AgentError> {
         let listed = self.objects.list(Kind::Pod, None).await?;
-        let mut present: Vec<String> = Vec::new();
+        let mut present: std::collections::HashSet<String> = std::collections::HashSet::new();
         for object in listed.objects {
             if let Object::Pod(pod) = object {
                 let key = Kind::Pod.key(pod.namespace(), &pod.metadata.name);
-                present.push(key.clone());
+                present.insert(key.clone());
                 self.reconcile(&key, Some(pod));
             }
         }
-        let gone: Vec<String> = self.pods.keys().filter(|key| !present.contains(key)).cloned().collect();
+        let gone: Vec<String> = self.pods.keys().filter(|key| !present.contains(*key)).cloned().collect();
         for key in gone {
             self.reconcile(&key, None);
         }
+        // Pods deleted while the watch was down that had no worker (finished ones).
+        self.config.metrics.keep_only(&present);
         let options = WatchOptions::new().with_prefix().with_start_revision(listed.revision + 1);
         let mut stream = self.objects.client().watch_client().watch(Kind::Pod.prefix(), Some(options)).await?;
         *delay = RETRY_DELAY_MIN;

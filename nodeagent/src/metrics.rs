@@ -45,6 +45,17 @@ impl AgentMetrics {
         registry.register("heartbeat_failures", "Node-lease renewals that failed", self.heartbeat_failures.clone());
     }
 
+    /// Forgets every pod not in `present` (the pods a relist found).
+    pub(crate) fn keep_only(&self, present: &std::collections::HashSet<String>) {
+        let gone: Vec<String> = {
+            let phases = self.phases.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            phases.keys().filter(|key| !present.contains(*key)).cloned().collect()
+        };
+        for key in gone {
+            self.pod_phase(&key, None);
+        }
+    }
+
     /// Records a pod's phase (`None`: it is no longer bound to this node).
     pub(crate) fn pod_phase(&self, key: &str, phase: Option<PodPhase>) {
         let mut phases = self.phases.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -80,5 +91,9 @@ mod tests {
         metrics.pod_phase("b", None);
         metrics.pod_phase("b", None);
         assert_eq!(count(PodPhase::Running), 1);
+        // A relist that no longer finds a pod forgets it.
+        metrics.pod_phase("c", Some(PodPhase::Succeeded));
+        metrics.keep_only(&["a".to_string()].into_iter().collect());
+        assert_eq!((count(PodPhase::Running), count(PodPhase::Succeeded)), (1, 0));
     }
 }

@@ -53,6 +53,16 @@ pub const FAULTS: [(&str, Fault); 12] = [
     ("membership", Fault::Membership),
 ];
 
+impl Fault {
+    /// Faults made of rules in the planes' namespaces, which one heal clears.
+    fn is_network(self) -> bool {
+        matches!(
+            self,
+            Fault::Partition | Fault::PartitionLeader | Fault::Bridge | Fault::Ring | Fault::Slow | Fault::Lossy
+        )
+    }
+}
+
 /// Parses one turn: a fault, or faults joined by `+` to inject at once.
 pub fn parse_turn(text: &str) -> anyhow::Result<Vec<Fault>> {
     text.split('+')
@@ -110,15 +120,7 @@ impl Nemesis<'_> {
                         what.push(format!("{fault:?} failed: {error:#}"));
                         outcome = Outcome::Info;
                         // Applied on some planes, maybe: the heal (idempotent) clears them.
-                        if matches!(
-                            fault,
-                            Fault::Partition
-                                | Fault::PartitionLeader
-                                | Fault::Bridge
-                                | Fault::Ring
-                                | Fault::Slow
-                                | Fault::Lossy
-                        ) {
+                        if fault.is_network() {
                             undo.push(Undo::Network);
                         }
                     }

@@ -190,7 +190,9 @@ fn unready_reasons(plane: &Plane) -> Vec<String> {
 }
 
 async fn metrics(State(plane): State<Arc<Plane>>) -> impl IntoResponse {
-    plane.metrics.refresh(&plane);
+    // Reading the state touches RocksDB (every lease, size properties): off the runtime.
+    let refreshed = plane.clone();
+    let _ = tokio::task::spawn_blocking(move || refreshed.metrics.refresh(&refreshed)).await;
     crate::http::metrics_response(&plane.metrics.registry)
 }
 

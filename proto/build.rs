@@ -5,7 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     // SAFETY: build scripts are single-threaded; nothing else reads the environment here.
     unsafe { std::env::set_var("PROTOC", protoc) };
-    let protos = ["proto/kv.proto", "proto/rpc.proto", "proto/raft.proto", "proto/agent.proto"];
+    let protos = ["proto/kv.proto", "proto/auth.proto", "proto/rpc.proto", "proto/raft.proto", "proto/agent.proto"];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

@@ -111,6 +111,13 @@ pub struct PlaneArgs {
     /// How much history auto-compaction keeps; 0 (the default) turns it off.
     #[arg(long, default_value = "0")]
     pub auto_compaction_retention: String,
+    /// How long an auth token (from Authenticate) stays valid, in seconds; clients
+    /// authenticate again when theirs expires.
+    #[arg(long, default_value_t = crate::plane::auth::TOKEN_TTL_SECS_DEFAULT)]
+    pub auth_token_ttl: u64,
+    /// The bcrypt cost passwords are hashed with (4 to 31; each step doubles the work).
+    #[arg(long, default_value_t = crate::plane::auth::BCRYPT_COST_DEFAULT)]
+    pub bcrypt_cost: u32,
     /// Start a new cluster from a backup (`capstan ctl snapshot save FILE`): every initial
     /// member is started once with the same FILE and a new, empty --data-dir.
     #[arg(long, value_name = "FILE")]
@@ -162,7 +169,7 @@ pub struct StandaloneSchedulerArgs {
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:2379")]
     pub endpoints: Vec<String>,
     #[command(flatten)]
-    pub tls: ClientTlsArgs,
+    pub credentials: CredentialArgs,
     /// The name this candidate leads under (default: scheduler-<host>-<pid>).
     #[arg(long)]
     pub identity: Option<String>,
@@ -170,9 +177,9 @@ pub struct StandaloneSchedulerArgs {
     pub scheduler_args: SchedulerArgs,
 }
 
-/// A client's TLS, with etcdctl's flags.
+/// A client's TLS and user, with etcdctl's flags.
 #[derive(Args, Debug, Clone, Default)]
-pub struct ClientTlsArgs {
+pub struct CredentialArgs {
     /// Verify the planes' certificates with this CA bundle (PEM); turns TLS on.
     #[arg(long, global = true)]
     pub cacert: Option<PathBuf>,
@@ -182,11 +189,27 @@ pub struct ClientTlsArgs {
     /// The key of --cert (PEM). (Its id differs from the `key` that ctl's commands take.)
     #[arg(long = "key", id = "tls_key", global = true)]
     pub key: Option<PathBuf>,
+    /// `name:password`, for a cluster with auth enabled (with --client-cert-auth, a
+    /// certificate's CN names the user instead).
+    #[arg(long, global = true, value_parser = parse_user)]
+    pub user: Option<(String, String)>,
 }
 
-impl ClientTlsArgs {
-    pub fn tls(&self) -> capstan_client::ClientTls {
-        capstan_client::ClientTls { ca: self.cacert.clone(), cert: self.cert.clone(), key: self.key.clone() }
+fn parse_user(text: &str) -> Result<(String, String), String> {
+    match text.split_once(':') {
+        Some((name, password)) if !name.is_empty() => Ok((name.to_string(), password.to_string())),
+        _ => Err(format!("{text:?} is not name:password")),
+    }
+}
+
+impl CredentialArgs {
+    pub fn credentials(&self) -> capstan_client::Credentials {
+        capstan_client::Credentials {
+            ca: self.cacert.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            user: self.user.clone(),
+        }
     }
 }
 
@@ -199,7 +222,7 @@ pub struct AgentArgs {
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:2379")]
     pub endpoints: Vec<String>,
     #[command(flatten)]
-    pub tls: ClientTlsArgs,
+    pub credentials: CredentialArgs,
     /// Where pods' working directories and logs live (default: `<name>.agent`).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -290,7 +313,7 @@ impl AgentArgs {
             backoff_base: Duration::from_millis(self.restart_backoff_ms.max(1)),
             backoff_max: Duration::from_secs(300),
             metrics: capstan_nodeagent::metrics::AgentMetrics::default(),
-            tls: self.tls.tls(),
+            credentials: self.credentials.credentials(),
         })
     }
 }
@@ -319,7 +342,7 @@ async fn run_scheduler(args: StandaloneSchedulerArgs) -> anyhow::Result<()> {
         format!("scheduler-{host}-{}", std::process::id())
     });
     let config = args.scheduler_args.config(identity)?;
-    let client = capstan_client::connect_tls(&args.endpoints, Duration::from_secs(5), &args.tls.tls())
+    let client = capstan_client::connect_with(&args.endpoints, Duration::from_secs(5), &args.credentials.credentials())
         .await
         .with_context(|| format!("cannot connect to {}", args.endpoints.join(",")))?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -366,6 +389,15 @@ impl PlaneArgs {
         }
         config.initial_cluster_state = self.initial_cluster_state;
         config.restore = self.restore;
+        use crate::plane::auth::{BCRYPT_COST_MAX, BCRYPT_COST_MIN};
+        if !(BCRYPT_COST_MIN..=BCRYPT_COST_MAX).contains(&self.bcrypt_cost) {
+            anyhow::bail!("--bcrypt-cost must be {BCRYPT_COST_MIN} to {BCRYPT_COST_MAX}, not {}", self.bcrypt_cost);
+        }
+        if self.auth_token_ttl == 0 {
+            anyhow::bail!("--auth-token-ttl must be at least 1 second");
+        }
+        config.auth.bcrypt_cost = self.bcrypt_cost;
+        config.auth.token_ttl = Duration::from_secs(self.auth_token_ttl);
         if self.auto_compaction_retention != "0" {
             config.auto_compaction = Some(crate::plane::compaction::AutoCompaction::parse(
                 &self.auto_compaction_mode,

@@ -56,11 +56,12 @@ impl ServerTls {
 
     /// The plane as a client of its own listener (its in-process scheduler): it trusts
     /// the CA (or, without one, its own certificate) and shows its own certificate.
-    pub fn as_client(&self) -> capstan_client::ClientTls {
-        capstan_client::ClientTls {
+    pub fn as_client(&self) -> capstan_client::Credentials {
+        capstan_client::Credentials {
             ca: Some(self.trusted_ca.clone().unwrap_or_else(|| self.cert.clone())),
             cert: Some(self.cert.clone()),
             key: Some(self.key.clone()),
+            user: None,
         }
     }
 }

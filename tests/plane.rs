@@ -198,6 +198,7 @@ async fn peers_of_another_cluster_and_made_up_proposals_are_refused() {
     let mut forwarding = bounded(PlanePeerClient::connect(peer)).await.unwrap();
     let batch = raftpb::Command {
         request: Some(raftpb::command::Request::Batch(raftpb::CommandBatch { commands: Vec::new() })),
+        caller: None,
     };
     let propose = |cluster: u64| {
         let mut request = tonic::Request::new(raftpb::ProposeRequest { command: Some(batch.clone()) });

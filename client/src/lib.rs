@@ -41,24 +41,28 @@ pub enum ClientError {
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
-/// TLS for a client, as etcdctl's `--cacert`, `--cert` and `--key` give it (PEM files).
+/// Who a client is, as etcdctl's `--cacert`, `--cert`, `--key` (PEM files) and `--user`
+/// give it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ClientTls {
+pub struct Credentials {
     /// The CA that signed the planes' certificates.
     pub ca: Option<std::path::PathBuf>,
     /// The client's own certificate and key, for planes that ask for one.
     pub cert: Option<std::path::PathBuf>,
     pub key: Option<std::path::PathBuf>,
+    /// A user and password to authenticate with, when the cluster has auth enabled.
+    pub user: Option<(String, String)>,
 }
 
-impl ClientTls {
-    pub fn enabled(&self) -> bool {
+impl Credentials {
+    /// Whether these credentials use TLS.
+    pub fn tls(&self) -> bool {
         self.ca.is_some() || self.cert.is_some() || self.key.is_some()
     }
 
     /// The files read into etcd-client's options; None without TLS.
-    pub fn options(&self) -> std::io::Result<Option<etcd_client::TlsOptions>> {
-        if !self.enabled() {
+    pub fn tls_options(&self) -> std::io::Result<Option<etcd_client::TlsOptions>> {
+        if !self.tls() {
             return Ok(None);
         }
         let read = |path: &std::path::Path| {
@@ -87,12 +91,13 @@ impl ClientTls {
 
 /// Connects to the cluster at any of `endpoints` (`host:port` or URLs).
 pub async fn connect(endpoints: &[String], timeout: Duration) -> Result<Client> {
-    connect_tls(endpoints, timeout, &ClientTls::default()).await
+    connect_with(endpoints, timeout, &Credentials::default()).await
 }
 
-/// [`connect`] over TLS when `tls` is enabled (endpoints without a scheme get `https://`).
-pub async fn connect_tls(endpoints: &[String], timeout: Duration, tls: &ClientTls) -> Result<Client> {
-    let tls_options = tls.options().map_err(|error| ClientError::Tls(error.to_string()))?;
+/// [`connect`] with `credentials`: over TLS when they have TLS files (endpoints without a
+/// scheme get `https://`), as their user when they name one.
+pub async fn connect_with(endpoints: &[String], timeout: Duration, credentials: &Credentials) -> Result<Client> {
+    let tls_options = credentials.tls_options().map_err(|error| ClientError::Tls(error.to_string()))?;
     let endpoints: Vec<String> = endpoints.iter().map(|e| with_scheme(e, tls_options.is_some())).collect();
     let mut options = ConnectOptions::new()
         .with_connect_timeout(timeout)
@@ -100,6 +105,9 @@ pub async fn connect_tls(endpoints: &[String], timeout: Duration, tls: &ClientTl
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
     if let Some(tls_options) = tls_options {
         options = options.with_tls(tls_options);
+    }
+    if let Some((user, password)) = &credentials.user {
+        options = options.with_user(user, password);
     }
     Ok(Client::connect(&endpoints, Some(options)).await?)
 }

@@ -70,8 +70,8 @@ pub struct AgentConfig {
     pub backoff_max: Duration,
     /// Where the agent measures into (its metrics endpoint registers these).
     pub metrics: metrics::AgentMetrics,
-    /// TLS to the planes (none: plain).
-    pub tls: capstan_client::ClientTls,
+    /// TLS and user to reach the planes with (none: plain, anonymous).
+    pub credentials: capstan_client::Credentials,
 }
 
 /// Delay before reconnecting after the planes could not be reached, doubling to the max.
@@ -152,7 +152,7 @@ pub async fn run(mut config: AgentConfig, shutdown: impl std::future::Future<Out
 async fn connect(config: &AgentConfig) -> Objects {
     let mut delay = RETRY_DELAY_MIN;
     loop {
-        match capstan_client::connect_tls(&config.endpoints, Duration::from_secs(5), &config.tls).await {
+        match capstan_client::connect_with(&config.endpoints, Duration::from_secs(5), &config.credentials).await {
             Ok(client) => return Objects::new(client),
             Err(error) => tracing::warn!(%error, "cannot reach the planes; retrying"),
         }

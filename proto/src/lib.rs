@@ -1,7 +1,7 @@
 //! Every wire format Capstan speaks, generated from the .proto files in `proto/`:
 //!
 //! - [`etcdserverpb`] and [`mvccpb`]: the etcd v3 gRPC API (KV, Watch, Lease, Cluster,
-//!   Maintenance), field for field as etcd defines it, so etcd clients work unchanged.
+//!   Maintenance, Auth) and [`authpb`], field for field as etcd defines it, so etcd clients work unchanged.
 //! - [`raftpb`]: Capstan's replicated command, its Raft log entry and the peer service.
 //! - [`agentpb`]: the node agent's log service.
 //! - [`objects`]: the cluster objects (Node, Pod, ReplicaSet) in Kubernetes' shape, their
@@ -13,6 +13,10 @@
 
 pub mod mvccpb {
     tonic::include_proto!("mvccpb");
+}
+
+pub mod authpb {
+    tonic::include_proto!("authpb");
 }
 
 pub mod etcdserverpb {

@@ -110,7 +110,7 @@ impl StateMachine {
         let applied_id = types::log_id_to_pb(&entry.log_id).encode_to_vec();
         let mut meta: Vec<(&[u8], Vec<u8>)> = vec![(META_APPLIED, applied_id.clone())];
         match entry.payload {
-            EntryPayload::Normal(raftpb::Command { request: Some(raftpb::command::Request::Batch(batch)) }) => {
+            EntryPayload::Normal(raftpb::Command { request: Some(raftpb::command::Request::Batch(batch)), .. }) => {
                 self.apply_batch(&entry.log_id, batch.commands)
             }
             EntryPayload::Normal(command) => {
@@ -355,7 +355,7 @@ mod tests {
 
     fn put(key: &str, value: &str) -> raftpb::Command {
         let put = pb::PutRequest { key: key.into(), value: value.into(), ..Default::default() };
-        raftpb::Command { request: Some(raftpb::command::Request::Put(put)) }
+        raftpb::Command { request: Some(raftpb::command::Request::Put(put)), caller: None }
     }
 
     /// A store in a fresh directory under the system's temp dir, removed when dropped.
@@ -388,6 +388,7 @@ mod tests {
             log_id,
             payload: EntryPayload::Normal(raftpb::Command {
                 request: Some(raftpb::command::Request::Batch(raftpb::CommandBatch { commands })),
+                caller: None,
             }),
         };
 

@@ -257,6 +257,7 @@ mod tests {
                 log_id: LogId::new(LeaderId::new(4, 7), 12),
                 payload: EntryPayload::Normal(raftpb::Command {
                     request: Some(raftpb::command::Request::Compaction(Default::default())),
+                    caller: None,
                 }),
             },
         ];

@@ -48,7 +48,7 @@ pub struct CtlArgs {
     #[arg(long, global = true, default_value_t = 5)]
     pub command_timeout_secs: u64,
     #[command(flatten)]
-    pub tls: crate::cli::ClientTlsArgs,
+    pub credentials: crate::cli::CredentialArgs,
     #[command(subcommand)]
     pub command: CtlCommand,
 }
@@ -280,8 +280,8 @@ pub enum MemberCommand {
 
 pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(args.command_timeout_secs.max(1));
-    let tls = args.tls.tls();
-    let mut client = capstan_client::connect_tls(&args.endpoints, timeout, &tls)
+    let credentials = args.credentials.credentials();
+    let mut client = capstan_client::connect_with(&args.endpoints, timeout, &credentials)
         .await
         .with_context(|| format!("cannot connect to {}", args.endpoints.join(",")))?;
     let json = args.write_out == Output::Json;
@@ -459,7 +459,8 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
         }
         CtlCommand::Status => {
             for endpoint in &args.endpoints {
-                let mut one = capstan_client::connect_tls(std::slice::from_ref(endpoint), timeout, &tls).await?;
+                let mut one =
+                    capstan_client::connect_with(std::slice::from_ref(endpoint), timeout, &credentials).await?;
                 let status = one.status().await?;
                 if json {
                     print_json(json!({

@@ -71,9 +71,14 @@ pub fn route_object_get(mut args: Vec<String>) -> Vec<String> {
     while index < args.len() {
         let arg = args[index].as_str();
         match arg {
-            "--endpoints" | "--write-out" | "-w" | "--command-timeout-secs" | "--cacert" | "--cert" | "--key" => {
-                index += 2
-            }
+            "--endpoints"
+            | "--write-out"
+            | "-w"
+            | "--command-timeout-secs"
+            | "--cacert"
+            | "--cert"
+            | "--key"
+            | "--user" => index += 2,
             _ if arg.starts_with('-') => index += 1,
             _ => break,
         }

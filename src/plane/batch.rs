@@ -104,7 +104,7 @@ async fn write(plane: &Plane, batch: Vec<Proposal>) {
     metrics.proposals_pending.inc_by(count as i64);
     let entry = match <[Command; 1]>::try_from(commands) {
         Ok([single]) => single,
-        Err(commands) => Command { request: Some(command::Request::Batch(CommandBatch { commands })) },
+        Err(commands) => Command { request: Some(command::Request::Batch(CommandBatch { commands })), caller: None },
     };
     let written = plane.raft.client_write(entry).await;
     metrics.proposals_pending.dec_by(count as i64);

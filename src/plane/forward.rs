@@ -96,6 +96,7 @@ impl Plane {
             Answer::Compaction(response) => CommandResponse::Compaction(response),
             Answer::LeaseGrant(response) => CommandResponse::LeaseGrant(response),
             Answer::LeaseRevoke(response) => CommandResponse::LeaseRevoke(response),
+            Answer::Auth(header) => CommandResponse::Auth(Some(header)),
         })
     }
 
@@ -157,6 +158,7 @@ impl PlanePeer for PlanePeerService {
             CommandResponse::Compaction(response) => Answer::Compaction(response),
             CommandResponse::LeaseGrant(response) => Answer::LeaseGrant(response),
             CommandResponse::LeaseRevoke(response) => Answer::LeaseRevoke(response),
+            CommandResponse::Auth(header) => Answer::Auth(header.unwrap_or_default()),
         };
         Ok(Response::new(raftpb::ProposeResponse { response: Some(answer) }))
     }

@@ -6,8 +6,8 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use capstan_proto::etcdserverpb::{self as pb, kv_server::Kv};
-use capstan_proto::raftpb::{command, Command};
-use capstan_store::CommandResponse;
+use capstan_proto::raftpb::command;
+use capstan_store::{Access, CommandResponse};
 
 use super::{status, Plane, REQUEST_BYTES_MAX};
 
@@ -31,20 +31,16 @@ fn txn_writes(request: &pb::TxnRequest) -> bool {
     })
 }
 
-impl KvService {
-    async fn write(&self, request: command::Request) -> Result<CommandResponse, Status> {
-        self.0.propose(Command { request: Some(request) }).await
-    }
-}
-
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn range(&self, request: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
+        let caller = self.0.caller(&request, "Range")?;
         let request = request.into_inner();
         check_size(&request)?;
         if !request.serializable {
             self.0.linearizable_barrier().await?;
         }
+        self.0.authorize(&caller, |auth| auth.check(&caller.user, Access::Read, &request.key, &request.range_end))?;
         let plane = self.0.clone();
         let mut response = tokio::task::spawn_blocking(move || plane.store.range(&request))
             .await
@@ -55,10 +51,11 @@ impl Kv for KvService {
     }
 
     async fn put(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+        let caller = self.0.caller(&request, "Put")?;
         let request = request.into_inner();
         check_size(&request)?;
         self.0.check_quota()?;
-        match self.write(command::Request::Put(request)).await? {
+        match self.0.propose_as(&caller, command::Request::Put(request)).await? {
             CommandResponse::Put(mut response) => {
                 self.0.complete_header(&mut response.header);
                 Ok(Response::new(response))
@@ -71,9 +68,10 @@ impl Kv for KvService {
         &self,
         request: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        let caller = self.0.caller(&request, "DeleteRange")?;
         let request = request.into_inner();
         check_size(&request)?;
-        match self.write(command::Request::DeleteRange(request)).await? {
+        match self.0.propose_as(&caller, command::Request::DeleteRange(request)).await? {
             CommandResponse::DeleteRange(mut response) => {
                 self.0.complete_header(&mut response.header);
                 Ok(Response::new(response))
@@ -83,13 +81,14 @@ impl Kv for KvService {
     }
 
     async fn txn(&self, request: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
+        let caller = self.0.caller(&request, "Txn")?;
         let request = request.into_inner();
         check_size(&request)?;
         capstan_store::check_txn(&request).map_err(|error| status::from_store(&error))?;
         if txn_writes(&request) {
             self.0.check_quota()?;
         }
-        match self.write(command::Request::Txn(request)).await? {
+        match self.0.propose_as(&caller, command::Request::Txn(request)).await? {
             CommandResponse::Txn(mut response) => {
                 response.visit_headers(&mut |header| self.0.complete_header(header));
                 Ok(Response::new(response))
@@ -102,7 +101,8 @@ impl Kv for KvService {
         &self,
         request: Request<pb::CompactionRequest>,
     ) -> Result<Response<pb::CompactionResponse>, Status> {
-        match self.write(command::Request::Compaction(request.into_inner())).await? {
+        let caller = self.0.caller(&request, "Compact")?;
+        match self.0.propose_as(&caller, command::Request::Compaction(request.into_inner())).await? {
             CommandResponse::Compaction(mut response) => {
                 self.0.complete_header(&mut response.header);
                 Ok(Response::new(response))

@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 use capstan_proto::etcdserverpb::{self as pb, lease_server::Lease};
 use capstan_proto::raftpb::{command, Command};
 use capstan_raft::RaftConfig;
-use capstan_store::{CommandResponse, StoreError};
+use capstan_store::{Access, CommandResponse, StoreError};
 
 use super::{status, Plane};
 
@@ -109,7 +109,8 @@ pub async fn run_expiry(plane: Arc<Plane>) {
         for id in expired {
             // Proposed here and never forwarded: a deposed leader's deadlines are stale, and
             // Raft commits its proposal only if it still leads.
-            let revoke = Command { request: Some(command::Request::LeaseRevoke(pb::LeaseRevokeRequest { id })) };
+            let revoke =
+                Command { request: Some(command::Request::LeaseRevoke(pb::LeaseRevokeRequest { id })), caller: None };
             match plane.propose_local(revoke).await {
                 Ok(_) => {
                     plane.metrics.leases_expired.inc();
@@ -221,14 +222,14 @@ impl Lease for LeaseService {
         request: Request<pb::LeaseGrantRequest>,
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
         let plane = &self.0;
+        let caller = plane.caller(&request, "LeaseGrant")?;
         let mut request = request.into_inner();
         plane.check_quota()?;
         if request.id == 0 {
             request.id = plane.lessor.new_id(plane.node_id);
         }
         request.ttl = request.ttl.max(plane.lessor.ttl_secs_min);
-        let grant = Command { request: Some(command::Request::LeaseGrant(request)) };
-        match plane.propose(grant).await? {
+        match plane.propose_as(&caller, command::Request::LeaseGrant(request)).await? {
             CommandResponse::LeaseGrant(mut response) => {
                 plane.complete_header(&mut response.header);
                 Ok(Response::new(response))
@@ -242,8 +243,8 @@ impl Lease for LeaseService {
         request: Request<pb::LeaseRevokeRequest>,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
         let plane = &self.0;
-        let revoke = Command { request: Some(command::Request::LeaseRevoke(request.into_inner())) };
-        match plane.propose(revoke).await? {
+        let caller = plane.caller(&request, "LeaseRevoke")?;
+        match plane.propose_as(&caller, command::Request::LeaseRevoke(request.into_inner())).await? {
             CommandResponse::LeaseRevoke(mut response) => {
                 plane.complete_header(&mut response.header);
                 Ok(Response::new(response))
@@ -258,6 +259,8 @@ impl Lease for LeaseService {
         &self,
         request: Request<Streaming<pb::LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        let caller = self.0.caller(&request, "LeaseKeepAlive")?;
+        self.0.authorize(&caller, |auth| auth.check_user(&caller.user))?;
         let mut incoming = request.into_inner();
         let (responses, outgoing) = tokio::sync::mpsc::channel(KEEPALIVE_RESPONSES_MAX);
         let service = LeaseService(self.0.clone());
@@ -292,7 +295,17 @@ impl Lease for LeaseService {
         request: Request<pb::LeaseTimeToLiveRequest>,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
         let plane = &self.0;
+        let caller = plane.caller(&request, "LeaseTimeToLive")?;
         let request = request.into_inner();
+        // The keys it lists need read permission, as in etcd.
+        let keys = match request.keys {
+            true => plane.store.reader().lease_keys(request.id).map_err(|error| status::from_store(&error))?,
+            false => Vec::new(),
+        };
+        plane.authorize(&caller, |auth| {
+            auth.check_user(&caller.user)?;
+            keys.iter().try_for_each(|key| auth.check(&caller.user, Access::Read, key, &[]))
+        })?;
         let remote = |mut leader: super::forward::LeaderClient| async move {
             Ok(leader.lease_time_to_live(request).await?.into_inner())
         };
@@ -302,9 +315,11 @@ impl Lease for LeaseService {
 
     async fn lease_leases(
         &self,
-        _request: Request<pb::LeaseLeasesRequest>,
+        request: Request<pb::LeaseLeasesRequest>,
     ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
         let plane = &self.0;
+        let caller = plane.caller(&request, "LeaseLeases")?;
+        plane.authorize(&caller, |auth| auth.check_user(&caller.user))?;
         plane.linearizable_barrier().await?;
         let leases = plane.store.reader().leases().map_err(|error| status::from_store(&error))?;
         Ok(Response::new(pb::LeaseLeasesResponse {

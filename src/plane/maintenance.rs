@@ -76,6 +76,9 @@ impl Maintenance for MaintenanceService {
     async fn alarm(&self, request: Request<pb::AlarmRequest>) -> Result<Response<pb::AlarmResponse>, Status> {
         use pb::alarm_request::AlarmAction;
         let plane = &self.0;
+        if request.get_ref().action != AlarmAction::Get as i32 {
+            plane.require_admin(&request, "Alarm")?;
+        }
         let request = request.into_inner();
         let nospace = request.alarm == pb::AlarmType::Nospace as i32 || request.alarm == pb::AlarmType::None as i32;
         match AlarmAction::try_from(request.action) {
@@ -117,8 +120,9 @@ impl Maintenance for MaintenanceService {
 
     async fn defragment(
         &self,
-        _request: Request<pb::DefragmentRequest>,
+        request: Request<pb::DefragmentRequest>,
     ) -> Result<Response<pb::DefragmentResponse>, Status> {
+        self.0.require_admin(&request, "Defragment")?;
         let plane = self.0.clone();
         tokio::task::spawn_blocking(move || {
             let db = plane.store.db();
@@ -138,6 +142,7 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn hash_kv(&self, request: Request<pb::HashKvRequest>) -> Result<Response<pb::HashKvResponse>, Status> {
+        self.0.require_admin(&request, "HashKV")?;
         let plane = self.0.clone();
         let revision = request.into_inner().revision;
         let hashed = tokio::task::spawn_blocking(move || {
@@ -152,8 +157,9 @@ impl Maintenance for MaintenanceService {
 
     type SnapshotStream = Pin<Box<dyn Stream<Item = Result<pb::SnapshotResponse, Status>> + Send>>;
 
-    async fn snapshot(&self, _request: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+    async fn snapshot(&self, request: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
         let plane = &self.0;
+        plane.require_admin(&request, "Snapshot")?;
         let dir = plane.config.data_dir.join(BACKUP_DIR);
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.as_nanos());
         let store = plane.store.clone();

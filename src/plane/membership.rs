@@ -347,11 +347,12 @@ pub async fn join(config: &PlaneConfig) -> anyhow::Result<PlaneIdentity> {
     }
 }
 
-/// Serves a membership request on the leader, or sends it there, and answers with this
-/// plane's header.
+/// Serves a membership request (root's alone, with auth on) on the leader, or sends it
+/// there, and answers with this plane's header.
 macro_rules! on_leader {
     ($service:expr, $request:expr, $local:ident, $remote:ident) => {{
         let plane = &$service.0;
+        plane.require_admin(&$request, stringify!($remote))?;
         let request = $request.into_inner();
         let forward = |mut leader: super::forward::LeaderClient| {
             let request = request.clone();

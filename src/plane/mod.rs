@@ -1,11 +1,12 @@
-//! The plane server: the etcd v3 gRPC API (KV, Watch, Lease, Cluster, Maintenance) served
-//! over the Raft-replicated store.
+//! The plane server: the etcd v3 gRPC API (KV, Watch, Lease, Cluster, Maintenance, Auth)
+//! served over the Raft-replicated store.
 //!
 //! Writes become Raft commands (`propose`); linearizable reads confirm leadership through
 //! read-index first, serializable reads are local. The leader alone expires leases
 //! ([`lease::Lessor`]). Watches read the event channel the state machine feeds and fall
 //! back to the store's history when they fall behind ([`watch`]).
 
+pub mod auth;
 mod batch;
 pub mod compaction;
 mod forward;
@@ -59,6 +60,8 @@ pub struct PlaneConfig {
     pub listen_metrics: Option<SocketAddr>,
     /// TLS on the client listener (`--cert-file` and the rest).
     pub client_tls: Option<crate::tls::ServerTls>,
+    /// Token lifetime and password hashing cost.
+    pub auth: auth::AuthConfig,
     pub advertise_client_urls: Vec<String>,
     /// `name=peer-url` of every initial member, this plane included; when joining a running
     /// cluster, this plane and members to ask for the cluster.
@@ -95,6 +98,7 @@ impl PlaneConfig {
             listen_peer,
             listen_metrics: None,
             client_tls: None,
+            auth: auth::AuthConfig::default(),
             advertise_client_urls: vec![format!("http://{listen_client}")],
             initial_cluster: vec![(name.to_string(), format!("http://{listen_peer}"))],
             initial_cluster_state: ClusterState::New,
@@ -252,8 +256,9 @@ impl Plane {
     }
 
     /// Runs `attempt` against the current leader until it succeeds or fails for a reason
-    /// other than "not leader" (which means nothing was done), waiting for a leader and for
-    /// leadership to change between tries; gives up with etcd's timeout error.
+    /// other than "not leader" or "leader unreachable" (which mean nothing was done),
+    /// waiting for a leader and for leadership to change between tries; gives up with
+    /// etcd's timeout error.
     async fn with_leader<T, Attempt, Outcome>(&self, mut attempt: Attempt) -> Result<T, Status>
     where
         Attempt: FnMut() -> Outcome,
@@ -266,7 +271,7 @@ impl Plane {
             metrics.borrow_and_update();
             match tokio::time::timeout_at(deadline, attempt()).await {
                 Err(_) => return Err(Status::unavailable(status::TIMEOUT)),
-                Ok(Err(refused)) if refused.message() == status::NOT_LEADER => {
+                Ok(Err(refused)) if status::is_retryable_on_leader_change(&refused) => {
                     match tokio::time::timeout_at(deadline, metrics.changed()).await {
                         Err(_) => return Err(Status::unavailable(status::TIMEOUT)),
                         Ok(Err(_)) => return Err(Status::unavailable(status::STOPPED)),
@@ -437,7 +442,7 @@ async fn run_scheduler(plane: Arc<Plane>, config: capstan_scheduler::SchedulerCo
     let mut stopping = plane.stopping.subscribe();
     let client = loop {
         let tls = plane.config.client_tls.as_ref().map(crate::tls::ServerTls::as_client).unwrap_or_default();
-        match capstan_client::connect_tls(&endpoint, Duration::from_secs(5), &tls).await {
+        match capstan_client::connect_with(&endpoint, Duration::from_secs(5), &tls).await {
             Ok(client) => break client,
             Err(error) => tracing::warn!(%error, "scheduler cannot reach its plane yet"),
         }
@@ -669,7 +674,7 @@ async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     use capstan_proto::etcdserverpb::{
-        cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
+        auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
         maintenance_server::MaintenanceServer, watch_server::WatchServer,
     };
     macro_rules! limited {
@@ -688,7 +693,8 @@ async fn serve(
         .add_service(limited!(WatchServer::new(watch::WatchService(plane.clone()))))
         .add_service(limited!(LeaseServer::new(lease::LeaseService(plane.clone()))))
         .add_service(limited!(ClusterServer::new(membership::ClusterService(plane.clone()))))
-        .add_service(limited!(MaintenanceServer::new(maintenance::MaintenanceService(plane))))
+        .add_service(limited!(MaintenanceServer::new(maintenance::MaintenanceService(plane.clone()))))
+        .add_service(limited!(AuthServer::new(auth::AuthService(plane))))
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await
         .context("gRPC server failed")

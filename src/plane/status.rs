@@ -14,6 +14,16 @@ pub const NOT_LEADER: &str = "etcdserver: not leader";
 pub fn not_leader() -> Status {
     Status::unavailable(NOT_LEADER)
 }
+
+/// tonic's answer when a plane could not even connect to the leader it forwards to (it
+/// died, and no new leader is known yet): the request was never sent, so it is as safe to
+/// send again as "not leader".
+const LEADER_UNREACHED: &str = "tcp connect error";
+
+/// Whether nothing was done and the request may go to the next leader.
+pub fn is_retryable_on_leader_change(status: &Status) -> bool {
+    status.code() == Code::Unavailable && (status.message() == NOT_LEADER || status.message() == LEADER_UNREACHED)
+}
 pub const STOPPED: &str = "etcdserver: server stopped";
 pub const TIMEOUT: &str = "etcdserver: request timed out";
 
@@ -41,6 +51,21 @@ pub fn from_store(error: &StoreError) -> Status {
         StoreError::LeaseNotFound { .. } => (Code::NotFound, "etcdserver: requested lease not found"),
         StoreError::LeaseExists { .. } => (Code::FailedPrecondition, "etcdserver: lease already exists"),
         StoreError::LeaseTtlTooLarge { .. } => (Code::OutOfRange, "etcdserver: too large lease TTL"),
+        StoreError::PermissionDenied => (Code::PermissionDenied, "etcdserver: permission denied"),
+        StoreError::UserEmpty
+        | StoreError::RoleEmpty
+        | StoreError::PasswordEmpty
+        | StoreError::PermissionNotGiven
+        | StoreError::InvalidAuthManagement => return Status::invalid_argument(format!("etcdserver: {error}")),
+        StoreError::AuthNotEnabled
+        | StoreError::UserExists
+        | StoreError::UserNotFound
+        | StoreError::RoleExists
+        | StoreError::RoleNotFound
+        | StoreError::RoleNotGranted
+        | StoreError::PermissionNotGranted
+        | StoreError::RootUserNotExist
+        | StoreError::RootRoleNotExist => return Status::failed_precondition(format!("etcdserver: {error}")),
         StoreError::LeaseIdInvalid { .. } | StoreError::EmptyCommand | StoreError::BatchNotUnrolled => {
             return Status::invalid_argument(format!("etcdserver: {error}"));
         }
@@ -64,5 +89,14 @@ mod tests {
         assert_eq!(status.message(), "etcdserver: mvcc: required revision has been compacted");
         assert_eq!(from_store(&StoreError::LeaseNotFound { id: 1 }).code(), Code::NotFound);
         assert_eq!(from_store(&StoreError::KeyNotProvided).message(), "etcdserver: key is not provided");
+        let root = from_store(&StoreError::RootRoleNotExist);
+        assert_eq!(
+            (root.code(), root.message()),
+            (Code::FailedPrecondition, "etcdserver: root user does not have root role")
+        );
+        let empty = from_store(&StoreError::UserEmpty);
+        assert_eq!((empty.code(), empty.message()), (Code::InvalidArgument, "etcdserver: user name is empty"));
+        let management = from_store(&StoreError::InvalidAuthManagement);
+        assert_eq!(management.message(), "etcdserver: invalid auth management");
     }
 }

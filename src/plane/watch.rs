@@ -18,8 +18,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use capstan_proto::etcdserverpb::{self as pb, watch_server::Watch};
 use capstan_proto::mvccpb;
-use capstan_store::{KeyRange, StoreError};
+use capstan_store::{Access, KeyRange, StoreError};
 
+use super::auth::Caller;
 use super::Plane;
 
 /// Responses buffered per stream before watchers wait for the client to read.
@@ -48,6 +49,7 @@ impl Watch for WatchService {
         &self,
         request: Request<Streaming<pb::WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let caller = self.0.caller(&request, "Watch")?;
         let mut incoming = request.into_inner();
         let (out, responses) = mpsc::channel(STREAM_RESPONSES_MAX);
         let plane = self.0.clone();
@@ -61,7 +63,7 @@ impl Watch for WatchService {
                     () = &mut stopping => None,
                 };
                 let Some(Ok(request)) = next else { break };
-                if !handle_request(&plane, &watchers, &out, request).await {
+                if !handle_request(&plane, &caller, &watchers, &out, request).await {
                     break;
                 }
             }
@@ -82,13 +84,14 @@ fn lock(watchers: &Mutex<StreamWatchers>) -> std::sync::MutexGuard<'_, StreamWat
 /// Handles one request of a stream; false when the stream is done.
 async fn handle_request(
     plane: &Arc<Plane>,
+    caller: &Caller,
     watchers: &Arc<Mutex<StreamWatchers>>,
     out: &mpsc::Sender<Result<pb::WatchResponse, Status>>,
     request: pb::WatchRequest,
 ) -> bool {
     use pb::watch_request::RequestUnion;
     let response = match request.request_union {
-        Some(RequestUnion::CreateRequest(create)) => match create_watcher(plane, watchers, out, create) {
+        Some(RequestUnion::CreateRequest(create)) => match create_watcher(plane, caller, watchers, out, create) {
             Ok(()) => return true,
             Err(response) => response,
         },
@@ -159,6 +162,7 @@ impl Watcher {
 /// Registers a watcher and starts its task; an `Err` is the response that refuses it.
 fn create_watcher(
     plane: &Arc<Plane>,
+    caller: &Caller,
     watchers: &Arc<Mutex<StreamWatchers>>,
     out: &mpsc::Sender<Result<pb::WatchResponse, Status>>,
     create: pb::WatchCreateRequest,
@@ -175,6 +179,11 @@ fn create_watcher(
     let empty_range = !create.range_end.is_empty() && create.range_end != [0] && create.range_end <= create.key;
     if empty_range {
         return Err(refuse(-1, "mvcc: watcher range is empty"));
+    }
+    if let Err(refused) =
+        plane.authorize(caller, |auth| auth.check(&caller.user, Access::Read, &create.key, &create.range_end))
+    {
+        return Err(refuse(create.watch_id, refused.message()));
     }
     let (stop, stopped) = oneshot::channel();
     let id = {

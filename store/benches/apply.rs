@@ -19,6 +19,7 @@ fn put(key: String) -> Command {
             value: vec![b'v'; VALUE_BYTES],
             ..Default::default()
         })),
+        caller: None,
     }
 }
 

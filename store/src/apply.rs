@@ -14,6 +14,7 @@ use capstan_proto::etcdserverpb as pb;
 use capstan_proto::mvccpb;
 use capstan_proto::raftpb::{command, Command};
 
+use crate::auth::AuthState;
 use crate::codec::{self, Version};
 use crate::error::{Result, StoreError};
 use crate::read::{event, key_value, range_in, AtRevision, KeyRange, LiveKeys, Reader};
@@ -44,6 +45,8 @@ struct Apply<'a> {
     /// The newest version of every key this command wrote.
     pending: BTreeMap<Vec<u8>, Version>,
     events: Vec<mvccpb::Event>,
+    /// The auth state after this command, when it is an auth change.
+    auth: Option<AuthState>,
 }
 
 impl Store {
@@ -61,6 +64,7 @@ impl Store {
             batch: WriteBatch::default(),
             pending: BTreeMap::new(),
             events: Vec::new(),
+            auth: None,
         };
         let response = apply.command(command);
         match &response {
@@ -75,7 +79,7 @@ impl Store {
             (Ok(_), Some(command::Request::Compaction(request))) => Some(request.revision),
             _ => None,
         };
-        let Apply { main, sub, mut batch, events, .. } = apply;
+        let Apply { main, sub, mut batch, events, auth, .. } = apply;
         let new_revision = if sub > 0 { main } else { revision };
         assert!(new_revision >= revision, "revision went down from {revision} to {new_revision}");
         let metas = cf(self.db(), codec::CF_META);
@@ -91,6 +95,9 @@ impl Store {
         }
         self.db().write(batch)?;
         self.inner.revision.store(new_revision, Ordering::Release);
+        if let Some(auth) = auth {
+            self.set_auth(auth);
+        }
         if let Some(until) = compact_until {
             self.inner.compacted.store(until, Ordering::Release);
             self.compact_physically(until)?;
@@ -185,7 +192,12 @@ impl Apply<'_> {
 
     fn command(&mut self, command: &Command) -> Result<CommandResponse> {
         use command::Request;
-        match command.request.as_ref().ok_or(StoreError::EmptyCommand)? {
+        let request = command.request.as_ref().ok_or(StoreError::EmptyCommand)?;
+        let auth = self.store.auth();
+        if let Some(caller) = &command.caller {
+            auth.check_command(&caller.user, request, &self.reader)?;
+        }
+        match request {
             Request::Put(request) => {
                 self.check_put(request)?;
                 let mut response = self.put(request)?;
@@ -226,6 +238,23 @@ impl Apply<'_> {
                 Ok(CommandResponse::LeaseRevoke(pb::LeaseRevokeResponse { header: self.header() }))
             }
             Request::Batch(_) => Err(StoreError::BatchNotUnrolled),
+            Request::AuthEnable(_)
+            | Request::AuthDisable(_)
+            | Request::UserAdd(_)
+            | Request::UserDelete(_)
+            | Request::UserChangePassword(_)
+            | Request::UserGrantRole(_)
+            | Request::UserRevokeRole(_)
+            | Request::RoleAdd(_)
+            | Request::RoleDelete(_)
+            | Request::RoleGrantPermission(_)
+            | Request::RoleRevokePermission(_) => {
+                let mut changed = (*auth).clone();
+                changed.change(request)?;
+                changed.write_changes(&auth, &mut self.batch, cf(self.store.db(), codec::CF_AUTH));
+                self.auth = Some(changed);
+                Ok(CommandResponse::Auth(self.header()))
+            }
         }
     }
 

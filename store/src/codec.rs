@@ -9,6 +9,7 @@
 //! | `lease`      | lease ID (8 bytes)                         | granted TTL in seconds     |
 //! | `lease_keys` | lease ID (8 bytes), user key               | empty                      |
 //! | `meta`       | a name such as `revision`                  | per name                   |
+//! | `auth`       | `user/` name, `role/` name, or a setting   | authpb `User`, `Role`, ... |
 //!
 //! Integers are big-endian so byte order is numeric order. A user key may contain any byte,
 //! so it is escaped before the revision is appended: `00` becomes `00 ff` and the key ends
@@ -31,7 +32,10 @@ pub const CF_HISTORY: &str = "history";
 pub const CF_LEASE: &str = "lease";
 pub const CF_LEASE_KEYS: &str = "lease_keys";
 pub const CF_META: &str = "meta";
-pub const STORE_COLUMN_FAMILIES: [&str; 5] = [CF_KV, CF_HISTORY, CF_LEASE, CF_LEASE_KEYS, CF_META];
+pub const CF_AUTH: &str = "auth";
+/// In snapshot order: a family's index is its number in the snapshot file, so new
+/// families go at the end.
+pub const STORE_COLUMN_FAMILIES: [&str; 6] = [CF_KV, CF_HISTORY, CF_LEASE, CF_LEASE_KEYS, CF_META, CF_AUTH];
 
 pub const META_REVISION: &[u8] = b"revision";
 pub const META_COMPACTED: &[u8] = b"compacted";
@@ -39,6 +43,22 @@ pub const META_COMPACT_SCHEDULED: &[u8] = b"compact_scheduled";
 pub const META_FORMAT: &[u8] = b"format";
 /// Written once when a store is created; a store without it is not Capstan's.
 pub const FORMAT_V1: &[u8] = b"capstan-store-v1";
+
+/// `auth` settings: whether auth is on (one byte), the auth revision (8 bytes), and the key
+/// that signs tokens.
+pub const AUTH_ENABLED: &[u8] = b"enabled";
+pub const AUTH_REVISION: &[u8] = b"revision";
+pub const AUTH_TOKEN_KEY: &[u8] = b"token_key";
+pub const AUTH_USER_PREFIX: &[u8] = b"user/";
+pub const AUTH_ROLE_PREFIX: &[u8] = b"role/";
+
+pub fn auth_user_key(name: &str) -> Vec<u8> {
+    [AUTH_USER_PREFIX, name.as_bytes()].concat()
+}
+
+pub fn auth_role_key(name: &str) -> Vec<u8> {
+    [AUTH_ROLE_PREFIX, name.as_bytes()].concat()
+}
 
 const ESCAPE: u8 = 0x00;
 const ESCAPED_ZERO: u8 = 0xff;

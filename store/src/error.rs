@@ -28,6 +28,39 @@ pub enum StoreError {
     LeaseTtlTooLarge { ttl_secs: i64, max_secs: i64 },
     #[error("lease ID must be positive, got {id}")]
     LeaseIdInvalid { id: i64 },
+    #[error("authentication is not enabled")]
+    AuthNotEnabled,
+    #[error("user name is empty")]
+    UserEmpty,
+    #[error("user name already exists")]
+    UserExists,
+    #[error("user name not found")]
+    UserNotFound,
+    #[error("password is empty")]
+    PasswordEmpty,
+    #[error("role name is empty")]
+    RoleEmpty,
+    #[error("role name already exists")]
+    RoleExists,
+    #[error("role name not found")]
+    RoleNotFound,
+    #[error("role is not granted to the user")]
+    RoleNotGranted,
+    #[error("permission not given")]
+    PermissionNotGiven,
+    #[error("permission is not granted to the role")]
+    PermissionNotGranted,
+    /// Deliberately says nothing of which key or permission: an unauthorised caller learns
+    /// nothing about the keys it may not touch.
+    #[error("permission denied")]
+    PermissionDenied,
+    #[error("root user does not exist")]
+    RootUserNotExist,
+    #[error("root user does not have root role")]
+    RootRoleNotExist,
+    /// Deleting root, or taking the root role from it, while auth is enabled.
+    #[error("invalid auth management")]
+    InvalidAuthManagement,
     #[error("command has no request")]
     EmptyCommand,
     #[error("a command batch is applied one command at a time, by the caller")]

@@ -14,6 +14,7 @@
 //! request or response; no key index is held in memory.
 
 mod apply;
+mod auth;
 pub mod codec;
 mod error;
 mod read;
@@ -21,11 +22,12 @@ mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use rocksdb::{ColumnFamilyDescriptor, Options, DB};
 
 pub use apply::{check_txn, Applied};
+pub use auth::{Access, AuthState, ROOT};
 pub use error::{Result, StoreError};
 pub use read::{EventsPage, KeyRange, Reader};
 pub use snapshot::{check_backup, check_snapshot, seal_backup, Exported};
@@ -49,6 +51,8 @@ pub enum CommandResponse {
     Compaction(pb::CompactionResponse),
     LeaseGrant(pb::LeaseGrantResponse),
     LeaseRevoke(pb::LeaseRevokeResponse),
+    /// Every auth change answers with a header alone.
+    Auth(Option<pb::ResponseHeader>),
 }
 
 /// The MVCC store. Cheap to clone; clones share one RocksDB.
@@ -63,6 +67,8 @@ struct Inner {
     /// The newest committed revision; only the apply path writes it.
     revision: AtomicI64,
     compacted: AtomicI64,
+    /// The auth state as of `revision`'s command; only the apply path replaces it.
+    auth: RwLock<Arc<AuthState>>,
 }
 
 fn rocksdb_options() -> Options {
@@ -128,6 +134,7 @@ impl Store {
         let revision = reader.meta_i64(codec::META_REVISION)?.unwrap_or(REVISION_INITIAL);
         let compacted = reader.meta_i64(codec::META_COMPACTED)?.unwrap_or(0);
         let scheduled = reader.meta_i64(codec::META_COMPACT_SCHEDULED)?;
+        let auth = AuthState::load(&reader)?;
         drop(reader);
         let store = Store {
             inner: Arc::new(Inner {
@@ -135,6 +142,7 @@ impl Store {
                 path: path.to_path_buf(),
                 revision: AtomicI64::new(revision),
                 compacted: AtomicI64::new(compacted),
+                auth: RwLock::new(Arc::new(auth)),
             }),
         };
         if let Some(until) = scheduled {
@@ -161,6 +169,15 @@ impl Store {
     /// Revisions below this one can no longer be read or watched.
     pub fn compacted_revision(&self) -> i64 {
         self.inner.compacted.load(Ordering::Acquire)
+    }
+
+    /// Users, roles and permissions as of the newest applied command.
+    pub fn auth(&self) -> Arc<AuthState> {
+        self.inner.auth.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    fn set_auth(&self, auth: AuthState) {
+        *self.inner.auth.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(auth);
     }
 
     /// A consistent read view of the newest committed state.
@@ -197,11 +214,12 @@ impl Store {
         let compacted = reader.meta_i64(codec::META_COMPACTED)?.unwrap_or(0);
         self.inner.revision.store(revision, Ordering::Release);
         self.inner.compacted.store(compacted, Ordering::Release);
+        self.set_auth(AuthState::load(&reader)?);
         Ok(())
     }
 }
 
-const STORE_FAMILIES: [&str; 5] = codec::STORE_COLUMN_FAMILIES;
+const STORE_FAMILIES: [&str; 6] = codec::STORE_COLUMN_FAMILIES;
 
 /// The handle of a column family the store opened. Every family is opened in `open`, so
 /// a missing one is a programming error, not an input error.

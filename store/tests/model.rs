@@ -418,7 +418,7 @@ fn to_command(op: &Op, model: &Model) -> Command {
         Op::Revoke { lease } => Request::LeaseRevoke(pb::LeaseRevokeRequest { id: LEASES[*lease] }),
         Op::Range { .. } | Op::Restart => unreachable!("not a command"),
     };
-    Command { request: Some(request) }
+    Command { request: Some(request), caller: None }
 }
 
 fn strip_header(response: &mut CommandResponse) {
@@ -429,6 +429,7 @@ fn strip_header(response: &mut CommandResponse) {
         CommandResponse::Compaction(r) => r.header = None,
         CommandResponse::LeaseGrant(r) => r.header = None,
         CommandResponse::LeaseRevoke(r) => r.header = None,
+        CommandResponse::Auth(header) => *header = None,
     }
 }
 

@@ -6,7 +6,8 @@ use capstan_proto::raftpb::{command, Command};
 use capstan_store::{Store, StoreError};
 
 fn apply(store: &Store, request: command::Request) {
-    let applied = store.apply(&Command { request: Some(request) }, &[(b"caller/marker", b"m".to_vec())]).unwrap();
+    let applied =
+        store.apply(&Command { request: Some(request), caller: None }, &[(b"caller/marker", b"m".to_vec())]).unwrap();
     applied.response.unwrap();
 }
 

@@ -1,0 +1,158 @@
+//! Authentication and RBAC on a real 3-plane cluster, set up the way operators do it, with
+//! Debian's etcdctl (`user add`, `role grant-permission`, `auth enable`, `--user`), and
+//! checked through etcdctl and an etcd client library: a user with read on `/a/` reads
+//! `/a/` and nothing else, writes nothing (not through a txn either), watches `/a/` but not
+//! `/b/`; refusals name no key and leave an audit line; and all of it holds after the leader
+//! is killed.
+
+mod common;
+
+use common::{leader_index, Cluster};
+use etcd_client::{Compare, CompareOp, ConnectOptions, PutOptions, Txn, TxnOp, WatchOptions};
+
+/// Runs etcdctl 3.4 against `endpoints`; whether it succeeded, and what it printed.
+fn etcdctl(endpoints: &str, args: &[&str]) -> (bool, String) {
+    let output = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", endpoints, "--dial-timeout", "3s", "--command-timeout", "10s"])
+        .args(args)
+        .output()
+        .expect("run etcdctl");
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), text)
+}
+
+fn ok(endpoints: &str, args: &[&str]) -> String {
+    let (ok, out) = etcdctl(endpoints, args);
+    assert!(ok, "etcdctl {args:?}: {out}");
+    out
+}
+
+/// etcdctl refuses with `expected`, and says nothing of the keys involved.
+fn refused(endpoints: &str, args: &[&str], expected: &str) {
+    let (ok, out) = etcdctl(endpoints, args);
+    assert!(!ok && out.contains(expected), "etcdctl {args:?} was not refused with {expected:?}: {out}");
+    assert!(!out.contains("/b/") && !out.contains("/a/"), "a refusal named a key: {out}");
+}
+
+async fn client_as(endpoints: Vec<String>, user: &str, password: &str) -> etcd_client::Client {
+    let options = ConnectOptions::new().with_user(user, password).with_timeout(std::time::Duration::from_secs(10));
+    etcd_client::Client::connect(endpoints, Some(options)).await.expect("connect and authenticate")
+}
+
+fn is_denied(error: &etcd_client::Error) -> bool {
+    matches!(error, etcd_client::Error::GRpcStatus(status)
+        if status.code() == tonic::Code::PermissionDenied && status.message() == "etcdserver: permission denied")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reader_of_a_prefix_reads_it_and_nothing_else_across_a_failover() {
+    let mut cluster = Cluster::start_with(3, &["--bcrypt-cost", "4"]);
+    let all = cluster.endpoints().join(",");
+    let first = cluster.planes[0].endpoint();
+    for args in [
+        &["put", "/a/x", "1"][..],
+        &["put", "/b/y", "2"],
+        &["user", "add", "root:rootpw"],
+        &["role", "add", "a-reader"],
+        &["role", "grant-permission", "a-reader", "read", "/a/", "--prefix"],
+        &["user", "add", "alice:alicepw"],
+        &["user", "grant-role", "alice", "a-reader"],
+        // etcdctl grants root the root role itself when the cluster asks for it.
+        &["auth", "enable"],
+    ] {
+        ok(&all, args);
+    }
+    let (_, status) = etcdctl(&all, &["--user", "root:rootpw", "auth", "status"]);
+    assert!(status.contains("true"), "{status}");
+
+    // With etcdctl: reads of /a/ only; no writes; no anonymous or wrong-password calls.
+    let alice = ["--user", "alice:alicepw"];
+    let out = ok(&first, &[&alice[..], &["get", "/a/x", "--print-value-only"]].concat());
+    assert_eq!(out.trim(), "1");
+    ok(&first, &[&alice[..], &["get", "/a/", "--prefix"]].concat());
+    refused(&first, &[&alice[..], &["get", "/b/y"]].concat(), "permission denied");
+    refused(&first, &[&alice[..], &["get", "/", "--prefix"]].concat(), "permission denied");
+    refused(&first, &[&alice[..], &["put", "/a/x", "2"]].concat(), "permission denied");
+    refused(&first, &[&alice[..], &["del", "/a/x"]].concat(), "permission denied");
+    refused(&first, &["get", "/a/x"], "user name is empty");
+    refused(&first, &["--user", "alice:wrong", "get", "/a/x"], "authentication failed");
+    refused(&first, &[&alice[..], &["user", "list"]].concat(), "permission denied");
+    refused(&first, &[&alice[..], &["auth", "disable"]].concat(), "permission denied");
+    refused(&first, &[&alice[..], &["snapshot", "save", "/dev/null"]].concat(), "permission denied");
+    // Each refusal is an audit line in the log of the plane that refused it.
+    cluster.planes[0].wait_for_logs(&["audit", "refused", "user=alice", "wrong user or password"]);
+
+    // With a client library: txns are checked whole, watches by their range.
+    let mut reader = client_as(cluster.endpoints(), "alice", "alicepw").await;
+    let mut root = client_as(cluster.endpoints(), "root", "rootpw").await;
+    let read_a =
+        Txn::new().when([Compare::version("/a/x", CompareOp::Greater, 0)]).and_then([TxnOp::get("/a/x", None)]);
+    let txn = reader.txn(read_a).await.expect("a txn reading /a/");
+    assert!(txn.succeeded());
+    let compare_b =
+        Txn::new().when([Compare::version("/b/y", CompareOp::Greater, 0)]).and_then([TxnOp::get("/a/x", None)]);
+    assert!(is_denied(&reader.txn(compare_b).await.unwrap_err()), "a compare on /b/");
+    let write_in_else = Txn::new()
+        .when([Compare::version("/a/x", CompareOp::Greater, 0)])
+        .and_then([TxnOp::get("/a/x", None)])
+        .or_else([TxnOp::put("/a/x", "3", None)]);
+    assert!(is_denied(&reader.txn(write_in_else).await.unwrap_err()), "a put in the branch not taken");
+    let nested = Txn::new().and_then([TxnOp::txn(Txn::new().and_then([TxnOp::get("/b/y", None)]))]);
+    assert!(is_denied(&reader.txn(nested).await.unwrap_err()), "a read of /b/ in a nested txn");
+
+    let mut denied = reader.watch("/b/", Some(WatchOptions::new().with_prefix())).await.unwrap();
+    let refusal = denied.message().await.unwrap().expect("a watch response");
+    assert!(refusal.canceled() && refusal.cancel_reason().contains("permission denied"), "{refusal:?}");
+    let mut watching = reader.watch("/a/", Some(WatchOptions::new().with_prefix())).await.unwrap();
+    let created = watching.message().await.unwrap().expect("a watch response");
+    assert!(created.created() && !created.canceled(), "{created:?}");
+    root.put("/a/w", "watched", None).await.unwrap();
+    let event = watching.message().await.unwrap().expect("the event");
+    assert_eq!(event.events()[0].kv().unwrap().key(), b"/a/w");
+
+    // A lease holding a key alice may not write is not hers to revoke.
+    let lease = root.lease_grant(60, None).await.unwrap().id();
+    root.put("/b/leased", "x", Some(PutOptions::new().with_lease(lease))).await.unwrap();
+    assert!(is_denied(&reader.lease_revoke(lease).await.unwrap_err()));
+    reader.lease_grant(60, None).await.expect("any user may grant a lease");
+
+    // Kill the leader: tokens are the cluster's, not a plane's, so both clients carry on
+    // through the survivors, and auth still holds.
+    let leader = leader_index(&cluster).await;
+    cluster.planes[leader].kill();
+    // Tell the clients, as an application that watches the membership would; they keep
+    // the tokens they hold.
+    let dead = cluster.planes[leader].endpoint();
+    reader.remove_endpoint(&dead).await.unwrap();
+    root.remove_endpoint(&dead).await.unwrap();
+    let survivors: Vec<String> =
+        (0..3).filter(|index| *index != leader).map(|index| cluster.planes[index].endpoint()).collect();
+    let survivor = survivors[0].clone();
+    let value = reader.get("/a/x", None).await.expect("alice reads after the failover");
+    assert_eq!(value.kvs()[0].value(), b"1");
+    assert!(is_denied(&reader.put("/a/x", "4", None).await.unwrap_err()));
+    root.put("/a/after", "failover", None).await.expect("root writes after the failover");
+    refused(&survivor, &[&alice[..], &["put", "/a/x", "5"]].concat(), "permission denied");
+    ok(&survivor, &[&alice[..], &["get", "/a/after"]].concat());
+
+    // Revoking the permission takes effect at once, for a token issued before.
+    ok(&survivor, &["--user", "root:rootpw", "role", "revoke-permission", "a-reader", "/a/", "--prefix"]);
+    assert!(is_denied(&reader.get("/a/x", None).await.unwrap_err()));
+
+    // The killed plane comes back with the users, roles and auth of the cluster.
+    cluster.planes[leader].restart();
+    cluster.planes[leader].wait_until_ready();
+    let back = cluster.planes[leader].endpoint();
+    refused(&back, &["get", "/a/x"], "user name is empty");
+    refused(&back, &[&alice[..], &["get", "/a/x"]].concat(), "permission denied");
+    let roles = ok(&back, &["--user", "root:rootpw", "user", "get", "alice"]);
+    assert!(roles.contains("a-reader"), "{roles}");
+
+    // A changed password ends the tokens issued under the old one: the client's attempt to
+    // authenticate again with the old password fails.
+    root.user_change_password("alice", "newpw").await.unwrap();
+    let error = reader.get("/a/x", None).await.unwrap_err();
+    assert!(!is_denied(&error) && error.to_string().contains("auth"), "{error:?}");
+    refused(&survivor, &[&alice[..], &["get", "/a/x"]].concat(), "authentication failed");
+}

@@ -156,3 +156,64 @@ async fn a_reader_of_a_prefix_reads_it_and_nothing_else_across_a_failover() {
     assert!(!is_denied(&error) && error.to_string().contains("auth"), "{error:?}");
     refused(&survivor, &[&alice[..], &["get", "/a/x"]].concat(), "authentication failed");
 }
+
+/// The `etcdctl` lines of the README's least-privilege block, so that the documented roles
+/// are the tested ones.
+fn documented_role_commands() -> Vec<Vec<String>> {
+    let readme = include_str!("../README.md");
+    let start = readme.find("Least-privilege roles").expect("the README documents least-privilege roles");
+    let block = readme[start..].split("```").nth(1).expect("a code block follows");
+    block
+        .lines()
+        .filter_map(|line| line.strip_prefix("etcdctl "))
+        .map(|line| line.split_whitespace().map(str::to_string).collect())
+        .collect()
+}
+
+/// The README's least-privilege roles are enough for a standalone scheduler and an agent
+/// (users `scheduler` and `node-n1`) to place and run a pod, and keep them inside their keys.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_documented_least_privilege_roles_run_a_pod() {
+    let dir = tempfile::tempdir().unwrap();
+    let plane = common::PlaneProcess::start(&dir.path().join("plane"), &["--bcrypt-cost", "4"]);
+    let endpoint = plane.client_addr.to_string();
+    let commands = documented_role_commands();
+    assert!(commands.len() >= 5, "{commands:?}");
+    for command in &commands {
+        let args: Vec<&str> = command.iter().map(String::as_str).collect();
+        ok(&endpoint, &args);
+    }
+    for args in [
+        &["user", "add", "root:rootpw"][..],
+        &["user", "add", "scheduler:schedulerpw"],
+        &["user", "grant-role", "scheduler", "scheduler"],
+        &["user", "add", "node-n1:nodepw"],
+        &["user", "grant-role", "node-n1", "node-n1"],
+        &["auth", "enable"],
+    ] {
+        ok(&endpoint, args);
+    }
+    let _scheduler = common::ChildGuard(
+        std::process::Command::new(env!("CARGO_BIN_EXE_capstan"))
+            .args(["scheduler", "--endpoints", &endpoint, "--user", "scheduler:schedulerpw"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let _agent = common::AgentProcess::start("n1", &endpoint, &dir.path().join("agent"), &["--user", "node-n1:nodepw"]);
+    let pod =
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: c, command: [sleep, '600']}]\n";
+    let (applied, out, err) = common::ctl(&endpoint, &["--user", "root:rootpw", "apply", "-f", "-"], pod);
+    assert!(applied, "{out}{err}");
+    let root = client_as(vec![format!("http://{endpoint}")], "root", "rootpw").await;
+    let objects = capstan_client::Objects::new(root);
+    common::wait_for(&objects, "the pod running on n1", |listed| {
+        common::pods(listed)
+            .iter()
+            .any(|pod| pod.spec.node_name == "n1" && pod.status.phase == capstan_proto::objects::PodPhase::Running)
+    })
+    .await;
+    // Each stays inside its keys.
+    refused(&endpoint, &["--user", "node-n1:nodepw", "put", "/registry/nodes/n2", "{}"], "permission denied");
+    refused(&endpoint, &["--user", "scheduler:schedulerpw", "put", "/other", "x"], "permission denied");
+}

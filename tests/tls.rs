@@ -1,7 +1,8 @@
 //! TLS on a real plane's client port, checked with Debian's etcdctl and `capstan ctl`:
 //! with `--client-cert-auth`, a client with a certificate from the cluster's CA is served
 //! (the plane's own scheduler and an agent too); one without a certificate, with one from another CA,
-//! or speaking plain HTTP/2 is refused, and a client refuses a plane it does not trust.
+//! or speaking plain HTTP/2 is refused, and a client refuses a plane it does not trust. With
+//! auth on, the certificate's CN is the user.
 
 mod common;
 
@@ -127,6 +128,20 @@ fn mutual_tls_serves_the_clusters_clients_and_refuses_the_rest() {
     let other_ca = other.ca_file("other");
     let (ok, out, err) = ctl(&endpoint, &["--cacert", path(&other_ca), "get", "secure"], "");
     assert!(!ok, "trusted a plane it should not: {out}{err}");
+
+    // With auth on, a certificate's CN is the user: CN root administers without a
+    // password; a certificate of the same CA whose CN is no user is refused.
+    let as_root = |args: &[&str]| etcdctl(&[&["--endpoints", &endpoint][..], &tls, args].concat());
+    for args in [&["user", "add", "root:rootpw"][..], &["user", "grant-role", "root", "root"], &["auth", "enable"]] {
+        let (ok, out) = as_root(args);
+        assert!(ok, "{args:?}: {out}");
+    }
+    let (ok, out) = as_root(&["put", "secure", "as-root"]);
+    assert!(ok, "CN root refused: {out}");
+    let (guest_cert, guest_key) = ca.sign("guest", "guest", &[]);
+    let guest = ["--cacert", path(&ca_file), "--cert", path(&guest_cert), "--key", path(&guest_key)];
+    let (ok, out) = etcdctl(&[&["--endpoints", &endpoint][..], &guest, &["get", "secure"]].concat());
+    assert!(!ok && out.contains("permission denied"), "CN guest served: {out}");
 }
 
 #[test]

@@ -135,6 +135,16 @@ impl Drop for PlaneProcess {
     }
 }
 
+/// Any other child process, killed when the guard drops, so a failing test leaves none.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn spawn_plane(
     name: &str,
     data_dir: &Path,

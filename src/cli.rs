@@ -73,6 +73,19 @@ pub struct PlaneArgs {
     /// Refuse clients without a certificate signed by --trusted-ca-file.
     #[arg(long)]
     pub client_cert_auth: bool,
+    /// Speak TLS with peers (https:// peer URLs) with this certificate (PEM), which the
+    /// plane also shows its peers as a client certificate.
+    #[arg(long)]
+    pub peer_cert_file: Option<PathBuf>,
+    /// The key of --peer-cert-file (PEM).
+    #[arg(long)]
+    pub peer_key_file: Option<PathBuf>,
+    /// The CA (PEM) that signs the peers' certificates.
+    #[arg(long)]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+    /// Refuse peers without a certificate signed by --peer-trusted-ca-file.
+    #[arg(long)]
+    pub peer_client_cert_auth: bool,
     /// Client URLs announced to the cluster (default: http(s)://<listen-client>).
     #[arg(long, value_delimiter = ',')]
     pub advertise_client_urls: Vec<String>,
@@ -363,7 +376,15 @@ impl PlaneArgs {
             self.listen_client,
             self.listen_peer,
         );
+        config.peer_tls = crate::tls::ServerTls::from_flags(
+            "peer-",
+            self.peer_cert_file,
+            self.peer_key_file,
+            self.peer_trusted_ca_file,
+            self.peer_client_cert_auth,
+        )?;
         config.client_tls = crate::tls::ServerTls::from_flags(
+            "",
             self.cert_file,
             self.key_file,
             self.trusted_ca_file,
@@ -376,7 +397,10 @@ impl PlaneArgs {
         }
         if let Some(initial) = &self.initial_cluster {
             config.initial_cluster = parse_initial_cluster(initial)?;
+        } else if config.peer_tls.is_some() {
+            config.initial_cluster = vec![(self.name.clone(), format!("https://{}", self.listen_peer))];
         }
+        check_peer_schemes(&config.initial_cluster, config.peer_tls.is_some())?;
         if let Some(url) = &self.listen_metrics_urls {
             config.listen_metrics = Some(crate::http::parse_listen_url(url)?);
         }
@@ -421,6 +445,21 @@ impl PlaneArgs {
         }
         Ok(config)
     }
+}
+
+/// Peers speak TLS exactly when the plane has a peer certificate, so every peer URL must
+/// say so: a mismatch would only show later as peers that never connect.
+fn check_peer_schemes(initial_cluster: &[(String, String)], peer_tls: bool) -> anyhow::Result<()> {
+    let wanted = if peer_tls { "https://" } else { "http://" };
+    if let Some((name, url)) = initial_cluster.iter().find(|(_, url)| !url.starts_with(wanted)) {
+        if peer_tls {
+            anyhow::bail!(
+                "--initial-cluster: {name}={url} is not https://, but --peer-cert-file makes peers speak TLS"
+            );
+        }
+        anyhow::bail!("--initial-cluster: {name}={url} is https://, which needs --peer-cert-file and --peer-key-file");
+    }
+    Ok(())
 }
 
 /// Parses `name=url,name=url`.

@@ -1,10 +1,11 @@
-//! TLS on a plane's client listener, with etcd's flags (`--cert-file`, `--key-file`,
-//! `--trusted-ca-file`, `--client-cert-auth`), over rustls: no OpenSSL.
+//! TLS on a plane's client and peer listeners, with etcd's flags (`--cert-file`,
+//! `--key-file`, `--trusted-ca-file`, `--client-cert-auth`, and their `--peer-` forms),
+//! over rustls: no OpenSSL.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerTls {
@@ -23,25 +24,30 @@ fn read(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
 
 impl ServerTls {
     /// The flags as given: none, or a certificate and its key (and the CA to check
-    /// clients against, which --client-cert-auth needs).
+    /// clients against, which --client-cert-auth needs). `prefix` is `""` for the client
+    /// flags, `"peer-"` for the peer ones, so errors name the flags the user gave.
     pub fn from_flags(
+        prefix: &str,
         cert: Option<PathBuf>,
         key: Option<PathBuf>,
         trusted_ca: Option<PathBuf>,
         client_cert_auth: bool,
     ) -> anyhow::Result<Option<ServerTls>> {
+        let p = prefix;
         match (cert, key) {
             (None, None) if client_cert_auth || trusted_ca.is_some() => {
-                anyhow::bail!("--client-cert-auth and --trusted-ca-file need --cert-file and --key-file")
+                anyhow::bail!("--{p}client-cert-auth and --{p}trusted-ca-file need --{p}cert-file and --{p}key-file")
             }
             (None, None) => Ok(None),
             (Some(cert), Some(key)) => {
                 if client_cert_auth && trusted_ca.is_none() {
-                    anyhow::bail!("--client-cert-auth needs --trusted-ca-file (the CA of the client certificates)");
+                    anyhow::bail!(
+                        "--{p}client-cert-auth needs --{p}trusted-ca-file (the CA of the client certificates)"
+                    );
                 }
                 Ok(Some(ServerTls { cert, key, trusted_ca, client_cert_auth }))
             }
-            _ => anyhow::bail!("--cert-file and --key-file go together"),
+            _ => anyhow::bail!("--{p}cert-file and --{p}key-file go together"),
         }
     }
 
@@ -52,6 +58,16 @@ impl ServerTls {
             config = config.client_ca_root(Certificate::from_pem(read(ca)?));
         }
         Ok(config)
+    }
+
+    /// The plane as a client of its peers: it trusts the CA (or, without one, its own
+    /// certificate, for peers sharing one self-signed certificate) and shows its own
+    /// certificate, which peers with `--peer-client-cert-auth` ask for.
+    pub fn peer_client_config(&self) -> anyhow::Result<ClientTlsConfig> {
+        let ca = read(self.trusted_ca.as_ref().unwrap_or(&self.cert))?;
+        Ok(ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .identity(Identity::from_pem(read(&self.cert)?, read(&self.key)?)))
     }
 
     /// The plane as a client of its own listener (its in-process scheduler): it trusts

@@ -159,9 +159,122 @@ fn unusable_tls_flags_are_refused_at_start() {
             "--client-cert-auth needs --trusted-ca-file",
         ),
         (vec!["--cert-file", path(&cert), "--key-file", "/nonexistent/key.pem"], "cannot read /nonexistent/key.pem"),
+        (vec!["--peer-cert-file", path(&cert)], "--peer-cert-file and --peer-key-file go together"),
+        (vec!["--initial-cluster", "p=https://127.0.0.1:1"], "needs --peer-cert-file"),
+        (
+            vec![
+                "--peer-cert-file",
+                path(&cert),
+                "--peer-key-file",
+                path(&garbage),
+                "--initial-cluster",
+                "p=http://127.0.0.1:1",
+            ],
+            "is not https://",
+        ),
     ] {
         let plane = PlaneProcess::spawn(&dir.path().join("p"), common::free_addr(), common::free_addr(), &args);
         let (status, log) = plane.wait_for_exit();
         assert!(!status.success() && log.contains(expected), "{args:?}: {log}");
+    }
+}
+
+/// Three planes whose peer URLs are https:// and who ask each other for certificates
+/// (`--peer-client-cert-auth`): they elect, replicate and fail over as usual, and a peer
+/// without a certificate of their CA gets nothing out of the peer port.
+#[tokio::test(flavor = "multi_thread")]
+async fn planes_speak_mutual_tls_to_each_other_and_refuse_other_peers() {
+    use capstan_proto::raftpb::{raft_peer_client::RaftPeerClient, VoteRequest};
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "peers");
+    let (cert, key) = ca.sign("peer", "plane", &["127.0.0.1"]);
+    let ca_file = ca.ca_file("peers");
+    let addrs: Vec<_> = (0..3).map(|_| (common::free_addr(), common::free_addr())).collect();
+    let initial: Vec<String> = addrs.iter().enumerate().map(|(i, (_, peer))| format!("p{i}=https://{peer}")).collect();
+    let initial = initial.join(",");
+    let args = [
+        "--initial-cluster",
+        &initial,
+        "--peer-cert-file",
+        path(&cert),
+        "--peer-key-file",
+        path(&key),
+        "--peer-trusted-ca-file",
+        path(&ca_file),
+        "--peer-client-cert-auth",
+    ];
+    let mut planes: Vec<PlaneProcess> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, (client, peer))| {
+            PlaneProcess::spawn_named(&format!("p{i}"), &dir.path().join(format!("p{i}")), *client, *peer, &args)
+        })
+        .collect();
+    for plane in &mut planes {
+        plane.wait_until_ready();
+    }
+    let endpoints: Vec<String> = planes.iter().map(|plane| plane.client_addr.to_string()).collect();
+    let (ok, out) = etcdctl(&["--endpoints", &endpoints[0], "put", "over", "tls"]);
+    assert!(ok, "{out}");
+    // A linearizable read on another plane goes through the leader over TLS.
+    let (ok, out) = etcdctl(&["--endpoints", &endpoints[2], "get", "over", "--print-value-only"]);
+    assert!(ok && out.trim() == "tls", "{out}");
+
+    // Kill the leader: the others elect over TLS and keep serving.
+    let client = etcd_client::Client::connect([format!("http://{}", endpoints[0])], None).await.unwrap();
+    let leader = client.clone().status().await.unwrap().leader();
+    let mut leader_index = None;
+    for (index, endpoint) in endpoints.iter().enumerate() {
+        let mut one = etcd_client::Client::connect([format!("http://{endpoint}")], None).await.unwrap();
+        if one.status().await.unwrap().header().unwrap().member_id() == leader {
+            leader_index = Some(index);
+        }
+    }
+    let leader_index = leader_index.expect("a plane leads");
+    planes[leader_index].kill();
+    let survivor = &endpoints[(leader_index + 1) % 3];
+    let (ok, out) = etcdctl(&["--endpoints", survivor, "put", "after", "failover"]);
+    assert!(ok, "{out}");
+    planes[leader_index].restart();
+    planes[leader_index].wait_for_logs(&["plane serving"]);
+    let (ok, out) = etcdctl(&["--endpoints", &endpoints[leader_index], "get", "after", "--print-value-only"]);
+    assert!(ok && out.trim() == "failover", "the restarted plane caught up over TLS: {out}");
+
+    // Strangers on the peer port: plain HTTP/2, TLS without a client certificate, and a
+    // certificate from another CA all fail before any Raft message is read, while a
+    // holder of the cluster's certificate reaches the Raft service (which refuses a vote
+    // of another cluster: the sign that the message was read).
+    let peer = addrs[0].1;
+    let vote = || VoteRequest { cluster_id: 0, vote: None, last_log_id: None };
+    let read_by_raft = |outcome: &Result<_, tonic::Status>| {
+        outcome.as_ref().err().is_some_and(|status| status.message().contains("cluster ID mismatch"))
+    };
+    let trusting = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(&ca_file).unwrap()));
+    let member =
+        trusting.clone().identity(Identity::from_pem(std::fs::read(&cert).unwrap(), std::fs::read(&key).unwrap()));
+    let channel = Endpoint::from_shared(format!("https://{peer}")).unwrap().tls_config(member).unwrap();
+    let answered = RaftPeerClient::new(channel.connect().await.unwrap()).vote(vote()).await;
+    assert!(read_by_raft(&answered), "a member's certificate did not reach Raft: {answered:?}");
+    let plain = Endpoint::from_shared(format!("http://{peer}")).unwrap().connect().await;
+    if let Ok(channel) = plain {
+        let outcome = RaftPeerClient::new(channel).vote(vote()).await;
+        assert!(outcome.is_err() && !read_by_raft(&outcome), "served plain HTTP/2: {outcome:?}");
+    }
+    let other = Ca::new(dir.path(), "other");
+    let (foreign_cert, foreign_key) = other.sign("foreign", "plane", &[]);
+    let foreign = trusting
+        .clone()
+        .identity(Identity::from_pem(std::fs::read(&foreign_cert).unwrap(), std::fs::read(&foreign_key).unwrap()));
+    for tls in [trusting, foreign] {
+        let endpoint = Endpoint::from_shared(format!("https://{peer}")).unwrap().tls_config(tls).unwrap();
+        if let Ok(channel) = endpoint.connect().await {
+            let outcome = RaftPeerClient::new(channel).vote(vote()).await;
+            assert!(
+                outcome.is_err() && !read_by_raft(&outcome),
+                "served a peer without a certificate of the cluster's CA: {outcome:?}"
+            );
+        }
     }
 }

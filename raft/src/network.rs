@@ -18,7 +18,7 @@ use openraft::raft::{
 };
 use prometheus_client::metrics::counter::Counter;
 use prost::Message;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use capstan_proto::raftpb::{self, raft_peer_client::RaftPeerClient};
 
@@ -37,6 +37,8 @@ const RETRY_MS_MAX: u64 = 500;
 pub struct PeerChannels {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     faults: Option<Arc<dyn PeerFaults>>,
+    /// How to reach `https://` peers (`--peer-*` TLS flags).
+    tls: Option<ClientTlsConfig>,
 }
 
 /// What the network does to one message from this plane to a peer: the hook through which
@@ -63,9 +65,14 @@ pub enum Fate {
 }
 
 impl PeerChannels {
-    /// Channels whose traffic passes through `faults`.
-    pub fn with_faults(faults: Arc<dyn PeerFaults>) -> PeerChannels {
-        PeerChannels { channels: Arc::default(), faults: Some(faults) }
+    /// Channels whose traffic passes through `faults` (tests' fault injection).
+    pub fn with_faults(self, faults: Option<Arc<dyn PeerFaults>>) -> PeerChannels {
+        PeerChannels { faults, ..self }
+    }
+
+    /// Channels that speak TLS, with `tls`, to peers whose URL is `https://`.
+    pub fn with_tls(self, tls: Option<ClientTlsConfig>) -> PeerChannels {
+        PeerChannels { tls, ..self }
     }
 
     /// What happens to the next message to `peer_url`.
@@ -98,12 +105,15 @@ impl PeerChannels {
         if let Some(channel) = channels.get(peer_url) {
             return Ok(channel.clone());
         }
-        let channel = Endpoint::from_shared(peer_url.to_string())?
+        let mut endpoint = Endpoint::from_shared(peer_url.to_string())?
             .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect_lazy();
+            .keep_alive_timeout(Duration::from_secs(5));
+        if let (Some(tls), true) = (&self.tls, peer_url.starts_with("https://")) {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
+        let channel = endpoint.connect_lazy();
         channels.insert(peer_url.to_string(), channel.clone());
         Ok(channel)
     }

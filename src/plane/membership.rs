@@ -296,7 +296,7 @@ pub async fn join(config: &PlaneConfig) -> anyhow::Result<PlaneIdentity> {
     if others.is_empty() {
         anyhow::bail!("--initial-cluster-state existing needs the running members in --initial-cluster");
     }
-    let channels = capstan_raft::network::PeerChannels::default();
+    let channels = config.peer_channels()?;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(JOIN_TIMEOUT_MS);
     let mut backoff = Duration::from_millis(100);
     loop {

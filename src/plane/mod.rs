@@ -60,6 +60,9 @@ pub struct PlaneConfig {
     pub listen_metrics: Option<SocketAddr>,
     /// TLS on the client listener (`--cert-file` and the rest).
     pub client_tls: Option<crate::tls::ServerTls>,
+    /// TLS between planes (`--peer-cert-file` and the rest), both ways: the peer listener
+    /// serves with it, and the plane shows the same certificate to its peers.
+    pub peer_tls: Option<crate::tls::ServerTls>,
     /// Token lifetime and password hashing cost.
     pub auth: auth::AuthConfig,
     pub advertise_client_urls: Vec<String>,
@@ -98,6 +101,7 @@ impl PlaneConfig {
             listen_peer,
             listen_metrics: None,
             client_tls: None,
+            peer_tls: None,
             auth: auth::AuthConfig::default(),
             advertise_client_urls: vec![format!("http://{listen_client}")],
             initial_cluster: vec![(name.to_string(), format!("http://{listen_peer}"))],
@@ -112,6 +116,13 @@ impl PlaneConfig {
             auto_compaction: None,
             restore: None,
         }
+    }
+
+    /// The channels to reach peers with: over TLS to `https://` peers when `--peer-*` TLS
+    /// is set.
+    fn peer_channels(&self) -> anyhow::Result<PeerChannels> {
+        let tls = self.peer_tls.as_ref().map(crate::tls::ServerTls::peer_client_config).transpose()?;
+        Ok(PeerChannels::default().with_tls(tls))
     }
 
     /// This plane as `--initial-cluster` and `--advertise-client-urls` describe it.
@@ -460,6 +471,11 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let client_tls = config.client_tls.as_ref().map(crate::tls::ServerTls::server_config).transpose()?;
+    let mut peer_server = tonic::transport::Server::builder();
+    if let Some(peer_tls) = &config.peer_tls {
+        let tls = peer_tls.server_config()?;
+        peer_server = peer_server.tls_config(tls).context("the peer TLS certificate or key is not usable")?;
+    }
     let listener = tokio::net::TcpListener::bind(config.listen_client)
         .await
         .with_context(|| format!("cannot listen for clients on {}", config.listen_client))?;
@@ -479,7 +495,7 @@ pub async fn run(
         restore(&store, backup, &config)?;
     }
     let identity = config.identity(&store).await?;
-    let channels = config.peer_faults.clone().map_or_else(PeerChannels::default, PeerChannels::with_faults);
+    let channels = config.peer_channels()?.with_faults(config.peer_faults.clone());
     let started =
         capstan_raft::start(store, config.data_dir.clone(), &identity, &config.raft, channels, &metrics.storage)
             .await
@@ -531,7 +547,7 @@ pub async fn run(
     }
     let peer_service = capstan_raft::PeerService::new(plane.raft.clone(), plane.cluster_id);
     let (stop_peers, peers_stopped) = tokio::sync::oneshot::channel::<()>();
-    let peer_server = tonic::transport::Server::builder()
+    let peer_server = peer_server
         .add_service(
             capstan_proto::raftpb::raft_peer_server::RaftPeerServer::new(peer_service)
                 .max_decoding_message_size(capstan_raft::network::PEER_MESSAGE_BYTES_MAX)

@@ -1,9 +1,11 @@
 //! `capstan dev`: a local cluster on 127.0.0.1: 3 planes (each also a scheduler
 //! candidate) and 2 node agents, each a supervised child process (restarted with back-off
-//! if it dies), data under `--data-dir` so a restart of `capstan dev` keeps it. Client ports follow etcd's local-cluster convention (2379,
-//! 22379, 32379); Ctrl-C stops every plane.
+//! if it dies), data under `--data-dir` so a restart of `capstan dev` keeps it. Client
+//! ports follow etcd's local-cluster convention (2379, 22379, 32379); Ctrl-C stops every
+//! plane. With `--tls`, clients and peers speak mutual TLS with certificates from a
+//! throw-away CA made in `<data-dir>/tls`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -20,6 +22,94 @@ pub struct DevArgs {
     /// health ports two higher, as etcd's 2379/2380/2381).
     #[arg(long, value_delimiter = ',', default_value = "2379,22379,32379")]
     pub client_ports: Vec<u16>,
+    /// Mutual TLS for clients and between planes, with a throw-away CA and certificates
+    /// made (once) in `<data-dir>/tls`; prints the etcdctl flags to use.
+    #[arg(long)]
+    pub tls: bool,
+}
+
+/// The certificates of `capstan dev --tls`: a CA (whose key is thrown away once it has
+/// signed), one certificate for every plane (client and peer listeners, and the plane as
+/// a client of its peers and of itself), and a client certificate whose CN is `root`.
+struct DevTls {
+    dir: PathBuf,
+}
+
+impl DevTls {
+    const CA: &str = "ca.pem";
+    const SERVER: &str = "server";
+    const CLIENT: &str = "client";
+
+    fn file(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+
+    fn cert(&self, name: &str) -> String {
+        self.file(&format!("{name}.pem"))
+    }
+
+    fn key(&self, name: &str) -> String {
+        self.file(&format!("{name}-key.pem"))
+    }
+
+    /// The certificates in `dir`, made now if they are not there yet.
+    fn ensure(dir: PathBuf) -> anyhow::Result<DevTls> {
+        let tls = DevTls { dir };
+        if !tls.dir.join(DevTls::CA).exists() {
+            tls.make().with_context(|| format!("cannot make the TLS certificates in {}", tls.dir.display()))?;
+        }
+        Ok(tls)
+    }
+
+    fn make(&self) -> anyhow::Result<()> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        std::fs::create_dir_all(&self.dir)?;
+        let ca_key = KeyPair::generate()?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, "capstan dev CA");
+        let ca = ca_params.self_signed(&ca_key)?;
+        for (name, common_name, hosts) in [
+            (DevTls::SERVER, "capstan-dev-plane", vec!["127.0.0.1".to_string(), "localhost".to_string()]),
+            (DevTls::CLIENT, capstan_store::ROOT, Vec::new()),
+        ] {
+            let key = KeyPair::generate()?;
+            let mut params = CertificateParams::new(hosts)?;
+            params.distinguished_name.push(DnType::CommonName, common_name);
+            let cert = params.signed_by(&key, &ca, &ca_key)?;
+            std::fs::write(self.cert(name), cert.pem())?;
+            write_private(Path::new(&self.key(name)), key.serialize_pem().as_bytes())?;
+        }
+        // The CA last: its presence says the set is complete.
+        std::fs::write(self.file(DevTls::CA), ca.pem())?;
+        Ok(())
+    }
+
+    /// The flags etcdctl, ctl and agents take.
+    fn client_flags(&self) -> Vec<String> {
+        let (ca, cert, key) = (self.file(DevTls::CA), self.cert(DevTls::CLIENT), self.key(DevTls::CLIENT));
+        vec!["--cacert".into(), ca, "--cert".into(), cert, "--key".into(), key]
+    }
+
+    /// A plane's flags: the same certificate on both listeners, clients and peers
+    /// checked against the CA.
+    fn plane_flags(&self) -> Vec<String> {
+        let (ca, cert, key) = (self.file(DevTls::CA), self.cert(DevTls::SERVER), self.key(DevTls::SERVER));
+        let mut flags = Vec::new();
+        for prefix in ["", "peer-"] {
+            flags.extend([format!("--{prefix}cert-file"), cert.clone(), format!("--{prefix}key-file"), key.clone()]);
+            flags.extend([format!("--{prefix}trusted-ca-file"), ca.clone(), format!("--{prefix}client-cert-auth")]);
+        }
+        flags
+    }
+}
+
+/// Writes a file only its owner may read.
+fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    file.write_all(contents)
 }
 
 /// The longest a crashed plane waits before it is started again.
@@ -55,14 +145,28 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         .enumerate()
         .map(|(index, &port)| DevPlane { name: format!("dev-{}", index + 1), client_port: port, peer_port: port + 1 })
         .collect();
+    let tls_dir = args.data_dir.join("tls");
+    let made_before = args.data_dir.join(&planes[0].name).exists();
+    if made_before && tls_dir.exists() != args.tls {
+        let (was, is) = if args.tls { ("without", "with") } else { ("with", "without") };
+        anyhow::bail!(
+            "{} holds a cluster made {was} --tls, which cannot be started {is} it; use another --data-dir",
+            args.data_dir.display()
+        );
+    }
+    let scheme = if args.tls { "https" } else { "http" };
     let initial_cluster = planes
         .iter()
-        .map(|plane| format!("{}=http://127.0.0.1:{}", plane.name, plane.peer_port))
+        .map(|plane| format!("{}={scheme}://127.0.0.1:{}", plane.name, plane.peer_port))
         .collect::<Vec<_>>()
         .join(",");
     let endpoints = planes.iter().map(|plane| format!("127.0.0.1:{}", plane.client_port)).collect::<Vec<_>>().join(",");
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let exe = std::env::current_exe().context("cannot find the capstan binary")?;
+    let tls = args.tls.then(|| DevTls::ensure(tls_dir)).transpose()?;
+    let client_flags = tls.as_ref().map(DevTls::client_flags).unwrap_or_default();
+    let plane_flags = tls.as_ref().map(DevTls::plane_flags).unwrap_or_default();
+    let shown_flags: String = client_flags.iter().map(|flag| format!(" {flag}")).collect();
 
     println!(
         "capstan dev: {} planes and {DEV_AGENTS} node agents on 127.0.0.1, data in {}",
@@ -78,13 +182,16 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             plane.client_port + 2
         );
     }
+    if let Some(tls) = &tls {
+        println!("Mutual TLS: certificates in {} (the client's CN is root)", tls.dir.display());
+    }
     println!("Try:");
-    println!("  etcdctl --endpoints={endpoints} put hello world");
-    println!("  etcdctl --endpoints={endpoints} endpoint status -w table");
-    println!("  capstan ctl --endpoints={endpoints} get hello");
-    println!("  capstan ctl --endpoints={endpoints} apply -f examples/");
-    println!("  capstan ctl --endpoints={endpoints} get pods -o wide");
-    println!("  capstan ctl --endpoints={endpoints} logs hello");
+    println!("  etcdctl --endpoints={endpoints}{shown_flags} put hello world");
+    println!("  etcdctl --endpoints={endpoints}{shown_flags} endpoint status -w table");
+    println!("  capstan ctl --endpoints={endpoints}{shown_flags} get hello");
+    println!("  capstan ctl --endpoints={endpoints}{shown_flags} apply -f examples/");
+    println!("  capstan ctl --endpoints={endpoints}{shown_flags} get pods -o wide");
+    println!("  capstan ctl --endpoints={endpoints}{shown_flags} logs hello");
     println!("Ctrl-C stops the cluster.");
 
     // Agents stop first, while the planes can still take their pods' last status.
@@ -103,6 +210,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .args(["--listen-peer", &format!("127.0.0.1:{}", plane.peer_port)])
             .args(["--listen-metrics-urls", &format!("http://127.0.0.1:{}", plane.client_port + 2)])
             .args(["--initial-cluster", &initial_cluster])
+            .args(&plane_flags)
             // Every plane runs a scheduler candidate; dev's node timings are short so a
             // lost node's pods are visibly replaced within a minute.
             .arg("--scheduler")
@@ -121,6 +229,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .arg("agent")
             .args(["--name", &name])
             .args(["--endpoints", &endpoints])
+            .args(&client_flags)
             .arg("--data-dir")
             .arg(args.data_dir.join(&name))
             .args(["--listen-logs", &format!("127.0.0.1:{}", DEV_AGENT_LOG_PORT + index)])
@@ -132,14 +241,22 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         agents_supervised.push(tokio::spawn(supervise(name, command, stop_agents.subscribe())));
     }
     crate::shutdown_signal().await;
-    println!("capstan dev: stopping");
+    // Logged, not printed: whoever read stdout may be gone, and a failed print must not
+    // leave the cluster running.
+    tracing::info!("stopping the local cluster");
+    // Every process is stopped, whatever happens to one of them; the first failure is
+    // reported after.
+    let mut failure = None;
     for (stop, supervised) in [(stop_agents, agents_supervised), (stop_planes, planes_supervised)] {
         let _ = stop.send(true);
         for supervisor in supervised {
-            supervisor.await.context("a supervisor panicked")??;
+            let outcome = supervisor.await.context("a supervisor panicked").and_then(|stopped| stopped);
+            if let Err(error) = outcome {
+                failure.get_or_insert(error);
+            }
         }
     }
-    Ok(())
+    failure.map_or(Ok(()), Err)
 }
 
 /// Keeps one process (a plane or an agent) running until `stop` turns true, then stops it.

@@ -5,11 +5,12 @@
 //! plane. With `--tls`, clients and peers speak mutual TLS with certificates from a
 //! throw-away CA made in `<data-dir>/tls`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context;
+use capstan_client::pki::ThrowawayPki;
 use clap::Args;
 use tokio::process::{Child, Command};
 
@@ -26,90 +27,6 @@ pub struct DevArgs {
     /// made (once) in `<data-dir>/tls`; prints the etcdctl flags to use.
     #[arg(long)]
     pub tls: bool,
-}
-
-/// The certificates of `capstan dev --tls`: a CA (whose key is thrown away once it has
-/// signed), one certificate for every plane (client and peer listeners, and the plane as
-/// a client of its peers and of itself), and a client certificate whose CN is `root`.
-struct DevTls {
-    dir: PathBuf,
-}
-
-impl DevTls {
-    const CA: &str = "ca.pem";
-    const SERVER: &str = "server";
-    const CLIENT: &str = "client";
-
-    fn file(&self, name: &str) -> String {
-        self.dir.join(name).display().to_string()
-    }
-
-    fn cert(&self, name: &str) -> String {
-        self.file(&format!("{name}.pem"))
-    }
-
-    fn key(&self, name: &str) -> String {
-        self.file(&format!("{name}-key.pem"))
-    }
-
-    /// The certificates in `dir`, made now if they are not there yet.
-    fn ensure(dir: PathBuf) -> anyhow::Result<DevTls> {
-        let tls = DevTls { dir };
-        if !tls.dir.join(DevTls::CA).exists() {
-            tls.make().with_context(|| format!("cannot make the TLS certificates in {}", tls.dir.display()))?;
-        }
-        Ok(tls)
-    }
-
-    fn make(&self) -> anyhow::Result<()> {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-        std::fs::create_dir_all(&self.dir)?;
-        let ca_key = KeyPair::generate()?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(DnType::CommonName, "capstan dev CA");
-        let ca = ca_params.self_signed(&ca_key)?;
-        for (name, common_name, hosts) in [
-            (DevTls::SERVER, "capstan-dev-plane", vec!["127.0.0.1".to_string(), "localhost".to_string()]),
-            (DevTls::CLIENT, capstan_store::ROOT, Vec::new()),
-        ] {
-            let key = KeyPair::generate()?;
-            let mut params = CertificateParams::new(hosts)?;
-            params.distinguished_name.push(DnType::CommonName, common_name);
-            let cert = params.signed_by(&key, &ca, &ca_key)?;
-            std::fs::write(self.cert(name), cert.pem())?;
-            write_private(Path::new(&self.key(name)), key.serialize_pem().as_bytes())?;
-        }
-        // The CA last: its presence says the set is complete.
-        std::fs::write(self.file(DevTls::CA), ca.pem())?;
-        Ok(())
-    }
-
-    /// The flags etcdctl, ctl and agents take.
-    fn client_flags(&self) -> Vec<String> {
-        let (ca, cert, key) = (self.file(DevTls::CA), self.cert(DevTls::CLIENT), self.key(DevTls::CLIENT));
-        vec!["--cacert".into(), ca, "--cert".into(), cert, "--key".into(), key]
-    }
-
-    /// A plane's flags: the same certificate on both listeners, clients and peers
-    /// checked against the CA.
-    fn plane_flags(&self) -> Vec<String> {
-        let (ca, cert, key) = (self.file(DevTls::CA), self.cert(DevTls::SERVER), self.key(DevTls::SERVER));
-        let mut flags = Vec::new();
-        for prefix in ["", "peer-"] {
-            flags.extend([format!("--{prefix}cert-file"), cert.clone(), format!("--{prefix}key-file"), key.clone()]);
-            flags.extend([format!("--{prefix}trusted-ca-file"), ca.clone(), format!("--{prefix}client-cert-auth")]);
-        }
-        flags
-    }
-}
-
-/// Writes a file only its owner may read.
-fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
-    file.write_all(contents)
 }
 
 /// The longest a crashed plane waits before it is started again.
@@ -163,9 +80,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let endpoints = planes.iter().map(|plane| format!("127.0.0.1:{}", plane.client_port)).collect::<Vec<_>>().join(",");
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let exe = std::env::current_exe().context("cannot find the capstan binary")?;
-    let tls = args.tls.then(|| DevTls::ensure(tls_dir)).transpose()?;
-    let client_flags = tls.as_ref().map(DevTls::client_flags).unwrap_or_default();
-    let plane_flags = tls.as_ref().map(DevTls::plane_flags).unwrap_or_default();
+    let hosts = ["127.0.0.1".to_string(), "localhost".to_string()];
+    let tls = args.tls.then(|| ThrowawayPki::ensure(&tls_dir, &hosts)).transpose().map_err(anyhow::Error::msg)?;
+    let client_flags = tls.as_ref().map(ThrowawayPki::client_flags).unwrap_or_default();
+    let plane_flags = tls.as_ref().map(ThrowawayPki::plane_flags).unwrap_or_default();
     let shown_flags: String = client_flags.iter().map(|flag| format!(" {flag}")).collect();
 
     println!(

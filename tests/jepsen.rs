@@ -23,6 +23,7 @@ fn config(
     workloads: &[Workload],
     turns: &[&str],
     plane_args: &[&str],
+    tls: bool,
 ) -> RunConfig {
     RunConfig {
         capstan: env!("CARGO_BIN_EXE_capstan").into(),
@@ -37,13 +38,22 @@ fn config(
         rate: 0,
         seed: 42,
         plane_args: plane_args.iter().map(|arg| arg.to_string()).collect(),
+        tls,
     }
 }
 
-async fn chaos(nodes: usize, seconds: u64, workloads: &[Workload], turns: &[&str], plane_args: &[&str]) -> Report {
+async fn chaos(
+    nodes: usize,
+    seconds: u64,
+    workloads: &[Workload],
+    turns: &[&str],
+    plane_args: &[&str],
+    tls: bool,
+) -> Report {
     let _turn = ONE_RUN_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let report = run(config(dir.path(), nodes, seconds, workloads, turns, plane_args)).await.expect("the run");
+    let report = run(config(dir.path(), nodes, seconds, workloads, turns, plane_args, tls)).await.expect("the run");
+    assert_eq!(dir.path().join("tls/ca.pem").exists(), tls, "certificates made exactly for a TLS run");
     eprintln!("{}", report.summary());
     for file in ["history.jsonl", "report.json", "timeline.html", "latency.svg", "throughput.svg"] {
         assert!(dir.path().join(file).exists(), "no {file}");
@@ -80,14 +90,15 @@ fn assert_correct(report: &Report, faults: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_planes_stay_correct_under_kills_partitions_pauses_and_membership_changes() {
     let turns = ["kill", "partition", "kill-leader", "partition-leader", "pause", "membership"];
-    let report = chaos(3, 60, &ALL, &turns, &[]).await;
+    let report = chaos(3, 60, &ALL, &turns, &[], false).await;
     assert_correct(&report, &["kill [n", "partition [", "kill leader", "isolate leader", "pause n", "remove member"]);
 }
 
+/// Over mutual TLS (`--tls`: clients and peers), which must change nothing of the outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn five_planes_stay_correct_under_bridges_rings_and_bad_links() {
+async fn five_planes_over_mutual_tls_stay_correct_under_bridges_rings_and_bad_links() {
     let turns = ["bridge", "ring", "kill-minority", "slow+partition", "lossy", "pause-leader"];
-    let report = chaos(5, 36, &ALL, &turns, &[]).await;
+    let report = chaos(5, 36, &ALL, &turns, &[], true).await;
     assert_correct(&report, &["bridge n", "ring n", "slow links", "lossy links", "pause leader"]);
 }
 
@@ -95,7 +106,7 @@ async fn five_planes_stay_correct_under_bridges_rings_and_bad_links() {
 /// from their own state serve stale values from the minority side of a partition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planes_serving_stale_reads_are_caught_under_partitions() {
-    let report = chaos(3, 20, &[Workload::Register], &["partition"], &["--unsafe-stale-reads"]).await;
+    let report = chaos(3, 20, &[Workload::Register], &["partition"], &["--unsafe-stale-reads"], false).await;
     let register = report.check("register").expect("a register verdict");
     assert!(!register.valid, "stale reads went unnoticed: {}", register.summary);
 }
@@ -129,7 +140,7 @@ async fn an_interrupted_run_leaves_no_plane_or_namespace_behind() {
     let _turn = ONE_RUN_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let before = namespaces();
-    let run = run(config(dir.path(), 3, 30, &[Workload::Register], &["partition"], &[]));
+    let run = run(config(dir.path(), 3, 30, &[Workload::Register], &["partition"], &[], false));
     // Interrupted once its three planes run (nothing announces it but /proc).
     let mut run = Box::pin(run);
     let planes_up = async {

@@ -116,6 +116,17 @@ fn mutual_tls_serves_the_clusters_clients_and_refuses_the_rest() {
     let (ok, out, err) = ctl(&endpoint, &[&tls[..], &["get", "nodes"]].concat(), "");
     assert!(ok && out.contains("tls-node"), "{out}{err}");
 
+    // So does `capstan bench`.
+    let bench = std::process::Command::new(env!("CARGO_BIN_EXE_capstan"))
+        .args(["bench", "--endpoints", &endpoint, "--json", "--duration-secs", "1", "--warmup-secs", "0"])
+        .args(tls)
+        .arg("put")
+        .output()
+        .unwrap();
+    assert!(bench.status.success(), "bench over TLS: {}", String::from_utf8_lossy(&bench.stderr));
+    let result: serde_json::Value = serde_json::from_slice(&bench.stdout).unwrap();
+    assert!(result["requests"].as_u64().unwrap() > 0 && result["errors"] == 0, "{result}");
+
     // No client certificate, another CA's, or no TLS at all: refused.
     let (ok, out) = etcdctl(&["--endpoints", &endpoint, "--cacert", path(&ca_file), "get", "secure"]);
     assert!(!ok, "served without a client certificate: {out}");

@@ -9,6 +9,8 @@
 //! Invariant: it reaches the planes only through `etcd-client`, as any user program
 //! would; it never depends on capstan-store or capstan-raft.
 
+pub mod pki;
+
 use std::time::Duration;
 
 use capstan_proto::objects::{decode_stored, new_uid, timestamp, DecodeError, Kind, Object};
@@ -97,19 +99,31 @@ pub async fn connect(endpoints: &[String], timeout: Duration) -> Result<Client> 
 /// [`connect`] with `credentials`: over TLS when they have TLS files (endpoints without a
 /// scheme get `https://`), as their user when they name one.
 pub async fn connect_with(endpoints: &[String], timeout: Duration, credentials: &Credentials) -> Result<Client> {
-    let tls_options = credentials.tls_options().map_err(|error| ClientError::Tls(error.to_string()))?;
-    let endpoints: Vec<String> = endpoints.iter().map(|e| with_scheme(e, tls_options.is_some())).collect();
-    let mut options = ConnectOptions::new()
-        .with_connect_timeout(timeout)
-        .with_timeout(timeout)
-        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
-    if let Some(tls_options) = tls_options {
-        options = options.with_tls(tls_options);
+    let options = credentials.connect_options(timeout)?;
+    Ok(Client::connect(credentials.urls(endpoints), Some(options)).await?)
+}
+
+impl Credentials {
+    /// etcd-client's options for these credentials, with `timeout` to connect and for each
+    /// request.
+    pub fn connect_options(&self, timeout: Duration) -> Result<ConnectOptions> {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(timeout)
+            .with_timeout(timeout)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        if let Some(tls_options) = self.tls_options().map_err(|error| ClientError::Tls(error.to_string()))? {
+            options = options.with_tls(tls_options);
+        }
+        if let Some((user, password)) = &self.user {
+            options = options.with_user(user, password);
+        }
+        Ok(options)
     }
-    if let Some((user, password)) = &credentials.user {
-        options = options.with_user(user, password);
+
+    /// `endpoints` as the URLs to dial: `https://` when these credentials use TLS.
+    pub fn urls(&self, endpoints: &[String]) -> Vec<String> {
+        endpoints.iter().map(|endpoint| with_scheme(endpoint, self.tls())).collect()
     }
-    Ok(Client::connect(&endpoints, Some(options)).await?)
 }
 
 /// One lease keep-alive round trip, bounded by `timeout`: the TTL the lease has left

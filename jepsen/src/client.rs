@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use etcd_client::{Client, ConnectOptions};
+use capstan_client::Credentials;
+use etcd_client::Client;
 
 use crate::history::{Clock, Op, Outcome, Process, Record};
 
@@ -41,10 +42,33 @@ impl Run {
     }
 }
 
+/// Where the planes are, and how to reach them (over TLS, with `--tls`).
+#[derive(Clone, Debug, Default)]
+pub struct Endpoints {
+    pub urls: Vec<String>,
+    pub credentials: Credentials,
+}
+
+impl Endpoints {
+    /// The endpoint of one plane.
+    pub fn one(&self, index: usize) -> Endpoints {
+        Endpoints { urls: vec![self.urls[index].clone()], credentials: self.credentials.clone() }
+    }
+
+    /// A client on these endpoints whose requests give up after `timeout`.
+    pub async fn connect(&self, timeout: Duration) -> Result<Client, etcd_client::Error> {
+        let options = self
+            .credentials
+            .connect_options(timeout)
+            .map_err(|error| etcd_client::Error::InvalidArgs(format!("unusable client credentials: {error}")))?;
+        Client::connect(&self.urls, Some(options)).await
+    }
+}
+
 /// One client's connection to its plane, and the records of what it did.
 pub struct Session {
     pub process: usize,
-    endpoint: String,
+    endpoint: Endpoints,
     client: Option<Client>,
     /// A request failed: pause before the next connection.
     backoff: bool,
@@ -53,7 +77,7 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(process: usize, endpoint: String, run: Run) -> Session {
+    pub fn new(process: usize, endpoint: Endpoints, run: Run) -> Session {
         Session { process, endpoint, client: None, backoff: false, history: Vec::new(), run }
     }
 
@@ -64,8 +88,7 @@ impl Session {
             tokio::time::sleep(ERROR_PAUSE).await;
         }
         if self.client.is_none() {
-            let options = ConnectOptions::new().with_connect_timeout(REQUEST_TIMEOUT).with_timeout(REQUEST_TIMEOUT);
-            match Client::connect([self.endpoint.as_str()], Some(options)).await {
+            match self.endpoint.connect(REQUEST_TIMEOUT).await {
                 Ok(client) => self.client = Some(client),
                 Err(_) => {
                     tokio::time::sleep(ERROR_PAUSE).await;
@@ -99,13 +122,12 @@ impl Session {
 
 /// A client on all the given endpoints for set-up and the reads after the heal, with a
 /// long timeout.
-pub async fn final_client(endpoints: &[String]) -> anyhow::Result<Client> {
-    let options = ConnectOptions::new().with_timeout(Duration::from_secs(10));
-    Client::connect(endpoints, Some(options)).await.context("cannot connect to the cluster")
+pub async fn final_client(endpoints: &Endpoints) -> anyhow::Result<Client> {
+    endpoints.connect(Duration::from_secs(10)).await.context("cannot connect to the cluster")
 }
 
 /// The revision after the store's current one: where histories read after the heal start.
-pub async fn next_revision(endpoints: &[String]) -> anyhow::Result<i64> {
+pub async fn next_revision(endpoints: &Endpoints) -> anyhow::Result<i64> {
     let mut client = final_client(endpoints).await?;
     let response = client.get("jepsen/start", None).await.context("cannot read the current revision")?;
     Ok(response.header().map_or(0, |header| header.revision()) + 1)

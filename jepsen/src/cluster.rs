@@ -7,7 +7,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::Context;
+use capstan_client::pki::ThrowawayPki;
 
+use crate::client::Endpoints;
 use crate::net::Network;
 
 const CLIENT_PORT: u16 = 2379;
@@ -18,6 +20,8 @@ pub struct Cluster {
     capstan: PathBuf,
     dir: PathBuf,
     plane_args: Vec<String>,
+    /// Mutual TLS for clients and peers (`--tls`), with certificates made for the run.
+    tls: Option<ThrowawayPki>,
     planes: Vec<Option<Child>>,
     /// Planes that were removed and added back: they start with `--initial-cluster-state
     /// existing` from then on.
@@ -32,14 +36,31 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
 const LEADER_WAIT: Duration = Duration::from_secs(5);
 
 impl Cluster {
-    /// Starts `nodes` planes, each in its own namespace of a fresh network.
-    pub fn start(capstan: &Path, dir: &Path, nodes: usize, plane_args: &[String]) -> anyhow::Result<Cluster> {
+    /// Starts `nodes` planes, each in its own namespace of a fresh network; with `tls`,
+    /// they speak mutual TLS to clients and to each other.
+    pub fn start(
+        capstan: &Path,
+        dir: &Path,
+        nodes: usize,
+        plane_args: &[String],
+        tls: bool,
+    ) -> anyhow::Result<Cluster> {
         let network = Network::create(nodes)?;
+        let tls = match tls {
+            true => {
+                let hosts: Vec<String> = (0..nodes).map(|node| network.address(node).to_string()).collect();
+                Some(ThrowawayPki::ensure(&dir.join("tls"), &hosts).map_err(anyhow::Error::msg)?)
+            }
+            false => None,
+        };
+        let mut plane_args = plane_args.to_vec();
+        plane_args.extend(tls.iter().flat_map(ThrowawayPki::plane_flags));
         let mut cluster = Cluster {
             network,
             capstan: capstan.to_path_buf(),
             dir: dir.to_path_buf(),
-            plane_args: plane_args.to_vec(),
+            plane_args,
+            tls,
             planes: Vec::new(),
             joined: vec![false; nodes],
             removed: vec![false; nodes],
@@ -51,13 +72,24 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// Client endpoints, as etcd clients take them.
-    pub fn endpoints(&self) -> Vec<String> {
-        (0..self.planes.len()).map(|node| self.endpoint(node)).collect()
+    /// Client endpoints, and the credentials to use them with.
+    pub fn endpoints(&self) -> Endpoints {
+        Endpoints {
+            urls: (0..self.planes.len()).map(|node| self.endpoint(node)).collect(),
+            credentials: self.tls.as_ref().map(ThrowawayPki::client_credentials).unwrap_or_default(),
+        }
     }
 
-    pub fn endpoint(&self, node: usize) -> String {
-        format!("http://{}:{CLIENT_PORT}", self.network.address(node))
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    fn endpoint(&self, node: usize) -> String {
+        format!("{}://{}:{CLIENT_PORT}", self.scheme(), self.network.address(node))
     }
 
     pub fn len(&self) -> usize {
@@ -69,7 +101,7 @@ impl Cluster {
     }
 
     fn peer_url(&self, node: usize) -> String {
-        format!("http://{}:{PEER_PORT}", self.network.address(node))
+        format!("{}://{}:{PEER_PORT}", self.scheme(), self.network.address(node))
     }
 
     fn spawn(&self, node: usize) -> anyhow::Result<Child> {
@@ -133,7 +165,7 @@ impl Cluster {
         loop {
             for node in self.running() {
                 let asked = async {
-                    let mut client = admin_client(&self.endpoint(node)).await?;
+                    let mut client = self.admin_client(node).await?;
                     let leader = client.status().await?.leader();
                     let members = client.member_list().await?;
                     let member = members.members().iter().find(|member| member.id() == leader);
@@ -158,7 +190,7 @@ impl Cluster {
     {
         let mut last_error = anyhow::anyhow!("no other plane runs");
         for other in self.running().into_iter().filter(|other| *other != node) {
-            let attempt = async { change(admin_client(&self.endpoint(other)).await?).await };
+            let attempt = async { change(self.admin_client(other).await?).await };
             match tokio::time::timeout(ADMIN_TIMEOUT * 5, attempt).await {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(error)) => last_error = error,
@@ -214,28 +246,27 @@ impl Cluster {
     /// Waits until every plane answers a linearizable read.
     pub async fn wait_until_serving(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
-        for endpoint in self.endpoints() {
+        for node in 0..self.planes.len() {
             loop {
                 let ready = async {
-                    let mut client = admin_client(&endpoint).await?;
+                    let mut client = self.admin_client(node).await?;
                     client.get("jepsen/ready", None).await
                 };
                 if ready.await.is_ok() {
                     break;
                 }
                 if tokio::time::Instant::now() > deadline {
-                    anyhow::bail!("{endpoint} did not serve within {timeout:?}");
+                    anyhow::bail!("{} did not serve within {timeout:?}", self.endpoint(node));
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
         Ok(())
     }
-}
 
-async fn admin_client(endpoint: &str) -> Result<etcd_client::Client, etcd_client::Error> {
-    let options = etcd_client::ConnectOptions::new().with_connect_timeout(ADMIN_TIMEOUT).with_timeout(ADMIN_TIMEOUT);
-    etcd_client::Client::connect([endpoint], Some(options)).await
+    async fn admin_client(&self, node: usize) -> Result<etcd_client::Client, etcd_client::Error> {
+        self.endpoints().one(node).connect(ADMIN_TIMEOUT).await
+    }
 }
 
 impl Drop for Cluster {

@@ -60,6 +60,10 @@ enum Command {
         /// Extra flags for every plane, space-separated.
         #[arg(long, allow_hyphen_values = true, value_delimiter = ' ')]
         plane_args: Vec<String>,
+        /// Mutual TLS between the planes and for every client (client and peer
+        /// certificates are made for the run, under DIR/tls).
+        #[arg(long)]
+        tls: bool,
     },
     /// Check the history a run left in DIR again.
     Analyze { dir: PathBuf },
@@ -105,6 +109,7 @@ fn run_cli(cli: Cli) -> anyhow::Result<(Report, Option<PathBuf>)> {
             capstan,
             dir,
             plane_args,
+            tls,
         } => {
             if !matches!(nodes, 3 | 5) {
                 bail!("--nodes must be 3 or 5, not {nodes}");
@@ -126,6 +131,7 @@ fn run_cli(cli: Cli) -> anyhow::Result<(Report, Option<PathBuf>)> {
                 rate,
                 seed: seed.unwrap_or_else(|| fastrand::u64(..)),
                 plane_args,
+                tls,
             }
         }
     };

@@ -58,6 +58,9 @@ pub struct RunConfig {
     /// Extra flags for every plane (`--unsafe-stale-reads` proves the checker). The
     /// scheduler workload adds its own.
     pub plane_args: Vec<String>,
+    /// Mutual TLS between the planes and for every client, with certificates made for
+    /// the run in `<dir>/tls`.
+    pub tls: bool,
 }
 
 #[derive(Debug)]
@@ -147,7 +150,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Report> {
     if has(Workload::Scheduler) {
         plane_args.extend(scheduler::PLANE_ARGS.iter().map(|arg| arg.to_string()));
     }
-    let mut cluster = Cluster::start(&config.capstan, &config.dir, config.nodes, &plane_args)?;
+    let mut cluster = Cluster::start(&config.capstan, &config.dir, config.nodes, &plane_args, config.tls)?;
     cluster.wait_until_serving(Duration::from_secs(60)).await?;
     let endpoints = cluster.endpoints();
     if has(Workload::Bank) {
@@ -170,7 +173,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Report> {
     let scheduler_clients =
         dealt.iter().cycle().take(config.concurrency).filter(|workload| **workload == Workload::Scheduler).count();
     for (process, workload) in dealt.iter().cycle().take(config.concurrency).enumerate() {
-        let session = Session::new(process, cluster.endpoint(process % cluster.len()), shared);
+        let session = Session::new(process, endpoints.one(process % cluster.len()), shared);
         let rng = fastrand::Rng::with_seed(config.seed.wrapping_add(process as u64 + 1));
         match workload {
             Workload::Register => clients.spawn(register::client(session, config.keys, rng)),
@@ -184,7 +187,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Report> {
     let mut next_process = config.concurrency;
     if has(Workload::Watch) {
         for plane in 0..cluster.len() {
-            let session = Session::new(next_process, cluster.endpoint(plane), shared);
+            let session = Session::new(next_process, endpoints.one(plane), shared);
             clients.spawn(watch::watcher(session, plane, start_revision));
             next_process += 1;
         }

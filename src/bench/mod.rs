@@ -12,13 +12,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Comma-separated gRPC endpoints (host:port or http://host:port).
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:2379")]
     pub endpoints: Vec<String>,
+    #[command(flatten)]
+    pub credentials: crate::cli::CredentialArgs,
     /// gRPC connections, spread over the endpoints.
     #[arg(long, default_value_t = 1)]
     pub clients: usize,
@@ -95,15 +97,15 @@ struct Tally {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let endpoints: Vec<String> =
-        args.endpoints.iter().map(|endpoint| capstan_client::with_scheme(endpoint, false)).collect();
+    let credentials = args.credentials.credentials();
+    let endpoints = credentials.urls(&args.endpoints);
     match args.workload {
         Workload::Failover => return failover(&args, &endpoints).await,
         Workload::Schedule { nodes, pods } => return schedule::run(&args, &endpoints, nodes, pods).await,
         Workload::PodStart { pods } => return schedule::pod_start(&args, &endpoints, pods).await,
         _ => {}
     }
-    let options = ConnectOptions::new().with_connect_timeout(REQUEST_TIMEOUT).with_timeout(REQUEST_TIMEOUT);
+    let options = credentials.connect_options(REQUEST_TIMEOUT)?;
     let mut connections = Vec::new();
     for index in 0..args.clients.max(1) {
         let endpoint = &endpoints[index % endpoints.len()];
@@ -249,8 +251,7 @@ fn report(args: &BenchArgs, tally: &mut Tally) {
 /// Sequential puts for the duration; the longest time between two acknowledged puts is
 /// the write-unavailability gap a leader failure caused.
 async fn failover(args: &BenchArgs, endpoints: &[String]) -> anyhow::Result<()> {
-    let options =
-        ConnectOptions::new().with_connect_timeout(FAILOVER_REQUEST_TIMEOUT).with_timeout(FAILOVER_REQUEST_TIMEOUT);
+    let options = args.credentials.credentials().connect_options(FAILOVER_REQUEST_TIMEOUT)?;
     let mut client = Client::connect(endpoints, Some(options)).await.context("cannot connect")?;
     let value = "v".repeat(args.value_size);
     let end = Instant::now() + Duration::from_secs(args.duration_secs);

@@ -27,7 +27,10 @@ const CREATES_PER_TXN: usize = 128;
 const BIND_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub async fn run(args: &BenchArgs, endpoints: &[String], nodes: usize, pods: usize) -> anyhow::Result<()> {
-    let client = capstan_client::connect(endpoints, Duration::from_secs(30)).await.context("cannot connect")?;
+    let credentials = args.credentials.credentials();
+    let client = capstan_client::connect_with(endpoints, Duration::from_secs(30), &credentials)
+        .await
+        .context("cannot connect")?;
     let objects = Objects::new(client.clone());
     clean(&objects).await?;
     let started = Instant::now();
@@ -90,7 +93,10 @@ pub async fn run(args: &BenchArgs, endpoints: &[String], nodes: usize, pods: usi
 const START_NAMESPACE: &str = "bench-pod-start";
 
 pub async fn pod_start(args: &BenchArgs, endpoints: &[String], pods: usize) -> anyhow::Result<()> {
-    let client = capstan_client::connect(endpoints, Duration::from_secs(30)).await.context("cannot connect")?;
+    let credentials = args.credentials.credentials();
+    let client = capstan_client::connect_with(endpoints, Duration::from_secs(30), &credentials)
+        .await
+        .context("cannot connect")?;
     let objects = Objects::new(client.clone());
     let prefix = Kind::Pod.namespace_prefix(START_NAMESPACE);
     client.kv_client().delete(prefix.clone(), Some(DeleteOptions::new().with_prefix())).await?;

@@ -7,7 +7,7 @@
 use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
 
 use crate::check::Check;
-use crate::client::{final_client, Session};
+use crate::client::{final_client, Endpoints, Session};
 use crate::history::{Op, Outcome, Record};
 
 const PREFIX: &str = "jepsen/bank/";
@@ -20,7 +20,7 @@ fn account_key(account: usize) -> String {
 }
 
 /// Opens the accounts, before any client starts.
-pub async fn open_accounts(endpoints: &[String]) -> anyhow::Result<()> {
+pub async fn open_accounts(endpoints: &Endpoints) -> anyhow::Result<()> {
     let mut client = final_client(endpoints).await?;
     let puts: Vec<TxnOp> =
         (0..ACCOUNTS).map(|account| TxnOp::put(account_key(account), INITIAL_BALANCE.to_string(), None)).collect();

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 
 use crate::check::Check;
-use crate::client::{final_client, history, Session};
+use crate::client::{final_client, history, Endpoints, Session};
 use crate::history::{Clock, FencedVersion, Op, Outcome, Process, Record};
 
 const HOLDER: &str = "jepsen/lock/holder";
@@ -90,7 +90,7 @@ pub async fn client(mut session: Session, mut rng: fastrand::Rng) -> Vec<Record>
 }
 
 /// Reads every version of the resource after the heal, from its history.
-pub async fn final_read(endpoints: &[String], from: i64, process: usize, clock: Clock) -> anyhow::Result<Record> {
+pub async fn final_read(endpoints: &Endpoints, from: i64, process: usize, clock: Clock) -> anyhow::Result<Record> {
     let mut client = final_client(endpoints).await?;
     let call = clock.now();
     let mut versions = Vec::new();

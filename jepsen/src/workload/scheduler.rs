@@ -16,7 +16,7 @@ use capstan_proto::objects::{decode_stored, Kind, Node, Object, Pod, NODE_LEASE_
 use etcd_client::{EventType, PutOptions, Txn, TxnOp};
 
 use crate::check::Check;
-use crate::client::{final_client, history, Session};
+use crate::client::{final_client, history, Endpoints, Session};
 use crate::history::{Clock, Op, Outcome, PodEvent, Process, Record};
 
 const NAMESPACE: &str = "jepsen";
@@ -40,7 +40,7 @@ fn pod(name: &str, cpu_milli: i64) -> Object {
 }
 
 /// Registers the nodes and their lease keys (on a lease that outlives the run).
-pub async fn register_nodes(endpoints: &[String]) -> anyhow::Result<()> {
+pub async fn register_nodes(endpoints: &Endpoints) -> anyhow::Result<()> {
     let mut client = final_client(endpoints).await?;
     let lease = client.lease_grant(3600, None).await.context("cannot grant the node leases' lease")?.id();
     for index in 0..NODES {
@@ -116,7 +116,7 @@ fn pod_event(kv: &etcd_client::KeyValue, deleted: bool) -> Option<PodEvent> {
 
 /// After the heal: waits (bounded) until every pod is bound, then replays every pod
 /// event of the run.
-pub async fn final_read(endpoints: &[String], from: i64, process: usize, clock: Clock) -> anyhow::Result<Record> {
+pub async fn final_read(endpoints: &Endpoints, from: i64, process: usize, clock: Clock) -> anyhow::Result<Record> {
     let mut client = final_client(endpoints).await?;
     let call = clock.now();
     let prefix = Kind::Pod.namespace_prefix(NAMESPACE);

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use anyhow::Context;
 
 use crate::check::Check;
-use crate::client::{final_client, Session};
+use crate::client::{final_client, Endpoints, Session};
 use crate::history::{Op, Outcome, Process, Record};
 
 const PREFIX: &str = "jepsen/set/";
@@ -31,7 +31,7 @@ pub async fn client(mut session: Session) -> Vec<Record> {
 }
 
 /// The set as the cluster holds it after the heal: a linearizable read of every element.
-pub async fn final_read(endpoints: &[String], process: usize, clock: crate::history::Clock) -> anyhow::Result<Record> {
+pub async fn final_read(endpoints: &Endpoints, process: usize, clock: crate::history::Clock) -> anyhow::Result<Record> {
     let mut client = final_client(endpoints).await?;
     let call = clock.now();
     let response = client

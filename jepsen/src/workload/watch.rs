@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use etcd_client::{EventType, WatchOptions};
 
 use crate::check::Check;
-use crate::client::{final_client, history, Session};
+use crate::client::{final_client, history, Endpoints, Session};
 use crate::history::{Clock, Op, Outcome, Process, Record, WatchEvent};
 
 pub const PREFIX: &str = "jepsen/";
@@ -69,7 +69,7 @@ pub async fn watcher(mut session: Session, plane: usize, mut from: i64) -> Vec<R
 }
 
 /// Reads every event from `from` up to the store's current revision, after the heal.
-pub async fn final_read(endpoints: &[String], from: i64, process: usize, clock: Clock) -> anyhow::Result<Record> {
+pub async fn final_read(endpoints: &Endpoints, from: i64, process: usize, clock: Clock) -> anyhow::Result<Record> {
     let mut client = final_client(endpoints).await?;
     let call = clock.now();
     let events = history(&mut client, PREFIX, from).await?;

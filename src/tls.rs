@@ -2,10 +2,27 @@
 //! `--key-file`, `--trusted-ca-file`, `--client-cert-auth`, and their `--peer-` forms),
 //! over rustls: no OpenSSL.
 
+//!
+//! The listeners do their own TLS handshakes ([`incoming`]) rather than leave them to
+//! tonic, so that every refused handshake (no certificate, another CA's, a malformed one,
+//! plain text) is an audit line naming the peer and the reason.
+
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::rustls;
+use tokio_rustls::server::TlsStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+
+/// How long a client may take over its handshake before it is dropped.
+const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// Connections that finished their handshake and wait for the server to take them.
+const HANDSHAKEN_QUEUE_MAX: usize = 64;
+/// The pause after a failed accept (out of file descriptors, say) before the next.
+const ACCEPT_RETRY_MS: u64 = 100;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerTls {
@@ -51,13 +68,41 @@ impl ServerTls {
         }
     }
 
-    /// The rustls configuration tonic serves with; a file that cannot be read is named.
-    pub fn server_config(&self) -> anyhow::Result<ServerTlsConfig> {
-        let mut config = ServerTlsConfig::new().identity(Identity::from_pem(read(&self.cert)?, read(&self.key)?));
-        if let (true, Some(ca)) = (self.client_cert_auth, &self.trusted_ca) {
-            config = config.client_ca_root(Certificate::from_pem(read(ca)?));
-        }
-        Ok(config)
+    /// The rustls configuration a listener serves with: this certificate, HTTP/2 by ALPN,
+    /// and with --client-cert-auth only clients whose certificate the CA signed. A file
+    /// that cannot be read or parsed is named.
+    pub fn server_config(&self) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certificates = |path: &std::path::Path| -> anyhow::Result<Vec<CertificateDer<'static>>> {
+            let parsed = CertificateDer::pem_slice_iter(&read(path)?).collect::<Result<Vec<_>, _>>();
+            let parsed =
+                parsed.map_err(|error| anyhow::anyhow!("{}: not a PEM certificate: {error}", path.display()))?;
+            if parsed.is_empty() {
+                anyhow::bail!("{} holds no certificate", path.display());
+            }
+            Ok(parsed)
+        };
+        let chain = certificates(&self.cert)?;
+        let key = PrivateKeyDer::from_pem_slice(&read(&self.key)?)
+            .map_err(|error| anyhow::anyhow!("{}: not a PEM private key: {error}", self.key.display()))?;
+        let builder = rustls::ServerConfig::builder();
+        let builder = match (self.client_cert_auth, &self.trusted_ca) {
+            (true, Some(ca)) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for certificate in certificates(ca)? {
+                    roots.add(certificate).with_context(|| format!("{} is not a usable CA", ca.display()))?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder(roots.into())
+                    .build()
+                    .with_context(|| format!("{} is not a usable CA", ca.display()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_single_cert(chain, key).context("the TLS certificate or key is not usable")?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
     }
 
     /// The plane as a client of its peers: it trusts the CA (or, without one, its own
@@ -80,4 +125,52 @@ impl ServerTls {
             user: None,
         }
     }
+}
+
+/// The connections `listener` accepts, once their TLS handshake succeeds. Each handshake
+/// runs on its own, bounded in time, so a slow client holds up no other; a refused one is
+/// logged on the `audit` target with the peer's address and rustls' reason. Accepting
+/// stops, and the port is released, when the server drops the stream.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    listener_name: &'static str,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
+    let (handshaken, incoming) = tokio::sync::mpsc::channel(HANDSHAKEN_QUEUE_MAX);
+    tokio::spawn(async move {
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = handshaken.closed() => return,
+            };
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(listener = listener_name, %error, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(ACCEPT_RETRY_MS)).await;
+                    continue;
+                }
+            };
+            // Requests and answers are small and latency-bound (see plane::incoming).
+            let _ = stream.set_nodelay(true);
+            let (acceptor, handshaken) = (acceptor.clone(), handshaken.clone());
+            tokio::spawn(async move {
+                let handshake =
+                    tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), acceptor.accept(stream));
+                match handshake.await {
+                    Ok(Ok(tls)) => {
+                        let _ = handshaken.send(Ok(tls)).await;
+                    }
+                    Ok(Err(error)) => {
+                        tracing::warn!(target: "audit", listener = listener_name, %peer, reason = %error, "TLS handshake refused")
+                    }
+                    Err(_) => {
+                        tracing::warn!(target: "audit", listener = listener_name, %peer, "TLS handshake timed out")
+                    }
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(incoming)
 }

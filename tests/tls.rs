@@ -73,7 +73,7 @@ fn mutual_tls_serves_the_clusters_clients_and_refuses_the_rest() {
     let (foreign_cert, foreign_key) = other.sign("foreign", "root", &[]);
     let ca_file = ca.ca_file("cluster");
 
-    let plane = PlaneProcess::start(
+    let mut plane = PlaneProcess::start(
         &dir.path().join("plane"),
         &[
             "--cert-file",
@@ -135,6 +135,8 @@ fn mutual_tls_serves_the_clusters_clients_and_refuses_the_rest() {
     assert!(!ok, "served another CA's client: {out}");
     let (ok, out, err) = ctl(&endpoint, &["get", "secure"], "");
     assert!(!ok, "served plain HTTP/2: {out}{err}");
+    // Each refused handshake is an audit line with the reason.
+    plane.wait_for_logs(&["TLS handshake refused", "peer sent no certificates", "UnknownIssuer"]);
     // A client that does not trust the plane's CA refuses it.
     let other_ca = other.ca_file("other");
     let (ok, out, err) = ctl(&endpoint, &["--cacert", path(&other_ca), "get", "secure"], "");
@@ -164,7 +166,7 @@ fn unusable_tls_flags_are_refused_at_start() {
     std::fs::write(&garbage, "not a key").unwrap();
     for (args, expected) in [
         (vec!["--cert-file", path(&cert)], "--cert-file and --key-file go together"),
-        (vec!["--cert-file", path(&cert), "--key-file", path(&garbage)], "not usable"),
+        (vec!["--cert-file", path(&cert), "--key-file", path(&garbage)], "garbage.pem: not a PEM private key"),
         (
             vec!["--cert-file", path(&cert), "--key-file", path(&garbage), "--client-cert-auth"],
             "--client-cert-auth needs --trusted-ca-file",
@@ -288,4 +290,5 @@ async fn planes_speak_mutual_tls_to_each_other_and_refuse_other_peers() {
             );
         }
     }
+    planes[0].wait_for_logs(&["TLS handshake refused", "listener=\"peer\""]);
 }

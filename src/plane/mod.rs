@@ -471,11 +471,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let client_tls = config.client_tls.as_ref().map(crate::tls::ServerTls::server_config).transpose()?;
-    let mut peer_server = tonic::transport::Server::builder();
-    if let Some(peer_tls) = &config.peer_tls {
-        let tls = peer_tls.server_config()?;
-        peer_server = peer_server.tls_config(tls).context("the peer TLS certificate or key is not usable")?;
-    }
+    let peer_tls = config.peer_tls.as_ref().map(crate::tls::ServerTls::server_config).transpose()?;
     let listener = tokio::net::TcpListener::bind(config.listen_client)
         .await
         .with_context(|| format!("cannot listen for clients on {}", config.listen_client))?;
@@ -547,7 +543,7 @@ pub async fn run(
     }
     let peer_service = capstan_raft::PeerService::new(plane.raft.clone(), plane.cluster_id);
     let (stop_peers, peers_stopped) = tokio::sync::oneshot::channel::<()>();
-    let peer_server = peer_server
+    let peer_router = tonic::transport::Server::builder()
         .add_service(
             capstan_proto::raftpb::raft_peer_server::RaftPeerServer::new(peer_service)
                 .max_decoding_message_size(capstan_raft::network::PEER_MESSAGE_BYTES_MAX)
@@ -557,13 +553,18 @@ pub async fn run(
             capstan_proto::raftpb::plane_peer_server::PlanePeerServer::new(forward::PlanePeerService(plane.clone()))
                 .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(usize::MAX),
-        )
-        // Graceful, so that the connection tasks the server spawns end with it and drop
-        // their hold on the plane.
-        .serve_with_incoming_shutdown(incoming(peer_listener), async {
-            let _ = peers_stopped.await;
-        });
-    let mut peer_task = tokio::spawn(peer_server);
+        );
+    // Graceful, so that the connection tasks the server spawns end with it and drop their
+    // hold on the plane.
+    let peers_stopped = async {
+        let _ = peers_stopped.await;
+    };
+    let mut peer_task = match peer_tls {
+        Some(tls) => tokio::spawn(
+            peer_router.serve_with_incoming_shutdown(crate::tls::incoming(peer_listener, tls, "peer"), peers_stopped),
+        ),
+        None => tokio::spawn(peer_router.serve_with_incoming_shutdown(incoming(peer_listener), peers_stopped)),
+    };
     // Stopping ends long-lived streams and lets requests in flight finish, for at most a
     // grace period.
     let stop_requested = {
@@ -686,7 +687,7 @@ fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpI
 async fn serve(
     plane: Arc<Plane>,
     listener: tokio::net::TcpListener,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     use capstan_proto::etcdserverpb::{
@@ -698,11 +699,7 @@ async fn serve(
             $server.max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX).max_encoding_message_size(usize::MAX)
         };
     }
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        server = server.tls_config(tls).context("the TLS certificate or key is not usable")?;
-    }
-    server
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .layer(plane.metrics.grpc_layer())
         .add_service(limited!(KvServer::new(kv::KvService(plane.clone()))))
@@ -710,8 +707,10 @@ async fn serve(
         .add_service(limited!(LeaseServer::new(lease::LeaseService(plane.clone()))))
         .add_service(limited!(ClusterServer::new(membership::ClusterService(plane.clone()))))
         .add_service(limited!(MaintenanceServer::new(maintenance::MaintenanceService(plane.clone()))))
-        .add_service(limited!(AuthServer::new(auth::AuthService(plane))))
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
-        .await
-        .context("gRPC server failed")
+        .add_service(limited!(AuthServer::new(auth::AuthService(plane))));
+    let served = match tls {
+        Some(tls) => router.serve_with_incoming_shutdown(crate::tls::incoming(listener, tls, "client"), shutdown).await,
+        None => router.serve_with_incoming_shutdown(incoming(listener), shutdown).await,
+    };
+    served.context("gRPC server failed")
 }

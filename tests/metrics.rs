@@ -6,25 +6,12 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use capstan_client::Objects;
 use capstan_proto::objects::{Node, Object, Pod};
-use common::{leader_index, wait_for, AgentProcess, Cluster};
-
-/// A plain HTTP/1.0 GET: the status code and the body.
-fn get(address: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = std::net::TcpStream::connect(address).expect("connect to the metrics listener");
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
-    let status = head.split_whitespace().nth(1).and_then(|code| code.parse().ok()).expect("a status code");
-    (status, body.to_string())
-}
+use common::{http_get as get, leader_index, wait_for, AgentProcess, Cluster};
 
 /// Samples by name with labels (`name{a="b"}`) → value. A line that is neither a comment
 /// nor `sample value` fails the parse.

@@ -61,7 +61,7 @@ fn not_served(what: &str) -> Status {
 }
 
 impl Plane {
-    fn alarm_members(&self) -> Vec<pb::AlarmMember> {
+    pub(super) fn alarm_members(&self) -> Vec<pb::AlarmMember> {
         let alarms = self.alarms.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut members = Vec::new();
         if alarms.no_space {

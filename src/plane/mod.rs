@@ -9,6 +9,7 @@
 pub mod auth;
 mod batch;
 pub mod compaction;
+mod dashboard;
 mod forward;
 mod kv;
 mod lease;
@@ -531,7 +532,8 @@ pub async fn run(
     background.spawn(lease::run_expiry(plane.clone()));
     background.spawn(log_leadership(plane.raft.clone(), plane.metrics.leader_changes.clone()));
     if let Some(listener) = metrics_listener {
-        background.spawn(crate::http::serve(listener, metrics::router(plane.clone()), plane.stopping()));
+        let routes = metrics::router(plane.clone()).merge(dashboard::router(plane.clone()));
+        background.spawn(crate::http::serve(listener, routes, plane.stopping()));
     }
     background.spawn(publish_client_urls(plane.clone()));
     background.spawn(membership::watch_removal(plane.clone()));

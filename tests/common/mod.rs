@@ -135,6 +135,18 @@ impl Drop for PlaneProcess {
     }
 }
 
+/// A plain HTTP/1.0 GET: the status code and the body.
+pub fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(address).expect("connect to the HTTP listener");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    let status = head.split_whitespace().nth(1).and_then(|code| code.parse().ok()).expect("a status code");
+    (status, body.to_string())
+}
+
 /// Any other child process, killed when the guard drops, so a failing test leaves none.
 pub struct ChildGuard(pub Child);
 

@@ -117,3 +117,157 @@ async fn the_dashboard_api_serves_the_cluster_and_follows_it() {
         view["planes"].as_array().unwrap().iter().filter(|plane| plane["unreachable"].is_string()).count();
     assert_eq!(unreachable, 2, "the dead planes are shown unreachable: {view}");
 }
+
+const WEB: &str = "apiVersion: apps/v1
+kind: ReplicaSet
+metadata: {name: web}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers: [{name: c, command: [sleep, '600'], resources: {requests: {cpu: 100m}}}]
+";
+
+/// A headless Chromium, driven over WebDriver by chromedriver; both stop when dropped.
+struct Browser {
+    client: fantoccini::Client,
+    _driver: common::ChildGuard,
+}
+
+impl Browser {
+    async fn start() -> Browser {
+        let port = common::free_addr().port();
+        let driver = std::process::Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("chromedriver (Debian's chromium-driver; scripts/setup installs it)");
+        let driver = common::ChildGuard(driver);
+        let mut capabilities = serde_json::Map::new();
+        let options = serde_json::json!({
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,900"],
+        });
+        capabilities.insert("goog:chromeOptions".into(), options);
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let builder = fantoccini::ClientBuilder::new(connector.clone()).capabilities(capabilities.clone()).clone();
+            match builder.connect(&format!("http://127.0.0.1:{port}")).await {
+                Ok(client) => return Browser { client, _driver: driver },
+                // chromedriver is still starting; nothing announces when it listens.
+                Err(error) if std::time::Instant::now() < deadline => {
+                    let _ = error;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(error) => panic!("no WebDriver session: {error}"),
+            }
+        }
+    }
+
+    /// Waits until the page shows at least `count` elements matching `css`, as the page
+    /// updates itself (the browser is never told to reload).
+    async fn wait_for(&self, css: &str, count: usize) -> Vec<fantoccini::elements::Element> {
+        let deadline = std::time::Instant::now() + common::CONVERGE_TIMEOUT;
+        loop {
+            let found = self.client.find_all(fantoccini::Locator::Css(css)).await.expect("query the page");
+            if found.len() >= count {
+                return found;
+            }
+            if std::time::Instant::now() > deadline {
+                let html = self.client.source().await.unwrap_or_default();
+                panic!("the page never showed {count} of {css}; it shows:\n{html}");
+            }
+            // The DOM is only visible by asking for it.
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn screenshot(&self, name: &str) {
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard");
+        std::fs::create_dir_all(&dir).unwrap();
+        let png = self.client.screenshot().await.expect("a screenshot");
+        std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
+    }
+}
+
+/// The process id of `capstan agent --name <name>` whose data lives under `dir`.
+fn agent_pid(name: &str, dir: &std::path::Path) -> libc::pid_t {
+    let wanted = format!("agent --name {name} ");
+    let dir = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let pid = entry.file_name().to_str()?.parse().ok()?;
+            (cmdline.contains(&wanted) && cmdline.contains(&dir)).then_some(pid)
+        })
+        .next()
+        .unwrap_or_else(|| panic!("no agent {name} running"))
+}
+
+/// The dashboard of a `capstan dev` cluster in real headless Chromium: it shows the planes
+/// and their leader, both nodes and a running pod; when one node's agent stops (SIGSTOP:
+/// dead to the cluster, and `capstan dev` does not restart it), the node turns NotReady and
+/// its pod is replaced on the other node, on screen, without a reload.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_browser_sees_the_cluster_and_a_node_die() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("dev");
+    let ports = common::free_client_ports(3);
+    let endpoints: Vec<String> = ports.iter().map(|port| format!("127.0.0.1:{port}")).collect();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_capstan"))
+        .arg("dev")
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .args(["--client-ports", &ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _dev = common::Dev(child);
+    let dashboard = format!("http://127.0.0.1:{}/", ports[0] + 2);
+    let browser = Browser::start().await;
+    // The browser shows an error page for a listener not yet up, and does not try again.
+    let listener = std::net::SocketAddr::from(([127, 0, 0, 1], ports[0] + 2));
+    let deadline = std::time::Instant::now() + common::CONVERGE_TIMEOUT;
+    while std::net::TcpStream::connect(listener).is_err() {
+        assert!(std::time::Instant::now() < deadline, "capstan dev never served its dashboard");
+        // Nothing announces when a child of dev starts listening.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    browser.client.goto(&format!("{dashboard}#/cluster")).await.unwrap();
+    browser.wait_for(r#".card.plane[data-reachable="true"]"#, 3).await;
+    browser.wait_for(r#".card.plane[data-role="leader"]"#, 1).await;
+    browser.screenshot("cluster").await;
+
+    let (applied, out, err) = common::ctl(&endpoints.join(","), &["apply", "-f", "-"], WEB);
+    assert!(applied, "{out}{err}");
+    browser.client.goto(&format!("{dashboard}#/pods")).await.unwrap();
+    let running = browser.wait_for(r#"tr.pod[data-phase="Running"]"#, 1).await;
+    let node = running[0].attr("data-node").await.unwrap().expect("a running pod's node");
+    browser.screenshot("pods").await;
+
+    browser.client.goto(&format!("{dashboard}#/nodes")).await.unwrap();
+    browser.wait_for(r#"tr.node[data-ready="true"]"#, 2).await;
+    browser.screenshot("nodes").await;
+
+    // The pod's node dies; the page follows by itself.
+    let agent = agent_pid(&node, &data_dir);
+    // SAFETY: stopping a process of this test's own dev cluster.
+    unsafe { libc::kill(agent, libc::SIGSTOP) };
+    browser.wait_for(&format!(r#"tr.node[data-name="{node}"][data-ready="false"]"#), 1).await;
+    browser.screenshot("node-not-ready").await;
+    browser.client.goto(&format!("{dashboard}#/pods")).await.unwrap();
+    browser.wait_for(&format!(r#"tr.pod[data-phase="Running"]:not([data-node="{node}"])"#), 1).await;
+    browser.screenshot("pod-moved").await;
+    // SAFETY: as above; the agent goes on so that dev stops it cleanly.
+    unsafe { libc::kill(agent, libc::SIGCONT) };
+    browser.client.clone().close().await.unwrap();
+}

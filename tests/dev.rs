@@ -5,33 +5,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-
-/// `capstan dev`, stopped as Ctrl-C stops it (SIGTERM; it stops its planes and agents)
-/// when dropped.
-struct Dev(Child);
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child, not yet reaped.
-        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
-
-/// `count` client ports whose peer and metrics ports (one and two higher) are free too,
-/// and none of them another's.
-fn free_client_ports(count: usize) -> Vec<u16> {
-    let mut ports: Vec<u16> = Vec::new();
-    while ports.len() < count {
-        let base = common::free_addr().port();
-        let clear_of_others = ports.iter().all(|taken| base > taken + 2);
-        if clear_of_others && (1..3).all(|offset| std::net::TcpListener::bind(("127.0.0.1", base + offset)).is_ok()) {
-            ports.push(base);
-        }
-    }
-    ports
-}
+use std::process::{Command, Stdio};
 
 fn etcdctl(args: &[&str]) -> (bool, String) {
     let output = Command::new("etcdctl")
@@ -49,7 +23,7 @@ fn etcdctl(args: &[&str]) -> (bool, String) {
 fn dev_with_tls_prints_the_etcdctl_flags_that_reach_it() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("dev");
-    let ports: Vec<String> = free_client_ports(3).iter().map(u16::to_string).collect();
+    let ports: Vec<String> = common::free_client_ports(3).iter().map(u16::to_string).collect();
     let dev_args = |tls: bool| {
         let mut args = vec!["dev".to_string(), "--data-dir".into(), data_dir.display().to_string()];
         args.extend(["--client-ports".into(), ports.join(",")]);
@@ -65,7 +39,7 @@ fn dev_with_tls_prints_the_etcdctl_flags_that_reach_it() {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let dev = Dev(child);
+    let dev = common::Dev(child);
     let put_line = BufReader::new(stdout)
         .lines()
         .map_while(Result::ok)

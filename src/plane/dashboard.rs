@@ -275,7 +275,9 @@ async fn cluster(State(plane): State<Arc<Plane>>) -> Response {
     let metrics = plane.raft.metrics().borrow().clone();
     let leader = metrics.current_leader;
     let mut planes = Vec::new();
-    for member in plane.members() {
+    let mut members = plane.members();
+    members.sort_by(|a, b| a.name.cmp(&b.name));
+    for member in members {
         let mut row = json!({
             "id": format!("{:x}", member.id),
             "name": member.name,

@@ -147,6 +147,34 @@ pub fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
     (status, body.to_string())
 }
 
+/// `capstan dev`, stopped as Ctrl-C stops it (SIGTERM; it stops its planes and agents)
+/// when dropped.
+pub struct Dev(pub Child);
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child, not yet reaped.
+        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+/// `count` client ports whose peer and metrics ports (one and two higher) are free too;
+/// [`free_addr`] hands out none of the three again (a WebDriver started later once took a
+/// plane's peer port this way).
+pub fn free_client_ports(count: usize) -> Vec<u16> {
+    let mut ports: Vec<u16> = Vec::new();
+    while ports.len() < count {
+        let base = free_addr().port();
+        let usable = (1..3).all(|offset| std::net::TcpListener::bind(("127.0.0.1", base + offset)).is_ok());
+        while free_addr().port() <= base + 2 {}
+        if usable {
+            ports.push(base);
+        }
+    }
+    ports
+}
+
 /// Any other child process, killed when the guard drops, so a failing test leaves none.
 pub struct ChildGuard(pub Child);
 

@@ -6,6 +6,9 @@
 
 const PAGE_ROWS = 100;
 const REFRESH_DEBOUNCE_MS = 250;
+// Planes' terms, indexes and reachability are not in the store, so no change event
+// announces them: the cluster view (a handful of rows) is fetched again this often.
+const CLUSTER_REFRESH_MS = 5000;
 const state = { offset: 0, q: "", refreshTimer: null, total: 0 };
 
 const $ = (id) => document.getElementById(id);
@@ -85,7 +88,8 @@ const views = {
           `<dt>applied index</dt><dd>${s.appliedIndex}</dd><dt>db size</dt><dd>${bytes(s.dbSize)}</dd>` +
           `<dt>health</dt><dd>${s.alarms.length ? `<span class="bad">${escapeHtml(s.alarms.join(", "))}</span>` : `<span class="ok">healthy</span>`}</dd>`
         : `<dt>health</dt><dd class="bad">unreachable: ${escapeHtml(plane.unreachable)}</dd>`;
-      return `<div class="card plane" data-name="${escapeHtml(plane.name)}"><h3>${escapeHtml(plane.name || plane.id)} ${plane.self ? '<span class="muted">(this plane)</span>' : ""}</h3>` +
+      const roleName = plane.leader ? "leader" : plane.learner ? "learner" : "follower";
+      return `<div class="card plane" data-name="${escapeHtml(plane.name)}" data-role="${roleName}" data-reachable="${Boolean(s)}"><h3>${escapeHtml(plane.name || plane.id)} ${plane.self ? '<span class="muted">(this plane)</span>' : ""}</h3>` +
         `<dl><dt>role</dt><dd>${role}</dd><dt>id</dt><dd>${plane.id}</dd>${body}<dt>clients</dt><dd>${escapeHtml(plane.clientUrls.join(", "))}</dd></dl></div>`;
     });
     return `<h2>Planes <span class="muted">revision ${cluster.revision}</span></h2><div class="cards">${cards.join("")}</div>`;
@@ -199,5 +203,6 @@ $("filter").addEventListener("input", (event) => { state.q = event.target.value;
 $("previous").addEventListener("click", () => { state.offset = Math.max(0, state.offset - PAGE_ROWS); render(); });
 $("next").addEventListener("click", () => { state.offset += PAGE_ROWS; render(); });
 window.addEventListener("hashchange", () => { state.offset = 0; render(); });
+setInterval(() => { if (route()[0] === "cluster") refreshSoon(); }, CLUSTER_REFRESH_MS);
 render();
 follow();

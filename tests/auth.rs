@@ -10,16 +10,9 @@ mod common;
 use common::{leader_index, Cluster};
 use etcd_client::{Compare, CompareOp, ConnectOptions, PutOptions, Txn, TxnOp, WatchOptions};
 
-/// Runs etcdctl 3.4 against `endpoints`; whether it succeeded, and what it printed.
+/// etcdctl against `endpoints`.
 fn etcdctl(endpoints: &str, args: &[&str]) -> (bool, String) {
-    let output = std::process::Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args(["--endpoints", endpoints, "--dial-timeout", "3s", "--command-timeout", "10s"])
-        .args(args)
-        .output()
-        .expect("run etcdctl");
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    (output.status.success(), text)
+    common::etcdctl(&[&["--endpoints", endpoints][..], args].concat())
 }
 
 fn ok(endpoints: &str, args: &[&str]) -> String {

@@ -7,16 +7,9 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
+/// etcdctl with timeouts long enough for the cluster to come up: it retries until then.
 fn etcdctl(args: &[&str]) -> (bool, String) {
-    let output = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        // Long enough for the cluster to come up: etcdctl retries until then.
-        .args(["--dial-timeout", "60s", "--command-timeout", "60s"])
-        .args(args)
-        .output()
-        .expect("run etcdctl");
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    (output.status.success(), text)
+    common::etcdctl(&[&["--dial-timeout", "60s", "--command-timeout", "60s"][..], args].concat())
 }
 
 #[test]
@@ -55,12 +48,8 @@ fn dev_with_tls_prints_the_etcdctl_flags_that_reach_it() {
     // Without a client certificate (the CA alone), the planes refuse.
     let endpoints = printed.iter().find(|arg| arg.starts_with("--endpoints=")).unwrap();
     let ca = printed[printed.iter().position(|arg| *arg == "--cacert").unwrap() + 1];
-    let output = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args(["--dial-timeout", "3s", "--command-timeout", "5s", endpoints, "--cacert", ca, "get", "hello"])
-        .output()
-        .unwrap();
-    assert!(!output.status.success(), "served a client without a certificate");
+    let (ok, out) = common::etcdctl(&[endpoints, "--cacert", ca, "get", "hello"]);
+    assert!(!ok, "served a client without a certificate: {out}");
     // Stopping dev stops every plane, even though the reader of its stdout is gone (a
     // print to the closed pipe once made it exit and leave its planes running).
     drop(dev);

@@ -8,7 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{ctl, AgentProcess, PlaneProcess};
+use common::{ctl, etcdctl, AgentProcess, PlaneProcess};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 
 /// A CA, and certificates it signs, written as PEM files into a directory.
@@ -49,18 +49,6 @@ impl Ca {
 
 fn path(file: &Path) -> &str {
     file.to_str().unwrap()
-}
-
-/// Runs etcdctl 3.4 with `args`; whether it succeeded, and what it printed.
-fn etcdctl(args: &[&str]) -> (bool, String) {
-    let output = std::process::Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args(["--dial-timeout", "3s", "--command-timeout", "5s"])
-        .args(args)
-        .output()
-        .expect("run etcdctl");
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    (output.status.success(), text)
 }
 
 #[test]

@@ -189,11 +189,8 @@ fn pod_row(pod: &Pod) -> Value {
     })
 }
 
-async fn nodes(State(plane): State<Arc<Plane>>, Query(query): Query<ListQuery>) -> Response {
-    let (objects, revision) = match read_objects(&plane, REGISTRY_PREFIX).await {
-        Ok(read) => read,
-        Err(response) => return response,
-    };
+async fn nodes(State(plane): State<Arc<Plane>>, Query(query): Query<ListQuery>) -> Result<Response, Response> {
+    let (objects, revision) = read_objects(&plane, REGISTRY_PREFIX).await?;
     let allocated = allocated(&objects);
     let rows = objects
         .iter()
@@ -204,26 +201,20 @@ async fn nodes(State(plane): State<Arc<Plane>>, Query(query): Query<ListQuery>) 
             _ => None,
         })
         .collect();
-    query.page(rows, revision)
+    Ok(query.page(rows, revision))
 }
 
-async fn pods(State(plane): State<Arc<Plane>>, Query(query): Query<ListQuery>) -> Response {
-    let (objects, revision) = match read_objects(&plane, &Kind::Pod.prefix()).await {
-        Ok(read) => read,
-        Err(response) => return response,
-    };
+async fn pods(State(plane): State<Arc<Plane>>, Query(query): Query<ListQuery>) -> Result<Response, Response> {
+    let (objects, revision) = read_objects(&plane, &Kind::Pod.prefix()).await?;
     let rows = pods_of(&objects)
         .filter(|pod| query.matches(&pod.metadata) && (query.node.is_empty() || pod.spec.node_name == query.node))
         .map(pod_row)
         .collect();
-    query.page(rows, revision)
+    Ok(query.page(rows, revision))
 }
 
-async fn replicasets(State(plane): State<Arc<Plane>>, Query(query): Query<ListQuery>) -> Response {
-    let (objects, revision) = match read_objects(&plane, &Kind::ReplicaSet.prefix()).await {
-        Ok(read) => read,
-        Err(response) => return response,
-    };
+async fn replicasets(State(plane): State<Arc<Plane>>, Query(query): Query<ListQuery>) -> Result<Response, Response> {
+    let (objects, revision) = read_objects(&plane, &Kind::ReplicaSet.prefix()).await?;
     let rows = objects
         .iter()
         .filter_map(|object| match object {
@@ -237,36 +228,33 @@ async fn replicasets(State(plane): State<Arc<Plane>>, Query(query): Query<ListQu
             _ => None,
         })
         .collect();
-    query.page(rows, revision)
+    Ok(query.page(rows, revision))
 }
 
-async fn node(State(plane): State<Arc<Plane>>, Path(name): Path<String>) -> Response {
-    let (objects, revision) = match read_objects(&plane, REGISTRY_PREFIX).await {
-        Ok(read) => read,
-        Err(response) => return response,
-    };
+async fn node(State(plane): State<Arc<Plane>>, Path(name): Path<String>) -> Result<Response, Response> {
+    let (objects, revision) = read_objects(&plane, REGISTRY_PREFIX).await?;
     let found = objects.iter().find_map(|object| match object {
         Object::Node(node) if node.metadata.name == name => Some(node),
         _ => None,
     });
     let Some(node) = found else {
-        return error(StatusCode::NOT_FOUND, format!("node {name:?} not found"));
+        return Err(error(StatusCode::NOT_FOUND, format!("node {name:?} not found")));
     };
     let allocated = allocated(&objects).get(name.as_str()).copied().unwrap_or_default();
     let pods: Vec<Value> = pods_of(&objects).filter(|pod| pod.spec.node_name == name).map(pod_row).collect();
-    Json(json!({ "revision": revision, "summary": node_row(node, allocated), "object": node, "pods": pods }))
-        .into_response()
+    Ok(Json(json!({ "revision": revision, "summary": node_row(node, allocated), "object": node, "pods": pods }))
+        .into_response())
 }
 
-async fn pod(State(plane): State<Arc<Plane>>, Path((namespace, name)): Path<(String, String)>) -> Response {
-    let (objects, revision) = match read_objects(&plane, &Kind::Pod.namespace_prefix(&namespace)).await {
-        Ok(read) => read,
-        Err(response) => return response,
-    };
+async fn pod(
+    State(plane): State<Arc<Plane>>,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Result<Response, Response> {
+    let (objects, revision) = read_objects(&plane, &Kind::Pod.namespace_prefix(&namespace)).await?;
     let found = pods_of(&objects).find(|pod| pod.metadata.name == name);
     let response = match found {
-        Some(pod) => Json(json!({ "revision": revision, "summary": pod_row(pod), "object": pod })).into_response(),
-        None => error(StatusCode::NOT_FOUND, format!("pod {namespace}/{name} not found")),
+        Some(pod) => Ok(Json(json!({ "revision": revision, "summary": pod_row(pod), "object": pod })).into_response()),
+        None => Err(error(StatusCode::NOT_FOUND, format!("pod {namespace}/{name} not found"))),
     };
     response
 }

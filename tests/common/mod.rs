@@ -135,6 +135,19 @@ impl Drop for PlaneProcess {
     }
 }
 
+/// Runs Debian's etcdctl 3.4 with `args` (short timeouts, which `args` may override:
+/// the last of a repeated flag wins); whether it succeeded, and what it printed.
+pub fn etcdctl(args: &[&str]) -> (bool, String) {
+    let output = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--dial-timeout", "3s", "--command-timeout", "10s"])
+        .args(args)
+        .output()
+        .expect("run etcdctl");
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), text)
+}
+
 /// A plain HTTP/1.0 GET: the status code and the body.
 pub fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
     let mut stream = std::net::TcpStream::connect(address).expect("connect to the HTTP listener");

@@ -74,6 +74,8 @@ async fn the_dashboard_api_serves_the_cluster_and_follows_it() {
     let (status, detail) = json(http, "/api/pods/default/db-1");
     assert_eq!(status, 200, "{detail}");
     assert_eq!(detail["summary"]["node"], "n1", "{detail}");
+    // n1 has no agent here, so no log endpoint: the detail says why there is no log.
+    assert!(detail["logs"]["unavailable"].as_str().unwrap().contains("log endpoint"), "{detail}");
     let (status, node) = json(http, "/api/nodes/n1");
     assert!(status == 200 && node["pods"].as_array().unwrap().len() == 3, "{node}");
     let (status, _) = json(http, "/api/replicasets");
@@ -127,7 +129,7 @@ spec:
   template:
     metadata: {labels: {app: web}}
     spec:
-      containers: [{name: c, command: [sleep, '600'], resources: {requests: {cpu: 100m}}}]
+      containers: [{name: c, command: [sh, -c, 'echo hello from web; sleep 600'], resources: {requests: {cpu: 100m}}}]
 ";
 
 /// A headless Chromium, driven over WebDriver by chromedriver; both stop when dropped.
@@ -252,7 +254,20 @@ async fn a_browser_sees_the_cluster_and_a_node_die() {
     browser.client.goto(&format!("{dashboard}#/pods")).await.unwrap();
     let running = browser.wait_for(r#"tr.pod[data-phase="Running"]"#, 1).await;
     let node = running[0].attr("data-node").await.unwrap().expect("a running pod's node");
+    let pod = running[0].attr("data-name").await.unwrap().expect("a running pod's name");
     browser.screenshot("pods").await;
+    // Its page shows the tail of its log, from its node's agent.
+    browser.client.goto(&format!("{dashboard}#/pods/{pod}")).await.unwrap();
+    let deadline = std::time::Instant::now() + common::CONVERGE_TIMEOUT;
+    loop {
+        let log = browser.wait_for("pre.log", 1).await;
+        if log[0].text().await.unwrap().contains("hello from web") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the log tail never showed the pod's output");
+        // A log is not a store change: nothing pushes it, so the page is loaded again.
+        browser.client.refresh().await.unwrap();
+    }
 
     browser.client.goto(&format!("{dashboard}#/nodes")).await.unwrap();
     browser.wait_for(r#"tr.node[data-ready="true"]"#, 2).await;

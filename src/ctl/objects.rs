@@ -822,12 +822,9 @@ pub async fn logs(
     let Some(Object::Node(node)) = objects.get(Kind::Node, "", &found.spec.node_name).await? else {
         bail!("node {:?} of pod {pod:?} is not registered", found.spec.node_name);
     };
-    let address = node.status.addresses.iter().find(|a| a.type_ == "InternalIP").map(|a| a.address.clone());
-    let port = node.status.daemon_endpoints.as_ref().map(|d| d.kubelet_endpoint.port).filter(|p| *p > 0);
-    let (Some(address), Some(port)) = (address, port) else {
+    let Some(url) = node.log_url() else {
         bail!("node {:?} does not advertise a log endpoint (is its agent running?)", node.metadata.name);
     };
-    let url = format!("http://{address}:{port}");
     let mut client = capstan_proto::agentpb::pod_logs_client::PodLogsClient::connect(url.clone())
         .await
         .with_context(|| format!("cannot reach the agent of node {} at {url}", node.metadata.name))?;

@@ -35,7 +35,9 @@ const PAGE_ROWS_DEFAULT: usize = 100;
 const PAGE_ROWS_MAX: usize = 1000;
 /// How long the API waits to confirm it serves current data before it says it cannot.
 const BARRIER_TIMEOUT_MS: u64 = 2_000;
-/// How long another plane may take to report its status.
+/// The end of a pod's log the detail page shows.
+const LOG_TAIL_BYTES: usize = 16 * 1024;
+/// How long another plane (or a node's agent) may take to answer.
 const PEER_STATUS_TIMEOUT_MS: u64 = 1_000;
 
 const INDEX_HTML: &str = include_str!("dashboard/index.html");
@@ -251,12 +253,51 @@ async fn pod(
     Path((namespace, name)): Path<(String, String)>,
 ) -> Result<Response, Response> {
     let (objects, revision) = read_objects(&plane, &Kind::Pod.namespace_prefix(&namespace)).await?;
-    let found = pods_of(&objects).find(|pod| pod.metadata.name == name);
-    let response = match found {
-        Some(pod) => Ok(Json(json!({ "revision": revision, "summary": pod_row(pod), "object": pod })).into_response()),
-        None => Err(error(StatusCode::NOT_FOUND, format!("pod {namespace}/{name} not found"))),
+    let Some(pod) = pods_of(&objects).find(|pod| pod.metadata.name == name).cloned() else {
+        return Err(error(StatusCode::NOT_FOUND, format!("pod {namespace}/{name} not found")));
     };
-    response
+    let logs = match pod.spec.node_name.as_str() {
+        "" => Err("not bound to a node yet".to_string()),
+        node => log_tail(&plane, node, &pod).await,
+    };
+    let logs = match logs {
+        Ok(tail) => json!({ "tail": tail }),
+        Err(reason) => json!({ "unavailable": reason }),
+    };
+    Ok(Json(json!({ "revision": revision, "summary": pod_row(&pod), "object": pod, "logs": logs })).into_response())
+}
+
+/// The last [`LOG_TAIL_BYTES`] of the pod's first container's log, from its node's agent.
+async fn log_tail(plane: &Plane, node_name: &str, pod: &Pod) -> Result<String, String> {
+    let (objects, _) =
+        read_objects(plane, &Kind::Node.key("", node_name)).await.map_err(|_| "no current data".to_string())?;
+    let node = objects.iter().find_map(|object| match object {
+        Object::Node(node) if node.metadata.name == node_name => Some(node),
+        _ => None,
+    });
+    let url = node.and_then(objects::Node::log_url).ok_or("the node advertises no log endpoint")?;
+    let request = capstan_proto::agentpb::LogsRequest {
+        namespace: pod.metadata.namespace.clone(),
+        pod: pod.metadata.name.clone(),
+        container: String::new(),
+        follow: false,
+    };
+    let fetch = async {
+        let mut client = capstan_proto::agentpb::pod_logs_client::PodLogsClient::connect(url.clone())
+            .await
+            .map_err(|error| format!("cannot reach the agent at {url}: {error}"))?;
+        let mut stream = client.logs(request).await.map_err(|status| status.message().to_string())?.into_inner();
+        let mut tail: Vec<u8> = Vec::new();
+        while let Some(chunk) = stream.message().await.map_err(|status| status.message().to_string())? {
+            tail.extend_from_slice(&chunk.data);
+            let excess = tail.len().saturating_sub(LOG_TAIL_BYTES);
+            tail.drain(..excess);
+        }
+        Ok::<_, String>(String::from_utf8_lossy(&tail).into_owned())
+    };
+    tokio::time::timeout(Duration::from_millis(PEER_STATUS_TIMEOUT_MS), fetch)
+        .await
+        .map_err(|_| "the agent did not answer in time".to_string())?
 }
 
 async fn cluster(State(plane): State<Arc<Plane>>) -> Response {

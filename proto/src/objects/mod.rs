@@ -312,6 +312,13 @@ pub struct Endpoint {
 pub const NODE_READY: &str = "Ready";
 
 impl Node {
+    /// Where the node's agent serves pod logs (`http://InternalIP:port`), if it says.
+    pub fn log_url(&self) -> Option<String> {
+        let address = self.status.addresses.iter().find(|address| address.type_ == "InternalIP")?;
+        let port = self.status.daemon_endpoints.as_ref().map(|d| d.kubelet_endpoint.port).filter(|p| *p > 0)?;
+        Some(format!("http://{}:{port}", address.address))
+    }
+
     /// A node that says it is Ready, with this capacity: what benchmarks, tests and the
     /// chaos harness register where no agent runs.
     pub fn ready(name: &str, cpu: &str, memory: &str, pods: &str) -> Node {

@@ -145,6 +145,9 @@ const views = {
       (p.unschedulable ? `<p class="warn">${escapeHtml(p.unschedulable)}</p>` : "") +
       `<h2>Conditions</h2>${table(["Type", "Status", "Reason", "Message", "Since"], conditions)}` +
       `<h2>Containers</h2>${table(["Name", "Ready", "Restarts", "State"], containers)}` +
+      `<h2>Log (tail)</h2>` + (pod.logs.unavailable !== undefined
+        ? `<p class="muted">${escapeHtml(pod.logs.unavailable)}</p>`
+        : `<pre class="log">${escapeHtml(pod.logs.tail)}</pre>`) +
       `<h2>Object</h2><pre>${escapeHtml(JSON.stringify(pod.object, null, 2))}</pre>`;
   },
 };

@@ -33,12 +33,14 @@ pub enum Command {
 }
 
 impl Cli {
-    /// Servers log lifecycle events; the client logs only warnings.
+    /// Servers log lifecycle events; the client logs only warnings. openraft logs, as an
+    /// error, each refusal of a call it returns to its caller; the plane reports those
+    /// itself (every initial member bootstraps, and all but the first are refused).
     pub fn default_log_filter(&self) -> &'static str {
         match self.command {
             Command::Ctl(_) | Command::Bench(_) => "warn",
             Command::Scheduler(_) | Command::Agent(_) => "info",
-            _ => "info,openraft=warn",
+            _ => "info,openraft=warn,openraft::raft::impl_raft_blocking_write=off",
         }
     }
 }

@@ -5,13 +5,16 @@
 //! plane. With `--tls`, clients and peers speak mutual TLS with certificates from a
 //! throw-away CA made in `<data-dir>/tls`.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context;
 use capstan_client::pki::ThrowawayPki;
+use capstan_client::Credentials;
 use clap::Args;
+use etcd_client::GetOptions;
 use tokio::process::{Child, Command};
 
 #[derive(Args, Debug)]
@@ -45,6 +48,10 @@ const DEV_NODE_MONITOR_GRACE_SECS: u64 = 10;
 const DEV_POD_EVICTION_TIMEOUT_SECS: u64 = 20;
 /// How long planes and agents get to stop after SIGTERM before they are killed.
 const STOP_GRACE_MS: u64 = 5_000;
+/// How often, and for how long each time, dev asks whether the cluster serves yet.
+const READY_POLL: Duration = Duration::from_millis(500);
+/// The key of that question (a count of it, which any value answers).
+const READY_PROBE_KEY: &str = "capstan-dev-ready";
 
 struct DevPlane {
     name: String,
@@ -86,14 +93,14 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let plane_flags = tls.as_ref().map(ThrowawayPki::plane_flags).unwrap_or_default();
     let shown_flags: String = client_flags.iter().map(|flag| format!(" {flag}")).collect();
 
-    println!(
-        "capstan dev: {} planes and {DEV_AGENTS} node agents on 127.0.0.1, data in {}",
+    let mut header = format!(
+        "capstan dev: {} planes and {DEV_AGENTS} node agents on 127.0.0.1, data in {}\n",
         planes.len(),
         args.data_dir.display()
     );
     for plane in &planes {
-        println!(
-            "  {}: clients 127.0.0.1:{}, peers 127.0.0.1:{}, metrics and health http://127.0.0.1:{}/metrics",
+        header += &format!(
+            "  {}: clients 127.0.0.1:{}, peers 127.0.0.1:{}, metrics, health and dashboard http://127.0.0.1:{}/\n",
             plane.name,
             plane.client_port,
             plane.peer_port,
@@ -101,16 +108,22 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         );
     }
     if let Some(tls) = &tls {
-        println!("Mutual TLS: certificates in {} (the client's CN is root)", tls.dir.display());
+        header += &format!("Mutual TLS: certificates in {} (the client's CN is root)\n", tls.dir.display());
     }
-    println!("Try:");
-    println!("  etcdctl --endpoints={endpoints}{shown_flags} put hello world");
-    println!("  etcdctl --endpoints={endpoints}{shown_flags} endpoint status -w table");
-    println!("  capstan ctl --endpoints={endpoints}{shown_flags} get hello");
-    println!("  capstan ctl --endpoints={endpoints}{shown_flags} apply -f examples/");
-    println!("  capstan ctl --endpoints={endpoints}{shown_flags} get pods -o wide");
-    println!("  capstan ctl --endpoints={endpoints}{shown_flags} logs hello");
-    println!("Ctrl-C stops the cluster.");
+    header += "Waiting for the planes to elect a leader...\n";
+    say(&header);
+    let mut hints = String::from("The cluster is serving. Try:\n");
+    for command in [
+        "etcdctl {} put hello world",
+        "etcdctl {} endpoint status -w table",
+        "capstan ctl {} get hello",
+        "capstan ctl {} apply -f examples/",
+        "capstan ctl {} get pods -o wide",
+        "capstan ctl {} logs hello",
+    ] {
+        hints += &format!("  {}\n", command.replace("{}", &format!("--endpoints={endpoints}{shown_flags}")));
+    }
+    hints += "Ctrl-C stops the cluster.\n";
 
     // Agents stop first, while the planes can still take their pods' last status.
     let (stop_planes, _) = tokio::sync::watch::channel(false);
@@ -158,7 +171,18 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .process_group(0);
         agents_supervised.push(tokio::spawn(supervise(name, command, stop_agents.subscribe())));
     }
-    crate::shutdown_signal().await;
+    // The hints are shown once they work: when the cluster answers a linearizable read.
+    let shutdown = crate::shutdown_signal();
+    tokio::pin!(shutdown);
+    let credentials = tls.as_ref().map(ThrowawayPki::client_credentials).unwrap_or_default();
+    let endpoint_list: Vec<String> = endpoints.split(',').map(str::to_string).collect();
+    tokio::select! {
+        () = &mut shutdown => {}
+        () = serving(&endpoint_list, &credentials) => {
+            say(&hints);
+            shutdown.await;
+        }
+    }
     // Logged, not printed: whoever read stdout may be gone, and a failed print must not
     // leave the cluster running.
     tracing::info!("stopping the local cluster");
@@ -175,6 +199,26 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         }
     }
     failure.map_or(Ok(()), Err)
+}
+
+/// Writes to stdout, where a reader that went away (`capstan dev | head`) is no error:
+/// the cluster runs on without one.
+fn say(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());
+}
+
+/// Resolves once the cluster answers a linearizable read, which takes an elected leader.
+async fn serving(endpoints: &[String], credentials: &Credentials) {
+    let options = Some(GetOptions::new().with_count_only());
+    loop {
+        if let Ok(mut client) = capstan_client::connect_with(endpoints, READY_POLL, credentials).await {
+            if client.get(READY_PROBE_KEY, options.clone()).await.is_ok() {
+                return;
+            }
+        }
+        tokio::time::sleep(READY_POLL).await;
+    }
 }
 
 /// Keeps one process (a plane or an agent) running until `stop` turns true, then stops it.

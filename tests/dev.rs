@@ -1,16 +1,11 @@
 //! `capstan dev --tls`: the local cluster comes up with mutual TLS on every listener, and the
-//! etcdctl command it prints (with its flags) reaches it, while a client without the
+//! etcdctl command it prints once it serves (with its flags) reaches it at once, while a client without the
 //! certificate is refused; a data directory made with TLS is not started without it.
 
 mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-
-/// etcdctl with timeouts long enough for the cluster to come up: it retries until then.
-fn etcdctl(args: &[&str]) -> (bool, String) {
-    common::etcdctl(&[&["--dial-timeout", "60s", "--command-timeout", "60s"][..], args].concat())
-}
 
 #[test]
 fn dev_with_tls_prints_the_etcdctl_flags_that_reach_it() {
@@ -25,25 +20,35 @@ fn dev_with_tls_prints_the_etcdctl_flags_that_reach_it() {
         }
         args
     };
+    // The planes' and agents' logs (dev's stderr, which they share) go to a file, shown
+    // when the test fails.
+    let log_path = dir.path().join("dev.log");
     let mut child = Command::new(env!("CARGO_BIN_EXE_capstan"))
         .args(dev_args(true))
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
     let dev = common::Dev(child);
-    let put_line = BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        .find(|line| line.contains("etcdctl ") && line.contains("put hello world"))
-        .expect("capstan dev prints an etcdctl command");
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    // dev prints its hints once the cluster serves. The reader gives up at the first of
+    // them: dev's stdout is then closed, which must not stop it.
+    let (lines, hints) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let put = BufReader::new(stdout).lines().map_while(Result::ok).find(|line| line.contains("put hello world"));
+        let _ = lines.send(put);
+    });
+    let put_line = match hints.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok(Some(line)) => line,
+        outcome => panic!("capstan dev printed no etcdctl command ({outcome:?}); its log:\n{}", log()),
+    };
     let printed: Vec<&str> = put_line.split_whitespace().skip(1).collect();
     assert!(printed.contains(&"--cacert") && printed.contains(&"--cert"), "{put_line}");
-    let (ok, out) = etcdctl(&printed);
-    assert!(ok, "the printed command failed: {out}");
+    let (ok, out) = common::etcdctl(&printed);
+    assert!(ok, "the printed command failed: {out}\nthe cluster's log:\n{}", log());
     let get: Vec<&str> = printed.iter().copied().take_while(|arg| *arg != "put").chain(["get", "hello"]).collect();
-    let (ok, out) = etcdctl(&get);
+    let (ok, out) = common::etcdctl(&get);
     assert!(ok && out.contains("world"), "{out}");
     // Without a client certificate (the CA alone), the planes refuse.
     let endpoints = printed.iter().find(|arg| arg.starts_with("--endpoints=")).unwrap();

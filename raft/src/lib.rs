@@ -156,8 +156,14 @@ pub async fn start(
     let raft = Raft::new(identity.node_id, Arc::new(raft_config), network, log_store, state_machine).await?;
     if !identity.initial_members.is_empty() && !raft.is_initialized().await? {
         tracing::info!(members = identity.initial_members.len(), "bootstrapping a new cluster");
-        if let Err(error) = raft.initialize(identity.initial_members.clone()).await {
-            tracing::warn!(%error, "bootstrap refused");
+        match raft.initialize(identity.initial_members.clone()).await {
+            Ok(()) => {}
+            // Every initial member bootstraps; once one has, the others learn of it and
+            // are refused.
+            Err(openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {
+                tracing::info!("another member bootstrapped the cluster first")
+            }
+            Err(error) => tracing::warn!(%error, "bootstrap refused"),
         }
     }
     Ok(PlaneRaft { raft, store, events, peer_channels })

@@ -41,6 +41,9 @@ pub const BCRYPT_COST_MAX: u32 = 31;
 const TOKEN_KEY_BYTES: usize = 32;
 const INVALID_TOKEN: &str = "etcdserver: invalid auth token";
 const AUTH_FAILED: &str = "etcdserver: authentication failed, invalid user ID or password";
+/// What an unknown user's password is checked against: a hash of the empty password (which
+/// no user can have) at the plane's cost, made at the first such check.
+static NO_USER_HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
@@ -148,6 +151,37 @@ impl Plane {
             }
         }
         Ok(caller)
+    }
+
+    /// A token for `user` if `password` is theirs. An unknown user costs the same bcrypt
+    /// check as a known one, so the time taken does not tell which users exist.
+    pub(super) async fn authenticate(&self, user: &str, password: String) -> Result<String, Status> {
+        let caller = Caller { user: user.to_string(), method: "Authenticate" };
+        let auth = self.store.auth();
+        if !auth.enabled {
+            return Err(status::from_store(&StoreError::AuthNotEnabled));
+        }
+        let hash = auth.user(user).map(|user| user.password.clone()).filter(|hash| !hash.is_empty());
+        let known = hash.clone();
+        let cost = self.config.auth.bcrypt_cost;
+        let matches = tokio::task::spawn_blocking(move || {
+            let unknown = || NO_USER_HASH.get_or_init(|| bcrypt::hash("", cost).unwrap_or_default()).clone();
+            let checked_against = known.map_or_else(unknown, |hash| String::from_utf8_lossy(&hash).into_owned());
+            bcrypt::verify(password, &checked_against).unwrap_or(false)
+        })
+        .await
+        .map_err(|error| Status::internal(error.to_string()))?;
+        let Some(hash) = hash.filter(|_| matches) else {
+            audit_refused(&caller, &"wrong user or password");
+            return Err(Status::invalid_argument(AUTH_FAILED));
+        };
+        tracing::info!(target: "audit", %user, "authenticated");
+        Ok(issue_token(&auth, user, &hash, self.config.auth.token_ttl, SystemTime::now()))
+    }
+
+    /// The user a token names, if it is valid now.
+    pub(super) fn token_user(&self, token: &str) -> Option<String> {
+        verify_token(&self.store.auth(), token, SystemTime::now())
     }
 
     /// Runs `check` against this plane's auth state; a refusal is audited.
@@ -274,28 +308,7 @@ impl Auth for AuthService {
         request: Request<pb::AuthenticateRequest>,
     ) -> Result<Response<pb::AuthenticateResponse>, Status> {
         let request = request.into_inner();
-        let caller = Caller { user: request.name.clone(), method: "Authenticate" };
-        let auth = self.0.store.auth();
-        if !auth.enabled {
-            return Err(status::from_store(&StoreError::AuthNotEnabled));
-        }
-        let hash = auth.user(&request.name).map(|user| user.password.clone()).filter(|hash| !hash.is_empty());
-        let matches = match hash.clone() {
-            Some(hash) => {
-                let password = request.password;
-                tokio::task::spawn_blocking(move || bcrypt::verify(password, &String::from_utf8_lossy(&hash)))
-                    .await
-                    .map_err(|error| Status::internal(error.to_string()))?
-                    .unwrap_or(false)
-            }
-            None => false,
-        };
-        let Some(hash) = hash.filter(|_| matches) else {
-            audit_refused(&caller, &"wrong user or password");
-            return Err(Status::invalid_argument(AUTH_FAILED));
-        };
-        let token = issue_token(&auth, &request.name, &hash, self.0.config.auth.token_ttl, SystemTime::now());
-        tracing::info!(target: "audit", user = %request.name, "authenticated");
+        let token = self.0.authenticate(&request.name, request.password).await?;
         Ok(Response::new(pb::AuthenticateResponse { header: self.header(), token }))
     }
 

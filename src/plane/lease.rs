@@ -178,6 +178,18 @@ impl Plane {
         }
     }
 
+    /// A lease's TTLs (and keys, if asked), from the leader, which tracks them.
+    pub(super) async fn time_to_live(
+        &self,
+        request: pb::LeaseTimeToLiveRequest,
+    ) -> Result<pb::LeaseTimeToLiveResponse, Status> {
+        let local = || async { self.time_to_live_local(&request) };
+        let remote = |mut leader: super::forward::LeaderClient| async move {
+            Ok(leader.lease_time_to_live(request).await?.into_inner())
+        };
+        self.on_leader(local, remote).await
+    }
+
     /// A lease's TTLs and keys, as this plane, the leader, knows them.
     pub(super) fn time_to_live_local(
         &self,
@@ -307,11 +319,7 @@ impl Lease for LeaseService {
             auth.check_user(&caller.user)?;
             keys.iter().try_for_each(|key| auth.check(&caller.user, Access::Read, key, &[]))
         })?;
-        let remote = |mut leader: super::forward::LeaderClient| async move {
-            Ok(leader.lease_time_to_live(request).await?.into_inner())
-        };
-        let response = plane.on_leader(|| async { plane.time_to_live_local(&request) }, remote).await?;
-        Ok(Response::new(response))
+        Ok(Response::new(plane.time_to_live(request).await?))
     }
 
     async fn lease_leases(

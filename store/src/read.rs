@@ -156,6 +156,32 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// The kept versions of `key`'s current life (compaction drops older ones), oldest
+    /// first; none when the key does not exist now.
+    pub fn versions(&self, key: &[u8]) -> Result<Vec<mvccpb::KeyValue>> {
+        let prefix = codec::kv_key_prefix(key);
+        let mut iter = self.iter(codec::CF_KV, Some(codec::kv_next_key_seek(&prefix)));
+        iter.seek(&prefix);
+        let mut versions = Vec::new();
+        // Newest first, back to the version that created the key (or the oldest kept).
+        while let (Some(raw), Some(value)) = (iter.key(), iter.value()) {
+            let (_, mod_revision) = codec::split_kv_key(raw)?;
+            let version = Version::decode(mod_revision, value)?;
+            if version.tombstone {
+                break;
+            }
+            let created = version.create_revision == mod_revision;
+            versions.push(key_value(key.to_vec(), version, false));
+            if created {
+                break;
+            }
+            iter.next();
+        }
+        iter.status()?;
+        versions.reverse();
+        Ok(versions)
+    }
+
     /// Lists the live keys of `range` as of `revision` in key order.
     pub(crate) fn scan_at(
         &self,
@@ -402,8 +428,52 @@ pub(crate) fn range_in(
 }
 
 impl Store {
+    /// See [`Reader::versions`].
+    pub fn versions(&self, key: &[u8]) -> Result<Vec<mvccpb::KeyValue>> {
+        self.reader().versions(key)
+    }
+
     /// Events from revision `from` on; see [`Reader::events`].
     pub fn events(&self, from: i64, max_events: usize) -> Result<EventsPage> {
         self.reader().events(from, max_events)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use capstan_proto::etcdserverpb as pb;
+    use capstan_proto::raftpb::{command::Request, Command};
+
+    use crate::Store;
+
+    fn apply(store: &Store, request: Request) {
+        store.apply(&Command { request: Some(request), caller: None }, &[]).unwrap().response.unwrap();
+    }
+
+    fn put(store: &Store, key: &str, value: &str) {
+        apply(store, Request::Put(pb::PutRequest { key: key.into(), value: value.into(), ..Default::default() }));
+    }
+
+    fn values(store: &Store, key: &str) -> Vec<(i64, String)> {
+        let versions = store.versions(key.as_bytes()).unwrap();
+        versions.into_iter().map(|kv| (kv.mod_revision, String::from_utf8(kv.value).unwrap())).collect()
+    }
+
+    #[test]
+    fn a_keys_versions_are_those_of_its_current_life_back_to_the_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &[]).unwrap();
+        put(&store, "a", "1"); // revision 2
+        put(&store, "ab", "x"); // 3: a neighbour, not a version of "a"
+        put(&store, "a", "2"); // 4
+        apply(&store, Request::DeleteRange(pb::DeleteRangeRequest { key: "a".into(), ..Default::default() })); // 5
+        assert!(values(&store, "a").is_empty(), "a deleted key has no current life");
+        put(&store, "a", "3"); // 6
+        put(&store, "a", "4"); // 7
+        put(&store, "a", "5"); // 8
+        assert_eq!(values(&store, "a"), vec![(6, "3".into()), (7, "4".into()), (8, "5".into())]);
+        apply(&store, Request::Compaction(pb::CompactionRequest { revision: 7, physical: true }));
+        assert_eq!(values(&store, "a"), vec![(7, "4".into()), (8, "5".into())]);
+        assert!(values(&store, "nope").is_empty());
     }
 }

@@ -150,14 +150,31 @@ pub fn etcdctl(args: &[&str]) -> (bool, String) {
 
 /// A plain HTTP/1.0 GET: the status code and the body.
 pub fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
+    let (status, _, body) = http_request(address, "GET", path, &[], "");
+    (status, body)
+}
+
+/// A plain HTTP/1.0 request with extra header lines: the status code, the head (status
+/// line and headers) and the body.
+pub fn http_request(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &str,
+) -> (u16, String, String) {
     let mut stream = std::net::TcpStream::connect(address).expect("connect to the HTTP listener");
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").unwrap();
+    write!(stream, "{method} {path} HTTP/1.0\r\nHost: {address}\r\nContent-Length: {}\r\n", body.len()).unwrap();
+    for header in headers {
+        write!(stream, "{header}\r\n").unwrap();
+    }
+    write!(stream, "\r\n{body}").unwrap();
     let mut answer = String::new();
     std::io::Read::read_to_string(&mut stream, &mut answer).unwrap();
     let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
     let status = head.split_whitespace().nth(1).and_then(|code| code.parse().ok()).expect("a status code");
-    (status, body.to_string())
+    (status, head.to_string(), body.to_string())
 }
 
 /// `capstan dev`, stopped as Ctrl-C stops it (SIGTERM; it stops its planes and agents)

@@ -1,7 +1,8 @@
 // Capstan's dashboard: one page, no build step, no dependencies. The view follows the URL
 // hash (#/cluster, #/nodes, #/pods, #/replicasets, #/nodes/NAME, #/pods/NS/NAME); lists
 // are paged and filtered by the server; the store's change stream (/api/events) makes the
-// page fetch its current view again, so it follows the cluster without polling it.
+// page fetch its current view again, so it follows the cluster without polling it. With
+// auth enabled the page first asks who is looking (the session is an HttpOnly cookie).
 "use strict";
 
 const PAGE_ROWS = 100;
@@ -9,7 +10,7 @@ const REFRESH_DEBOUNCE_MS = 250;
 // Planes' terms, indexes and reachability are not in the store, so no change event
 // announces them: the cluster view (a handful of rows) is fetched again this often.
 const CLUSTER_REFRESH_MS = 5000;
-const state = { offset: 0, q: "", refreshTimer: null, total: 0 };
+const state = { offset: 0, q: "", refreshTimer: null, total: 0, source: null };
 
 const $ = (id) => document.getElementById(id);
 
@@ -28,9 +29,10 @@ function showBanner(message) {
   banner.hidden = !message;
 }
 
-async function api(path) {
-  const response = await fetch(path, { headers: { Accept: "application/json" } });
+async function api(path, options = {}) {
+  const response = await fetch(path, { ...options, headers: { Accept: "application/json", "Content-Type": "application/json" } });
   const body = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
+  if (response.status === 401 && path !== "/api/session") showSignIn();
   if (!response.ok) {
     const error = new Error(body.error || `HTTP ${response.status}`);
     error.status = response.status;
@@ -102,11 +104,11 @@ const views = {
       `<tr class="node" data-name="${escapeHtml(n.name)}" data-ready="${n.ready}">` +
       `<td><a href="#/nodes/${encodeURIComponent(n.name)}">${escapeHtml(n.name)}</a></td>` +
       `<td>${n.ready ? '<span class="ok">Ready</span>' : `<span class="bad">NotReady</span> <span class="muted">${escapeHtml(n.readyReason)}</span>`}${n.unschedulable ? ' <span class="warn">SchedulingDisabled</span>' : ""}</td>` +
-      `<td>${escapeHtml(n.lastHeartbeat)}</td><td>${escapeHtml(n.taints.join(", "))}</td>` +
+      `<td>${escapeHtml(n.readySince)}</td>${leaseCell(n.lease)}<td>${escapeHtml(n.taints.join(", "))}</td>` +
       `<td>${bar(n.cpu.used, n.cpu.allocatable, (m) => `${(m / 1000).toFixed(2)}`)}</td>` +
       `<td>${bar(n.memory.used, n.memory.allocatable, bytes)}</td>` +
       `<td>${bar(n.pods.used, n.pods.allocatable, (p) => `${p}`)}</td></tr>`);
-    return table(["Node", "Status", "Last heartbeat", "Taints", "CPU", "Memory", "Pods"], rows);
+    return table(["Node", "Status", "Since", "Lease", "Taints", "CPU", "Memory", "Pods"], rows);
   },
 
   async pods() {
@@ -128,7 +130,7 @@ const views = {
     const node = await api(`/api/nodes/${encodeURIComponent(name)}`);
     const n = node.summary;
     return `<h2>Node ${escapeHtml(n.name)} ${n.ready ? '<span class="ok">Ready</span>' : '<span class="bad">NotReady</span>'}</h2>` +
-      `<p>CPU ${bar(n.cpu.used, n.cpu.allocatable, (m) => `${(m / 1000).toFixed(2)}`)} &nbsp; Memory ${bar(n.memory.used, n.memory.allocatable, bytes)} &nbsp; Pods ${bar(n.pods.used, n.pods.allocatable, (p) => `${p}`)}</p>` +
+      `<p>Lease: ${leaseText(n.lease)}</p><p>CPU ${bar(n.cpu.used, n.cpu.allocatable, (m) => `${(m / 1000).toFixed(2)}`)} &nbsp; Memory ${bar(n.memory.used, n.memory.allocatable, bytes)} &nbsp; Pods ${bar(n.pods.used, n.pods.allocatable, (p) => `${p}`)}</p>` +
       `<h2>Pods on this node</h2>${podTable(node.pods)}<h2>Object</h2><pre>${escapeHtml(JSON.stringify(node.object, null, 2))}</pre>`;
   },
 
@@ -140,17 +142,30 @@ const views = {
       `<tr><td>${escapeHtml(c.type)}</td><td>${escapeHtml(c.status)}</td><td>${escapeHtml(c.reason)}</td><td>${escapeHtml(c.message)}</td><td>${escapeHtml(c.lastTransitionTime)}</td></tr>`);
     const containers = (pod.object.status.containerStatuses || []).map((c) =>
       `<tr><td>${escapeHtml(c.name)}</td><td>${c.ready ? "yes" : "no"}</td><td>${c.restartCount}</td><td>${escapeHtml(JSON.stringify(c.state))}</td></tr>`);
+    const events = pod.events.map((e) =>
+      `<tr class="event" data-reason="${escapeHtml(e.reason)}"><td>${e.revision}</td><td class="${e.type === "Warning" ? "warn" : ""}">${escapeHtml(e.type)}</td>` +
+      `<td>${escapeHtml(e.reason)}</td><td>${escapeHtml(e.message)}</td><td>${escapeHtml(e.time)}</td></tr>`);
     return `<h2>Pod ${escapeHtml(namespace)}/${escapeHtml(name)} <span class="${phaseClass(p.phase)}">${escapeHtml(p.phase)}</span></h2>` +
       `<p>Node: ${node} &nbsp; Restarts: ${p.restarts} &nbsp; Created: ${escapeHtml(p.created)}</p>` +
       (p.unschedulable ? `<p class="warn">${escapeHtml(p.unschedulable)}</p>` : "") +
       `<h2>Conditions</h2>${table(["Type", "Status", "Reason", "Message", "Since"], conditions)}` +
       `<h2>Containers</h2>${table(["Name", "Ready", "Restarts", "State"], containers)}` +
+      `<h2>Events</h2>${table(["Revision", "Type", "Reason", "Message", "Time"], events)}` +
       `<h2>Log (tail)</h2>` + (pod.logs.unavailable !== undefined
         ? `<p class="muted">${escapeHtml(pod.logs.unavailable)}</p>`
         : `<pre class="log">${escapeHtml(pod.logs.tail)}</pre>`) +
       `<h2>Object</h2><pre>${escapeHtml(JSON.stringify(pod.object, null, 2))}</pre>`;
   },
 };
+
+// A node's lease: renewed by its agent every few seconds; none once the agent is gone.
+function leaseText(lease) {
+  return lease ? `renewed ${lease.renewedSecondsAgo}s ago (TTL ${lease.ttl}s)` : '<span class="bad">none</span>';
+}
+
+function leaseCell(lease) {
+  return `<td class="lease" data-renewed="${lease ? lease.renewedSecondsAgo : ""}">${leaseText(lease)}</td>`;
+}
 
 function podTable(items) {
   const rows = items.map((p) =>
@@ -178,7 +193,9 @@ async function render() {
     showBanner("");
     $("view").innerHTML = html;
   } catch (error) {
-    if (error.status === 404) {
+    if (error.status === 401) {
+      $("view").innerHTML = "";
+    } else if (error.status === 404) {
       showBanner("");
       $("view").innerHTML = `<h2>Not found</h2><p>${escapeHtml(error.message)}</p>`;
     } else {
@@ -195,17 +212,57 @@ function refreshSoon() {
 }
 
 function follow() {
+  if (state.source) state.source.close();
   const source = new EventSource("/api/events");
+  state.source = source;
   source.onopen = () => { $("live").textContent = "live"; $("live").className = "on"; refreshSoon(); };
   source.addEventListener("change", refreshSoon);
   source.addEventListener("resync", refreshSoon);
-  source.onerror = () => { $("live").textContent = "reconnecting"; $("live").className = ""; };
+  source.onerror = () => {
+    $("live").textContent = "reconnecting";
+    $("live").className = "";
+    // Refused (a session that ended): the view's next call says why, or asks to sign in.
+    if (source.readyState === EventSource.CLOSED) refreshSoon();
+  };
 }
 
+function showSignIn() {
+  if (state.source) state.source.close();
+  state.source = null;
+  $("live").textContent = "signed out";
+  $("live").className = "";
+  $("who").hidden = true;
+  $("signin").hidden = false;
+  $("view").innerHTML = "";
+}
+
+// Who is looking; then the page, live. Signed-out visitors of a cluster with auth get the form.
+async function start() {
+  const session = await api("/api/session").catch(() => ({}));
+  if (session.authEnabled && !session.user) return showSignIn();
+  $("signin").hidden = true;
+  $("who").hidden = !session.user;
+  $("user").textContent = session.user ? `signed in as ${session.user}` : "";
+  render();
+  follow();
+}
+
+$("signin").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const body = JSON.stringify({ user: $("signin-user").value, password: $("signin-password").value });
+  try {
+    await api("/api/session", { method: "POST", body });
+    $("signin-password").value = "";
+    $("signin-error").textContent = "";
+    start();
+  } catch (error) {
+    $("signin-error").textContent = error.message;
+  }
+});
+$("signout").addEventListener("click", async () => { await api("/api/session", { method: "DELETE" }).catch(() => {}); showSignIn(); });
 $("filter").addEventListener("input", (event) => { state.q = event.target.value; state.offset = 0; refreshSoon(); });
 $("previous").addEventListener("click", () => { state.offset = Math.max(0, state.offset - PAGE_ROWS); render(); });
 $("next").addEventListener("click", () => { state.offset += PAGE_ROWS; render(); });
 window.addEventListener("hashchange", () => { state.offset = 0; render(); });
-setInterval(() => { if (route()[0] === "cluster") refreshSoon(); }, CLUSTER_REFRESH_MS);
-render();
-follow();
+setInterval(() => { if (route()[0] === "cluster" && state.source) refreshSoon(); }, CLUSTER_REFRESH_MS);
+start();

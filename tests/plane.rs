@@ -178,7 +178,8 @@ mod raw {
 }
 
 /// Peers are trusted only as far as their requests check out: another cluster's Raft vote
-/// or forwarded proposal is refused, and a proposal no plane would send (a ready-made
+/// or forwarded proposal is refused, so is a vote meant for another member (a peer URL
+/// that points at the wrong plane), and a proposal no plane would send (a ready-made
 /// batch) gets an error, not a half-applied write.
 #[tokio::test]
 async fn peers_of_another_cluster_and_made_up_proposals_are_refused() {
@@ -187,13 +188,17 @@ async fn peers_of_another_cluster_and_made_up_proposals_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let plane = PlaneProcess::start(&dir.path().join("plane"), &[]);
     let mut client = bounded(Client::connect([plane.endpoint()], None)).await.unwrap();
-    let cluster_id = bounded(client.status()).await.unwrap().header().unwrap().cluster_id();
+    let header = bounded(client.status()).await.unwrap().header().unwrap().clone();
+    let (cluster_id, member_id) = (header.cluster_id(), header.member_id());
     let peer = format!("http://{}", plane.peer_addr);
 
     let mut raft = bounded(RaftPeerClient::connect(peer.clone())).await.unwrap();
-    let vote = raftpb::VoteRequest { cluster_id: cluster_id ^ 1, ..Default::default() };
+    let vote = raftpb::VoteRequest { cluster_id: cluster_id ^ 1, member_id, ..Default::default() };
     let refused = bounded(raft.vote(vote)).await.unwrap_err();
     assert!(refused.message().contains("cluster ID mismatch"), "{refused:?}");
+    let vote = raftpb::VoteRequest { cluster_id, member_id: member_id ^ 1, ..Default::default() };
+    let refused = bounded(raft.vote(vote)).await.unwrap_err();
+    assert!(refused.message().contains("member ID mismatch"), "{refused:?}");
 
     let mut forwarding = bounded(PlanePeerClient::connect(peer)).await.unwrap();
     let batch = raftpb::Command {

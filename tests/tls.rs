@@ -248,7 +248,7 @@ async fn planes_speak_mutual_tls_to_each_other_and_refuse_other_peers() {
     // holder of the cluster's certificate reaches the Raft service (which refuses a vote
     // of another cluster: the sign that the message was read).
     let peer = addrs[0].1;
-    let vote = || VoteRequest { cluster_id: 0, vote: None, last_log_id: None };
+    let vote = || VoteRequest { cluster_id: 0, ..Default::default() };
     let read_by_raft = |outcome: &Result<_, tonic::Status>| {
         outcome.as_ref().err().is_some_and(|status| status.message().contains("cluster ID mismatch"))
     };

@@ -23,6 +23,7 @@ pub mod types;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use prost::Message;
 use tokio::sync::broadcast;
@@ -38,6 +39,9 @@ pub use types::{cluster_id, member_id, new_member_id, NodeId, PeerNode, Raft, Re
 /// How many applied revisions the event channel buffers before a slow watcher lags and
 /// catches up from the store's history instead.
 pub const EVENT_CHANNEL_REVISIONS: usize = 4096;
+/// How many longest election timeouts each initial member waits, per member before it,
+/// before it bootstraps the cluster itself (see [`bootstrap`]).
+const BOOTSTRAP_STAGGER_ELECTIONS: u64 = 5;
 const META_CLUSTER_ID: &[u8] = b"cluster_id";
 const META_MEMBER_ID: &[u8] = b"member_id";
 const META_REMOVED: &[u8] = b"removed";
@@ -155,18 +159,34 @@ pub async fn start(
     let network = network::GrpcNetwork::new(identity.cluster_id, peer_channels.clone(), metrics.snapshots_sent.clone());
     let raft = Raft::new(identity.node_id, Arc::new(raft_config), network, log_store, state_machine).await?;
     if !identity.initial_members.is_empty() && !raft.is_initialized().await? {
-        tracing::info!(members = identity.initial_members.len(), "bootstrapping a new cluster");
-        match raft.initialize(identity.initial_members.clone()).await {
-            Ok(()) => {}
-            // Every initial member bootstraps; once one has, the others learn of it and
-            // are refused.
-            Err(openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {
-                tracing::info!("another member bootstrapped the cluster first")
-            }
-            Err(error) => tracing::warn!(%error, "bootstrap refused"),
-        }
+        let stagger = Duration::from_millis(config.election_timeout_ms_max * BOOTSTRAP_STAGGER_ELECTIONS);
+        tokio::spawn(bootstrap(raft.clone(), identity.initial_members.clone(), identity.node_id, stagger));
     }
     Ok(PlaneRaft { raft, store, events, peer_channels })
+}
+
+/// Bootstraps a new cluster. One member is enough, as openraft advises: `initialize` on
+/// every member at once starts as many campaigns for the first term, which split the
+/// vote and delay the first leader. The member with the lowest ID bootstraps at once;
+/// each other member waits its turn (`stagger` per member before it) and bootstraps only
+/// if no one has yet, so the cluster still forms when the first member is down.
+async fn bootstrap(raft: Raft, members: BTreeMap<NodeId, PeerNode>, node_id: NodeId, stagger: Duration) {
+    let rank = members.keys().position(|id| *id == node_id).unwrap_or(0) as u32;
+    let mut metrics = raft.metrics();
+    tokio::select! {
+        () = tokio::time::sleep(stagger * rank) => {}
+        // Another member's bootstrap reached this one, or this plane stopped.
+        _ = metrics.wait_for(|metrics| metrics.membership_config.log_id().is_some()) => return,
+    }
+    tracing::info!(members = members.len(), "bootstrapping a new cluster");
+    match raft.initialize(members).await {
+        Ok(()) => {}
+        // Another member bootstrapped the cluster meanwhile.
+        Err(openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {
+            tracing::info!("another member bootstrapped the cluster first")
+        }
+        Err(error) => tracing::warn!(%error, "bootstrap refused"),
+    }
 }
 
 /// A data directory remembers its cluster and member; a plane configured as another refuses

@@ -217,6 +217,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         let last_sent = rpc.entries.get(entries.len().wrapping_sub(1)).map(|entry| entry.log_id);
         let request = raftpb::AppendEntriesRequest {
             cluster_id: self.cluster_id,
+            member_id: self.target,
             vote: Some(types::vote_to_pb(&rpc.vote)),
             prev_log_id: rpc.prev_log_id.as_ref().map(types::log_id_to_pb),
             entries,
@@ -240,6 +241,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         let done = rpc.done;
         let request = raftpb::InstallSnapshotRequest {
             cluster_id: self.cluster_id,
+            member_id: self.target,
             vote: Some(types::vote_to_pb(&rpc.vote)),
             meta: Some(types::snapshot_meta_to_pb(&rpc.meta)),
             offset: rpc.offset,
@@ -279,7 +281,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId>>> {
         let mut client = self.client()?;
-        let response = call!(self, option, client.vote(types::vote_request_to_pb(self.cluster_id, &rpc)))?;
+        let response = call!(self, option, client.vote(types::vote_request_to_pb(self.cluster_id, self.target, &rpc)))?;
         types::vote_response_from_pb(response).map_err(|error| self.unreachable(error))
     }
 }

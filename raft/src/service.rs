@@ -1,6 +1,6 @@
 //! The server side of the Raft transport: the `RaftPeer` gRPC service a plane serves on its
-//! peer address. Requests from another cluster, or that do not decode, are refused with a
-//! clear status; nothing a peer sends can panic the plane.
+//! peer address. Requests from another cluster or for another member, or that do not
+//! decode, are refused with a clear status; nothing a peer sends can panic the plane.
 
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest};
@@ -14,14 +14,18 @@ use crate::types::{self, NodeId, Raft};
 pub struct PeerService {
     raft: Raft,
     cluster_id: u64,
+    member_id: NodeId,
 }
 
 impl PeerService {
-    pub fn new(raft: Raft, cluster_id: u64) -> PeerService {
-        PeerService { raft, cluster_id }
+    pub fn new(raft: Raft, cluster_id: u64, member_id: NodeId) -> PeerService {
+        PeerService { raft, cluster_id, member_id }
     }
 
-    fn check_cluster(&self, cluster_id: u64) -> Result<(), Status> {
+    /// Refuses a request of another cluster, or one meant for another member: a peer
+    /// configured with this plane's URL for another member would otherwise feed it that
+    /// member's Raft messages.
+    fn check_target(&self, cluster_id: u64, member_id: NodeId) -> Result<(), Status> {
         if cluster_id != self.cluster_id {
             tracing::warn!(
                 theirs = format!("{cluster_id:x}"),
@@ -31,6 +35,17 @@ impl PeerService {
             return Err(Status::failed_precondition(format!(
                 "cluster ID mismatch: the request is for cluster {cluster_id:x}, this plane belongs to {:x}",
                 self.cluster_id
+            )));
+        }
+        if member_id != self.member_id {
+            tracing::warn!(
+                theirs = format!("{member_id:x}"),
+                ours = format!("{:x}", self.member_id),
+                "refused a peer message for another member; check the peer URLs in --initial-cluster"
+            );
+            return Err(Status::failed_precondition(format!(
+                "member ID mismatch: the request is for member {member_id:x}, this plane is {:x}",
+                self.member_id
             )));
         }
         Ok(())
@@ -52,7 +67,7 @@ impl RaftPeer for PeerService {
         request: Request<raftpb::AppendEntriesRequest>,
     ) -> Result<Response<raftpb::AppendEntriesResponse>, Status> {
         let request = request.into_inner();
-        self.check_cluster(request.cluster_id)?;
+        self.check_target(request.cluster_id, request.member_id)?;
         let vote =
             request.vote.as_ref().map(types::vote_from_pb).ok_or(DecodeError::Missing("vote")).map_err(malformed)?;
         let entries =
@@ -69,7 +84,7 @@ impl RaftPeer for PeerService {
 
     async fn vote(&self, request: Request<raftpb::VoteRequest>) -> Result<Response<raftpb::VoteResponse>, Status> {
         let request = request.into_inner();
-        self.check_cluster(request.cluster_id)?;
+        self.check_target(request.cluster_id, request.member_id)?;
         let rpc = types::vote_request_from_pb(request).map_err(malformed)?;
         let response = self.raft.vote(rpc).await.map_err(raft_status)?;
         Ok(Response::new(types::vote_response_to_pb(&response)))
@@ -80,7 +95,7 @@ impl RaftPeer for PeerService {
         request: Request<raftpb::InstallSnapshotRequest>,
     ) -> Result<Response<raftpb::InstallSnapshotResponse>, Status> {
         let request = request.into_inner();
-        self.check_cluster(request.cluster_id)?;
+        self.check_target(request.cluster_id, request.member_id)?;
         let vote =
             request.vote.as_ref().map(types::vote_from_pb).ok_or(DecodeError::Missing("vote")).map_err(malformed)?;
         let meta = request.meta.ok_or(DecodeError::Missing("meta")).map_err(malformed)?;

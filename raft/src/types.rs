@@ -203,9 +203,10 @@ pub fn append_response_from_pb(
     })
 }
 
-pub fn vote_request_to_pb(cluster_id: u64, request: &VoteRequest<NodeId>) -> raftpb::VoteRequest {
+pub fn vote_request_to_pb(cluster_id: u64, member_id: NodeId, request: &VoteRequest<NodeId>) -> raftpb::VoteRequest {
     raftpb::VoteRequest {
         cluster_id,
+        member_id,
         vote: Some(vote_to_pb(&request.vote)),
         last_log_id: request.last_log_id.as_ref().map(log_id_to_pb),
     }

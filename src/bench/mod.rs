@@ -4,9 +4,11 @@
 //! the endpoints; each worker sends one request at a time for `--duration-secs` after a
 //! warm-up, and records every latency. `failover` instead sends sequential puts and
 //! reports the longest gap between two acknowledged ones: kill the leader while it runs.
-//! `schedule` measures the scheduler: see `schedule.rs`.
+//! `watch` measures watch fan-out: see `watch.rs`; `schedule` measures the scheduler: see
+//! `schedule.rs`.
 
 mod schedule;
+mod watch;
 
 use std::time::{Duration, Instant};
 
@@ -54,6 +56,12 @@ pub enum Workload {
     },
     /// Txns that compare a key's mod revision, then put it.
     Txn,
+    /// One writer and many watchers of its keys; reports events delivered per second and
+    /// each event's delay from put to delivery.
+    Watch {
+        #[arg(long, default_value_t = 128)]
+        watchers: usize,
+    },
     /// Sequential puts; reports the longest gap without an acknowledged put.
     Failover,
     /// Registers nodes, creates pods, and measures how fast the cluster's scheduler binds
@@ -101,6 +109,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let endpoints = credentials.urls(&args.endpoints);
     match args.workload {
         Workload::Failover => return failover(&args, &endpoints).await,
+        Workload::Watch { watchers } => return watch::run(&args, &endpoints, watchers).await,
         Workload::Schedule { nodes, pods } => return schedule::run(&args, &endpoints, nodes, pods).await,
         Workload::PodStart { pods } => return schedule::pod_start(&args, &endpoints, pods).await,
         _ => {}
@@ -171,9 +180,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
 async fn request(mut client: Client, workload: Workload, key: String, value: &str) -> Result<(), etcd_client::Error> {
     match workload {
-        Workload::Put | Workload::Failover | Workload::Schedule { .. } | Workload::PodStart { .. } => {
-            client.put(key, value, None).await.map(|_| ())
-        }
+        Workload::Put
+        | Workload::Failover
+        | Workload::Watch { .. }
+        | Workload::Schedule { .. }
+        | Workload::PodStart { .. } => client.put(key, value, None).await.map(|_| ()),
         Workload::Range { consistency } => {
             let options = (consistency == Consistency::S).then(|| GetOptions::new().with_serializable());
             client.get(key, options).await.map(|_| ())
@@ -229,6 +240,7 @@ fn report(args: &BenchArgs, tally: &mut Tally) {
         Workload::Range { consistency: Consistency::L } => "range-linearizable".to_string(),
         Workload::Range { consistency: Consistency::S } => "range-serializable".to_string(),
         Workload::Txn => "txn".to_string(),
+        Workload::Watch { watchers } => format!("watch ({watchers} watchers)"),
         Workload::Failover => "failover".to_string(),
         Workload::Schedule { .. } => "schedule".to_string(),
         Workload::PodStart { .. } => "pod-start".to_string(),

@@ -543,7 +543,7 @@ pub async fn run(
     if let Some(config) = plane.config.scheduler.clone() {
         background.spawn(run_scheduler(plane.clone(), config));
     }
-    let peer_service = capstan_raft::PeerService::new(plane.raft.clone(), plane.cluster_id);
+    let peer_service = capstan_raft::PeerService::new(plane.raft.clone(), plane.cluster_id, plane.node_id);
     let (stop_peers, peers_stopped) = tokio::sync::oneshot::channel::<()>();
     let peer_router = tonic::transport::Server::builder()
         .add_service(

@@ -194,7 +194,8 @@ impl Browser {
             }
             if std::time::Instant::now() > deadline {
                 let html = self.client.source().await.unwrap_or_default();
-                panic!("the page never showed {count} of {css}; it shows:\n{html}");
+                let logs = output_dir().display().to_string();
+                panic!("the page never showed {count} of {css} (cluster logs in {logs}); it shows:\n{html}");
             }
             // The DOM is only visible by asking for it.
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -202,11 +203,16 @@ impl Browser {
     }
 
     async fn screenshot(&self, name: &str) {
-        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard");
-        std::fs::create_dir_all(&dir).unwrap();
         let png = self.client.screenshot().await.expect("a screenshot");
-        std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
+        std::fs::write(output_dir().join(format!("{name}.png")), png).unwrap();
     }
+}
+
+/// Where the browser tests leave their screenshots and `capstan dev`'s log.
+fn output_dir() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 /// The process id of `capstan agent --name <name>` whose data lives under `dir`.
@@ -242,7 +248,7 @@ async fn a_browser_sees_the_cluster_and_a_node_die() {
         .arg(&data_dir)
         .args(["--client-ports", &ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")])
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(output_dir().join("dev.log")).unwrap())
         .spawn()
         .unwrap();
     let _dev = common::Dev(child);

@@ -114,15 +114,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Workload::PodStart { pods } => return schedule::pod_start(&args, &endpoints, pods).await,
         _ => {}
     }
-    let options = credentials.connect_options(REQUEST_TIMEOUT)?;
-    let mut connections = Vec::new();
-    for index in 0..args.clients.max(1) {
-        let endpoint = &endpoints[index % endpoints.len()];
-        let client = Client::connect([endpoint.as_str()], Some(options.clone()))
-            .await
-            .with_context(|| format!("cannot connect to {endpoint}"))?;
-        connections.push(client);
-    }
+    let connections = connect(&args, &endpoints).await?;
     let value = "v".repeat(args.value_size);
     if let Workload::Range { .. } = args.workload {
         populate(&connections, args.key_count, &value).await?;
@@ -176,6 +168,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     eprintln!();
     report(&args, &mut all);
     Ok(())
+}
+
+/// `--clients` connections, each to one endpoint, round-robin.
+async fn connect(args: &BenchArgs, endpoints: &[String]) -> anyhow::Result<Vec<Client>> {
+    let options = args.credentials.credentials().connect_options(REQUEST_TIMEOUT)?;
+    let mut connections = Vec::new();
+    for index in 0..args.clients.max(1) {
+        let endpoint = &endpoints[index % endpoints.len()];
+        let client = Client::connect([endpoint.as_str()], Some(options.clone()))
+            .await
+            .with_context(|| format!("cannot connect to {endpoint}"))?;
+        connections.push(client);
+    }
+    Ok(connections)
 }
 
 async fn request(mut client: Client, workload: Workload, key: String, value: &str) -> Result<(), etcd_client::Error> {

@@ -9,24 +9,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use etcd_client::{Client, WatchOptions};
+use etcd_client::WatchOptions;
 
-use super::{report, BenchArgs, Tally, REQUEST_TIMEOUT};
+use super::{report, BenchArgs, Tally};
 
 const PREFIX: &str = "bench-watch/";
 /// How long watchers may take, after the writer stops, to deliver the last put.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn run(args: &BenchArgs, endpoints: &[String], watchers: usize) -> anyhow::Result<()> {
-    let options = args.credentials.credentials().connect_options(REQUEST_TIMEOUT)?;
-    let mut connections = Vec::new();
-    for index in 0..args.clients.max(1) {
-        let endpoint = &endpoints[index % endpoints.len()];
-        let client = Client::connect([endpoint.as_str()], Some(options.clone()))
-            .await
-            .with_context(|| format!("cannot connect to {endpoint}"))?;
-        connections.push(client);
-    }
+    let connections = super::connect(args, endpoints).await?;
     let epoch = Instant::now();
     let measure_from = epoch + Duration::from_secs(args.warmup_secs);
     let end = measure_from + Duration::from_secs(args.duration_secs);

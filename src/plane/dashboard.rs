@@ -101,18 +101,35 @@ fn error(code: StatusCode, message: impl Into<String>) -> ApiError {
     ApiError(code, message.into())
 }
 
-/// Who is looking: anyone (auth is off) or a signed-in user.
-enum Viewer {
-    Anyone,
-    User(String),
+/// Who is looking: a signed-in user, or anyone (`None`) when auth is off; with the auth
+/// state the viewer's reads are checked against.
+struct Viewer {
+    user: Option<String>,
+    auth: Arc<AuthState>,
 }
 
 impl Viewer {
-    fn may_read(&self, auth: &AuthState, key: &[u8]) -> bool {
-        match self {
-            Viewer::Anyone => true,
-            Viewer::User(user) => auth.check(user, Access::Read, key, &[]).is_ok(),
+    fn may_read(&self, key: &[u8]) -> bool {
+        self.user.as_ref().is_none_or(|user| self.auth.check(user, Access::Read, key, &[]).is_ok())
+    }
+
+    /// 403 unless the viewer may read `key`, whether or not it exists, so the answer
+    /// reveals nothing of what the viewer may not read.
+    fn require_read(&self, key: &str) -> Result<(), ApiError> {
+        match self.may_read(key.as_bytes()) {
+            true => Ok(()),
+            false => Err(error(StatusCode::FORBIDDEN, "etcdserver: permission denied")),
         }
+    }
+
+    /// The objects of `kind` (in `namespace`, unless empty) the viewer may read.
+    fn readable<'a>(
+        &'a self,
+        objects: &'a Objects,
+        kind: Kind,
+        namespace: &'a str,
+    ) -> impl Iterator<Item = &'a Object> {
+        objects.of_kind(kind, namespace).filter(|(key, _)| self.may_read(key)).map(|(_, object)| object)
     }
 }
 
@@ -130,11 +147,15 @@ fn session_cookie(token: &str, max_age_secs: u64) -> String {
 impl Dashboard {
     /// The viewer of a request; 401 when auth is on and the request has no valid session.
     fn viewer(&self, headers: &HeaderMap) -> Result<Viewer, ApiError> {
-        if !self.plane.store.auth().enabled {
-            return Ok(Viewer::Anyone);
+        let auth = self.plane.store.auth();
+        if !auth.enabled {
+            return Ok(Viewer { user: None, auth });
         }
         let user = session_token(headers).and_then(|token| self.plane.token_user(token));
-        user.map(Viewer::User).ok_or_else(|| error(StatusCode::UNAUTHORIZED, "auth is enabled: sign in"))
+        match user {
+            Some(user) => Ok(Viewer { user: Some(user), auth }),
+            None => Err(error(StatusCode::UNAUTHORIZED, "auth is enabled: sign in")),
+        }
     }
 
     /// Runs `view` over the objects as of a revision that includes every write
@@ -201,17 +222,6 @@ impl ListQuery {
         }
         json!({ "revision": revision, "total": total, "offset": self.offset, "items": items })
     }
-}
-
-/// The objects of `kind` the viewer may read.
-fn readable<'a>(
-    objects: &'a Objects,
-    viewer: &'a Viewer,
-    auth: &'a AuthState,
-    kind: Kind,
-    namespace: &'a str,
-) -> impl Iterator<Item = &'a Object> {
-    objects.of_kind(kind, namespace).filter(|(key, _)| viewer.may_read(auth, key)).map(|(_, object)| object)
 }
 
 fn pods_of<'a>(objects: impl Iterator<Item = &'a Object>) -> impl Iterator<Item = &'a Pod> {
@@ -294,11 +304,10 @@ async fn nodes(
     Query(query): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
     let viewer = dashboard.viewer(&headers)?;
-    let auth = dashboard.plane.store.auth();
     let (mut page, leases) = dashboard
         .read(|objects| {
-            let allocated = allocated(pods_of(readable(objects, &viewer, &auth, Kind::Pod, "")));
-            let nodes = readable(objects, &viewer, &auth, Kind::Node, "").filter_map(|object| match object {
+            let allocated = allocated(pods_of(viewer.readable(objects, Kind::Pod, "")));
+            let nodes = viewer.readable(objects, Kind::Node, "").filter_map(|object| match object {
                 Object::Node(node) if query.matches(&node.metadata) => Some(node),
                 _ => None,
             });
@@ -322,10 +331,9 @@ async fn pods(
     Query(query): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
     let viewer = dashboard.viewer(&headers)?;
-    let auth = dashboard.plane.store.auth();
     let page = dashboard
         .read(|objects| {
-            let pods = pods_of(readable(objects, &viewer, &auth, Kind::Pod, &query.namespace)).filter(|pod| {
+            let pods = pods_of(viewer.readable(objects, Kind::Pod, &query.namespace)).filter(|pod| {
                 query.matches(&pod.metadata) && (query.node.is_empty() || pod.spec.node_name == query.node)
             });
             query.page(pods, objects.revision, pod_row)
@@ -340,16 +348,12 @@ async fn replicasets(
     Query(query): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
     let viewer = dashboard.viewer(&headers)?;
-    let auth = dashboard.plane.store.auth();
     let page = dashboard
         .read(|objects| {
-            let sets =
-                readable(objects, &viewer, &auth, Kind::ReplicaSet, &query.namespace).filter_map(
-                    |object| match object {
-                        Object::ReplicaSet(set) if query.matches(&set.metadata) => Some(set),
-                        _ => None,
-                    },
-                );
+            let sets = viewer.readable(objects, Kind::ReplicaSet, &query.namespace).filter_map(|object| match object {
+                Object::ReplicaSet(set) if query.matches(&set.metadata) => Some(set),
+                _ => None,
+            });
             query.page(sets, objects.revision, |set| {
                 json!({
                     "namespace": set.metadata.namespace,
@@ -364,15 +368,6 @@ async fn replicasets(
     Ok(Json(page).into_response())
 }
 
-/// 403 unless the viewer may read `key`, whether or not it exists, so the answer reveals
-/// nothing of what the viewer may not read.
-fn may_read(dashboard: &Dashboard, viewer: &Viewer, key: &str) -> Result<(), ApiError> {
-    match viewer.may_read(&dashboard.plane.store.auth(), key.as_bytes()) {
-        true => Ok(()),
-        false => Err(error(StatusCode::FORBIDDEN, "etcdserver: permission denied")),
-    }
-}
-
 async fn node(
     State(dashboard): State<Arc<Dashboard>>,
     headers: HeaderMap,
@@ -380,12 +375,11 @@ async fn node(
 ) -> Result<Response, ApiError> {
     let viewer = dashboard.viewer(&headers)?;
     let key = Kind::Node.key("", &name);
-    may_read(&dashboard, &viewer, &key)?;
-    let auth = dashboard.plane.store.auth();
+    viewer.require_read(&key)?;
     let found = dashboard
         .read(|objects| {
             let Some(Object::Node(node)) = objects.get(&key) else { return None };
-            let on_node = || pods_of(readable(objects, &viewer, &auth, Kind::Pod, "")).filter(|pod| pod.spec.node_name == name);
+            let on_node = || pods_of(viewer.readable(objects, Kind::Pod, "")).filter(|pod| pod.spec.node_name == name);
             let allocated = allocated(on_node()).get(name.as_str()).copied().unwrap_or_default();
             let pods: Vec<Value> = on_node().map(pod_row).collect();
             let lease = objects.node_leases.get(&name).copied();
@@ -406,7 +400,7 @@ async fn pod(
 ) -> Result<Response, ApiError> {
     let viewer = dashboard.viewer(&headers)?;
     let key = Kind::Pod.key(&namespace, &name);
-    may_read(&dashboard, &viewer, &key)?;
+    viewer.require_read(&key)?;
     let found = dashboard
         .read(|objects| match objects.get(&key) {
             Some(Object::Pod(pod)) => {
@@ -546,7 +540,7 @@ async fn peer_status(plane: &Plane, urls: &[String]) -> Result<Value, String> {
 /// Who is looking: `{authEnabled, user}` (user null when no one is signed in).
 async fn session(State(dashboard): State<Arc<Dashboard>>, headers: HeaderMap) -> Response {
     let user = match dashboard.viewer(&headers) {
-        Ok(Viewer::User(user)) => Some(user),
+        Ok(viewer) => viewer.user,
         _ => None,
     };
     Json(json!({ "authEnabled": dashboard.plane.store.auth().enabled, "user": user })).into_response()
@@ -602,12 +596,12 @@ async fn events(
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             };
-            if matches!(viewer, Viewer::User(_)) && plane.token_user(&token).is_none() {
+            if viewer.user.is_some() && plane.token_user(&token).is_none() {
                 return;
             }
-            let auth = plane.store.auth();
+            let viewer = Viewer { user: viewer.user.clone(), auth: plane.store.auth() };
             for event in &batch.events {
-                let Some(kv) = event.kv.as_ref().filter(|kv| viewer.may_read(&auth, &kv.key)) else { continue };
+                let Some(kv) = event.kv.as_ref().filter(|kv| viewer.may_read(&kv.key)) else { continue };
                 let Some(kind) = Kind::of_key(&kv.key) else { continue };
                 let data = json!({
                     "kind": kind.name(),

@@ -21,15 +21,24 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// concurrently running test can take one between this check and the plane's bind; each
 /// is handed out once per test process.
 pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_run(1)))
+}
+
+/// The first of `count` consecutive free ports, taken from the process's sequence in one
+/// step, so that tests running on other threads are never handed one of them.
+fn free_run(count: u32) -> u16 {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     const FIRST: u32 = 20_000;
     const COUNT: u32 = 12_000;
     let start = std::process::id() % 60 * 200;
     loop {
-        let offset = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let port = (FIRST + (start + offset) % COUNT) as u16;
-        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
-            return listener.local_addr().expect("local address");
+        let offset = NEXT.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+        let first = FIRST + (start + offset) % COUNT;
+        if first + count > FIRST + COUNT {
+            continue;
+        }
+        if (first..first + count).all(|port| TcpListener::bind(("127.0.0.1", port as u16)).is_ok()) {
+            return first as u16;
         }
     }
 }
@@ -190,19 +199,11 @@ impl Drop for Dev {
 }
 
 /// `count` client ports whose peer and metrics ports (one and two higher) are free too;
-/// [`free_addr`] hands out none of the three again (a WebDriver started later once took a
-/// plane's peer port this way).
+/// [`free_addr`] hands out none of the three again, to this test or one running beside it
+/// (a WebDriver started later once took a plane's peer port, and so did a concurrent
+/// test's plane).
 pub fn free_client_ports(count: usize) -> Vec<u16> {
-    let mut ports: Vec<u16> = Vec::new();
-    while ports.len() < count {
-        let base = free_addr().port();
-        let usable = (1..3).all(|offset| std::net::TcpListener::bind(("127.0.0.1", base + offset)).is_ok());
-        while free_addr().port() <= base + 2 {}
-        if usable {
-            ports.push(base);
-        }
-    }
-    ports
+    (0..count).map(|_| free_run(3)).collect()
 }
 
 /// Any other child process, killed when the guard drops, so a failing test leaves none.

@@ -71,7 +71,9 @@ pub fn pod_events(versions: &[(i64, Pod)], created: i64) -> Vec<PodEvent> {
             if !pod.status.message.is_empty() {
                 message = format!("{message}: {}", pod.status.message);
             }
-            events.push(event(revision, warning, phase.name(), message, &pod.status.start_time));
+            // The pod records when it started, not when it finished.
+            let time = if phase == PodPhase::Running { pod.status.start_time.as_str() } else { "" };
+            events.push(event(revision, warning, phase.name(), message, time));
         }
         if !first_seen && restarts(pod) > restarts(before) {
             let terminated = pod.status.container_statuses.iter().find_map(|status| status.state.terminated.as_ref());

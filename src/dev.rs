@@ -84,7 +84,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         .map(|plane| format!("{}={scheme}://127.0.0.1:{}", plane.name, plane.peer_port))
         .collect::<Vec<_>>()
         .join(",");
-    let endpoints = planes.iter().map(|plane| format!("127.0.0.1:{}", plane.client_port)).collect::<Vec<_>>().join(",");
+    let endpoint_list: Vec<String> = planes.iter().map(|plane| format!("127.0.0.1:{}", plane.client_port)).collect();
+    let endpoints = endpoint_list.join(",");
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let exe = std::env::current_exe().context("cannot find the capstan binary")?;
     let hosts = ["127.0.0.1".to_string(), "localhost".to_string()];
@@ -175,7 +176,6 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let shutdown = crate::shutdown_signal();
     tokio::pin!(shutdown);
     let credentials = tls.as_ref().map(ThrowawayPki::client_credentials).unwrap_or_default();
-    let endpoint_list: Vec<String> = endpoints.split(',').map(str::to_string).collect();
     tokio::select! {
         () = &mut shutdown => {}
         () = serving(&endpoint_list, &credentials) => {

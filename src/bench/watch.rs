@@ -26,7 +26,6 @@ pub async fn run(args: &BenchArgs, endpoints: &[String], watchers: usize) -> any
     // the watchers stop once they have delivered it (last_revision turns positive then).
     let acknowledged = Arc::new(AtomicU64::new(0));
     let (last_revision, _) = tokio::sync::watch::channel(0i64);
-    let last_revision = Arc::new(last_revision);
 
     let mut watching = tokio::task::JoinSet::new();
     for index in 0..watchers.max(1) {

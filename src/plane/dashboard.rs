@@ -202,10 +202,11 @@ struct ListQuery {
 }
 
 impl ListQuery {
+    /// Whether an object passes the filter; the `namespace/name` string is made only when
+    /// there is a `q` to look for (lists walk every object of a kind).
     fn matches(&self, meta: &objects::ObjectMeta) -> bool {
-        let qualified = format!("{}/{}", meta.namespace, meta.name);
-        (self.q.is_empty() || qualified.contains(&self.q))
-            && (self.namespace.is_empty() || meta.namespace == self.namespace)
+        (self.namespace.is_empty() || meta.namespace == self.namespace)
+            && (self.q.is_empty() || format!("{}/{}", meta.namespace, meta.name).contains(&self.q))
     }
 
     /// One page of `rows` (each made into JSON by `row` only if it is on the page), with
@@ -379,9 +380,10 @@ async fn node(
     let found = dashboard
         .read(|objects| {
             let Some(Object::Node(node)) = objects.get(&key) else { return None };
-            let on_node = || pods_of(viewer.readable(objects, Kind::Pod, "")).filter(|pod| pod.spec.node_name == name);
-            let allocated = allocated(on_node()).get(name.as_str()).copied().unwrap_or_default();
-            let pods: Vec<Value> = on_node().map(pod_row).collect();
+            let on_node: Vec<&Pod> =
+                pods_of(viewer.readable(objects, Kind::Pod, "")).filter(|pod| pod.spec.node_name == name).collect();
+            let allocated = allocated(on_node.iter().copied()).get(name.as_str()).copied().unwrap_or_default();
+            let pods: Vec<Value> = on_node.into_iter().map(pod_row).collect();
             let lease = objects.node_leases.get(&name).copied();
             Some((json!({ "revision": objects.revision, "summary": node_row(node, allocated), "object": node, "pods": pods }), lease))
         })

@@ -1,7 +1,8 @@
 //! Backups on real planes: `capstan ctl snapshot save` (and etcdctl's) stream a checked
 //! snapshot; `capstan plane --restore` starts a fresh 3-plane cluster with the identical
-//! content, revisions, compaction and leases; a truncated, foreign or misplaced backup is
-//! refused with a clear error.
+//! content, revisions, compaction and leases, and a restart with the flag still given
+//! keeps the member's data; a truncated, foreign or misplaced backup is refused with a
+//! clear error.
 
 mod common;
 
@@ -89,6 +90,21 @@ async fn a_backup_restores_into_a_fresh_cluster_with_identical_content() {
     assert!(ttl.ttl() > 0, "the lease survived the restore: {ttl:?}");
     let next = client.put("k/after", "a", None).await.unwrap().header().unwrap().revision();
     assert_eq!(next, revision + 1);
+
+    // A member restarted with `--restore` still given (a service unit's fixed command
+    // line) goes on with its data instead of refusing to start or restoring again...
+    let mut restored = restored;
+    restored.planes[0].kill_and_restart();
+    let (got, got_revision) = everything(&restored.planes[0].endpoint()).await;
+    assert_eq!(got_revision, next);
+    assert!(got.iter().any(|kv| kv.0 == b"k/after"), "the write after the restore is kept");
+    // ...but a different backup never overwrites a member.
+    let newer = dir.path().join("newer.snap");
+    let (ok, out, err) = ctl(&endpoint, &["snapshot", "save", newer.to_str().unwrap()], "");
+    assert!(ok, "{out}{err}");
+    restored.planes[2].kill();
+    let log = refused(&restored.planes[2].data_dir, &newer);
+    assert!(log.contains("--restore needs a new data directory") && log.contains("not restored from"), "{log}");
 }
 
 /// `capstan plane --restore FILE` on `data_dir`: it must exit with an error naming why.

@@ -33,7 +33,7 @@ use capstan_store::Store;
 pub use error::RaftError;
 pub use metrics::StorageMetrics;
 pub use service::PeerService;
-pub use state_machine::{restore_backup, RevisionEvents, StateMachine};
+pub use state_machine::{RevisionEvents, StateMachine};
 pub use types::{cluster_id, member_id, new_member_id, NodeId, PeerNode, Raft, Response, TypeConfig};
 
 /// How many applied revisions the event channel buffers before a slow watcher lags and
@@ -45,6 +45,7 @@ const BOOTSTRAP_STAGGER_ELECTIONS: u64 = 5;
 const META_CLUSTER_ID: &[u8] = b"cluster_id";
 const META_MEMBER_ID: &[u8] = b"member_id";
 const META_REMOVED: &[u8] = b"removed";
+const META_RESTORED_FROM: &[u8] = b"restored_from";
 /// Snapshots travel to followers in chunks of this size.
 pub const SNAPSHOT_CHUNK_BYTES: u64 = 1 << 20;
 
@@ -123,6 +124,24 @@ pub fn stored_identity(store: &Store) -> Result<Option<StoredIdentity>, RaftErro
     };
     let removed = read_meta_u64(store, META_REMOVED)?.is_some();
     Ok(Some(StoredIdentity { cluster_id, node_id, removed }))
+}
+
+/// `--restore`: fills a new data directory from a backup and remembers which backup
+/// (by its SHA-256), so that a restart with the same `--restore` can tell it is done.
+pub fn restore_backup(store: &Store, backup: &std::path::Path) -> Result<(), RaftError> {
+    let digest = state_machine::import_backup(store, backup)?;
+    let db = store.db();
+    let family = db.cf_handle(log_store::CF_RAFT_META).expect("opened with the store");
+    db.put_cf_opt(family, META_RESTORED_FROM, digest, &log_store::synced()).map_err(capstan_store::StoreError::from)?;
+    Ok(())
+}
+
+/// The SHA-256 of the backup this data directory was restored from, if it was.
+pub fn restored_from(store: &Store) -> Result<Option<capstan_store::BackupDigest>, RaftError> {
+    let db = store.db();
+    let family = db.cf_handle(log_store::CF_RAFT_META).expect("opened with the store");
+    let raw = db.get_cf(family, META_RESTORED_FROM).map_err(capstan_store::StoreError::from)?;
+    Ok(raw.and_then(|raw| raw.try_into().ok()))
 }
 
 /// Records that the cluster removed this member, so that its data never serves again.

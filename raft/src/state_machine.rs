@@ -64,10 +64,12 @@ pub struct StateMachine {
 
 /// Fills a new plane's store from a backup (a snapshot file `capstan ctl snapshot save`
 /// wrote): the keys, their revisions and the leases, without the old cluster's Raft state,
-/// so the plane bootstraps a new cluster on that content.
-pub fn restore_backup(store: &Store, backup: &std::path::Path) -> Result<(), capstan_store::StoreError> {
-    store.import_backup(backup)?;
-    store.delete_meta(&[META_APPLIED, META_MEMBERSHIP, META_BATCH_PROGRESS])
+/// so the plane bootstraps a new cluster on that content. Returns the backup's SHA-256.
+pub(crate) fn import_backup(
+    store: &Store,
+    backup: &std::path::Path,
+) -> Result<capstan_store::BackupDigest, capstan_store::StoreError> {
+    store.import_backup(backup, &[META_APPLIED, META_MEMBERSHIP, META_BATCH_PROGRESS])
 }
 
 fn sm_error(verb: ErrorVerb, error: impl std::error::Error + 'static) -> StorageError {

@@ -426,15 +426,24 @@ fn restore(store: &Store, backup: &std::path::Path, config: &PlaneConfig) -> any
             "--restore starts a new cluster; it cannot join a running one (--initial-cluster-state existing)"
         );
     }
+    let cannot_restore = || format!("cannot restore {}", backup.display());
     if let Some(stored) = capstan_raft::stored_identity(store)? {
+        // A restart with the flag still set (a service unit, say) goes on with the
+        // restored member; any other backup would overwrite a member's data.
+        let digest = capstan_store::check_backup(backup).with_context(cannot_restore)?;
+        if capstan_raft::restored_from(store)? == Some(digest) {
+            tracing::info!(backup = %backup.display(), "the data directory was restored from this backup already; starting it as it is");
+            return Ok(());
+        }
         anyhow::bail!(
-            "--restore needs a new data directory: {} already holds member {:x} of cluster {:x} (start it without --restore)",
+            "--restore needs a new data directory: {} already holds member {:x} of cluster {:x}, not restored from {} (start it without --restore)",
             config.data_dir.display(),
             stored.node_id,
-            stored.cluster_id
+            stored.cluster_id,
+            backup.display()
         );
     }
-    capstan_raft::restore_backup(store, backup).with_context(|| format!("cannot restore {}", backup.display()))?;
+    capstan_raft::restore_backup(store, backup).with_context(cannot_restore)?;
     tracing::info!(backup = %backup.display(), revision = store.revision(), "restored a backup");
     Ok(())
 }

@@ -114,17 +114,6 @@ impl Store {
         Ok(self.db().write(batch)?)
     }
 
-    /// Deletes `names` from the caller's metadata, durably.
-    pub fn delete_meta(&self, names: &[&[u8]]) -> Result<()> {
-        let mut batch = WriteBatch::default();
-        for name in names {
-            batch.delete_cf(cf(self.db(), codec::CF_META), name);
-        }
-        let mut sync = rocksdb::WriteOptions::default();
-        sync.set_sync(true);
-        Ok(self.db().write_opt(batch, &sync)?)
-    }
-
     /// Deletes what compaction at `until` made unreachable: every version of a key older
     /// than its newest version at or below `until`, that version too if it is a tombstone
     /// below `until`, and the history below `until`. Idempotent, so an interrupted run is

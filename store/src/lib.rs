@@ -30,7 +30,7 @@ pub use apply::{check_txn, Applied};
 pub use auth::{Access, AuthState, ROOT};
 pub use error::{Result, StoreError};
 pub use read::{EventsPage, KeyRange, Reader};
-pub use snapshot::{check_backup, check_snapshot, seal_backup, Exported};
+pub use snapshot::{check_backup, check_snapshot, seal_backup, BackupDigest, Exported};
 
 use capstan_proto::etcdserverpb as pb;
 

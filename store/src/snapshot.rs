@@ -101,17 +101,20 @@ impl Store {
     /// Replaces the store's whole content with the snapshot at `path`, after checking it.
     pub fn import(&self, path: &Path) -> Result<()> {
         check_snapshot(path)?;
-        self.import_checked(path)
+        self.import_checked(path, &[])
     }
 
-    /// Replaces the store's content with a sealed backup's ([`seal_backup`]).
-    pub fn import_backup(&self, path: &Path) -> Result<()> {
-        check_backup(path)?;
-        self.import_checked(path)
+    /// Replaces the store's content with a sealed backup's ([`seal_backup`]), without the
+    /// `drop_meta` values it carries: they go in the same write that ends the import, so
+    /// no crash leaves them behind. Returns the backup's SHA-256.
+    pub fn import_backup(&self, path: &Path, drop_meta: &[&[u8]]) -> Result<BackupDigest> {
+        let digest = check_backup(path)?;
+        self.import_checked(path, drop_meta)?;
+        Ok(digest)
     }
 
     /// Replaces the store's content with a snapshot file's, checked before.
-    fn import_checked(&self, path: &Path) -> Result<()> {
+    fn import_checked(&self, path: &Path, drop_meta: &[&[u8]]) -> Result<()> {
         let db = self.db();
         let mut sync = rocksdb::WriteOptions::default();
         sync.set_sync(true);
@@ -125,6 +128,9 @@ impl Store {
             }
             Ok(())
         })?;
+        for name in drop_meta {
+            batch.delete_cf(cf(db, codec::CF_META), name);
+        }
         batch.delete_cf(cf(db, codec::CF_META), META_IMPORTING);
         db.write_opt(batch, &sync)?;
         self.reload_counters()
@@ -173,9 +179,12 @@ pub fn seal_backup(path: &Path) -> Result<u64> {
     Ok(length + padding + SHA256_BYTES)
 }
 
+/// The SHA-256 that seals a backup: it names the backup's content.
+pub type BackupDigest = [u8; SHA256_BYTES as usize];
+
 /// Checks a sealed backup whole: its shape, its SHA-256, the snapshot inside, and that
-/// only zero padding follows the snapshot.
-pub fn check_backup(path: &Path) -> Result<()> {
+/// only zero padding follows the snapshot. Returns the SHA-256.
+pub fn check_backup(path: &Path) -> Result<BackupDigest> {
     use sha2::Digest;
     let invalid = |detail: &str| StoreError::SnapshotInvalid(format!("{}: {detail}", path.display()));
     let length = std::fs::metadata(path)?.len();
@@ -186,7 +195,7 @@ pub fn check_backup(path: &Path) -> Result<()> {
     let mut file = File::open(path)?;
     let mut digest = sha2::Sha256::new();
     std::io::copy(&mut (&mut file).take(sealed), &mut digest)?;
-    let mut expected = [0; SHA256_BYTES as usize];
+    let mut expected: BackupDigest = [0; SHA256_BYTES as usize];
     file.read_exact(&mut expected)?;
     if digest.finalize().as_slice() != expected {
         return Err(invalid("SHA-256 mismatch"));
@@ -202,7 +211,7 @@ pub fn check_backup(path: &Path) -> Result<()> {
     if padding.iter().any(|byte| *byte != 0) {
         return Err(invalid("data after the snapshot"));
     }
-    Ok(())
+    Ok(expected)
 }
 
 /// Called with each record's column family, key and value.

@@ -101,9 +101,11 @@ pub struct PlaneArgs {
     /// Distinguishes clusters started from the same member list.
     #[arg(long, default_value = "capstan-cluster")]
     pub initial_cluster_token: String,
-    #[arg(long, default_value_t = 100)]
+    /// How often the leader tells its followers it is alive.
+    #[arg(long, default_value_t = 50)]
     pub heartbeat_interval_ms: u64,
-    /// The lower end of the randomised election timeout; the upper end is twice this.
+    /// How long a follower hears nothing from the leader before it campaigns, as etcd's
+    /// --election-timeout: each plane waits between this and about twice this.
     #[arg(long, default_value_t = 300)]
     pub election_timeout_ms: u64,
     /// Entries between Raft snapshots.
@@ -432,8 +434,7 @@ impl PlaneArgs {
         }
         config.initial_cluster_token = self.initial_cluster_token;
         config.raft.heartbeat_interval_ms = self.heartbeat_interval_ms;
-        config.raft.election_timeout_ms_min = self.election_timeout_ms;
-        config.raft.election_timeout_ms_max = self.election_timeout_ms * 2;
+        config.raft.election_timeout_ms = self.election_timeout_ms;
         config.raft.snapshot_entries = self.snapshot_count.max(1);
         config.raft.log_entries_kept = self.snapshot_catchup_entries;
         config.quota_bytes = self.quota_backend_bytes;

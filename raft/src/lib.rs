@@ -39,9 +39,9 @@ pub use types::{cluster_id, member_id, new_member_id, NodeId, PeerNode, Raft, Re
 /// How many applied revisions the event channel buffers before a slow watcher lags and
 /// catches up from the store's history instead.
 pub const EVENT_CHANNEL_REVISIONS: usize = 4096;
-/// How many longest election timeouts each initial member waits, per member before it,
+/// How many longest election waits each initial member waits, per member before it,
 /// before it bootstraps the cluster itself (see [`bootstrap`]).
-const BOOTSTRAP_STAGGER_ELECTIONS: u64 = 5;
+const BOOTSTRAP_STAGGER_ELECTIONS: u32 = 5;
 const META_CLUSTER_ID: &[u8] = b"cluster_id";
 const META_MEMBER_ID: &[u8] = b"member_id";
 const META_REMOVED: &[u8] = b"removed";
@@ -53,20 +53,41 @@ pub const SNAPSHOT_CHUNK_BYTES: u64 = 1 << 20;
 #[derive(Clone, Debug)]
 pub struct RaftConfig {
     pub heartbeat_interval_ms: u64,
-    pub election_timeout_ms_min: u64,
-    pub election_timeout_ms_max: u64,
+    /// How long a follower hears nothing from its leader before it campaigns, as etcd's
+    /// `--election-timeout`: each plane waits between this and about twice this
+    /// ([`RaftConfig::openraft_election_timeouts`]).
+    pub election_timeout_ms: u64,
     /// Build a snapshot after this many entries since the last one.
     pub snapshot_entries: u64,
     /// Entries kept behind a snapshot for followers that are a little behind.
     pub log_entries_kept: u64,
 }
 
+impl RaftConfig {
+    /// openraft's `(election_timeout_min, election_timeout_max)` for
+    /// [`RaftConfig::election_timeout_ms`]. A follower that has seen a committed leader
+    /// campaigns after `max` (the leader lease, in which it refuses other candidates) plus
+    /// its own timeout, drawn once from `[min, max)`. With `min` just above the heartbeat
+    /// and `max` the rest of the election timeout, that wait is between the election
+    /// timeout and about twice it, as in etcd, instead of three to four times it.
+    pub fn openraft_election_timeouts(&self) -> (u64, u64) {
+        let min = self.heartbeat_interval_ms + 1;
+        let max = self.election_timeout_ms.saturating_sub(min).max(min + 1);
+        (min, max)
+    }
+
+    /// The longest a follower waits for a silent leader before it campaigns.
+    pub fn longest_election_wait(&self) -> Duration {
+        let (_, max) = self.openraft_election_timeouts();
+        Duration::from_millis(2 * max)
+    }
+}
+
 impl Default for RaftConfig {
     fn default() -> RaftConfig {
         RaftConfig {
-            heartbeat_interval_ms: 100,
-            election_timeout_ms_min: 300,
-            election_timeout_ms_max: 600,
+            heartbeat_interval_ms: 50,
+            election_timeout_ms: 300,
             snapshot_entries: 10_000,
             log_entries_kept: 5_000,
         }
@@ -164,11 +185,12 @@ pub async fn start(
     let (events, _) = broadcast::channel(EVENT_CHANNEL_REVISIONS);
     let state_machine = StateMachine::new(store.clone(), data_dir.join("snapshots"), events.clone(), metrics.clone())?;
     let log_store = log_store::LogStore::new(store.db().clone(), metrics.wal_fsync_seconds.clone())?;
+    let (election_timeout_min, election_timeout_max) = config.openraft_election_timeouts();
     let raft_config = openraft::Config {
         cluster_name: format!("{:x}", identity.cluster_id),
         heartbeat_interval: config.heartbeat_interval_ms,
-        election_timeout_min: config.election_timeout_ms_min,
-        election_timeout_max: config.election_timeout_ms_max,
+        election_timeout_min,
+        election_timeout_max,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_entries),
         max_in_snapshot_log_to_keep: config.log_entries_kept,
         snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
@@ -178,7 +200,7 @@ pub async fn start(
     let network = network::GrpcNetwork::new(identity.cluster_id, peer_channels.clone(), metrics.snapshots_sent.clone());
     let raft = Raft::new(identity.node_id, Arc::new(raft_config), network, log_store, state_machine).await?;
     if !identity.initial_members.is_empty() && !raft.is_initialized().await? {
-        let stagger = Duration::from_millis(config.election_timeout_ms_max * BOOTSTRAP_STAGGER_ELECTIONS);
+        let stagger = config.longest_election_wait() * BOOTSTRAP_STAGGER_ELECTIONS;
         tokio::spawn(bootstrap(raft.clone(), identity.initial_members.clone(), identity.node_id, stagger));
     }
     Ok(PlaneRaft { raft, store, events, peer_channels })
@@ -246,4 +268,35 @@ fn write_meta_u64(store: &Store, name: &[u8], value: u64) -> Result<(), RaftErro
     db.put_cf_opt(family, name, value.encode_to_vec(), &log_store::synced())
         .map_err(capstan_store::StoreError::from)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RaftConfig;
+
+    /// openraft accepts every timing the plane's flags allow, and a follower's wait for a
+    /// silent leader (its lease plus its own timeout) spans the election timeout to less
+    /// than twice it, as etcd's `--election-timeout` does.
+    #[test]
+    fn election_timeouts_give_the_follower_wait_etcd_users_expect() {
+        for heartbeat_interval_ms in 1..=100 {
+            for election_timeout_ms in (3 * heartbeat_interval_ms)..=(10 * heartbeat_interval_ms) {
+                let config = RaftConfig { heartbeat_interval_ms, election_timeout_ms, ..RaftConfig::default() };
+                let (min, max) = config.openraft_election_timeouts();
+                let openraft = openraft::Config {
+                    heartbeat_interval: heartbeat_interval_ms,
+                    election_timeout_min: min,
+                    election_timeout_max: max,
+                    ..Default::default()
+                };
+                assert!(openraft.validate().is_ok(), "{config:?} gives ({min}, {max})");
+                if heartbeat_interval_ms >= 3 {
+                    let (shortest_wait, longest_wait) = (max + min, 2 * max);
+                    assert_eq!(shortest_wait, election_timeout_ms, "{config:?}");
+                    assert!(longest_wait < 2 * election_timeout_ms, "{config:?}");
+                    assert_eq!(config.longest_election_wait().as_millis() as u64, longest_wait);
+                }
+            }
+        }
+    }
 }

@@ -46,7 +46,7 @@ struct LessorState {
 
 impl Lessor {
     pub fn new(raft: &RaftConfig) -> Lessor {
-        let ttl_secs_min = (raft.election_timeout_ms_max * 3 / 2).div_ceil(1000).max(1) as i64;
+        let ttl_secs_min = (raft.election_timeout_ms * 3 / 2).div_ceil(1000).max(1) as i64;
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |since| since.as_nanos() as u64);

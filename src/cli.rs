@@ -128,6 +128,10 @@ pub struct PlaneArgs {
     /// How much history auto-compaction keeps; 0 (the default) turns it off.
     #[arg(long, default_value = "0")]
     pub auto_compaction_retention: String,
+    /// The kind of auth token, as etcd's flag: `simple`, the one kind Capstan issues (a
+    /// signed token every plane verifies, so a failover ends no session).
+    #[arg(long, default_value = "simple")]
+    pub auth_token: String,
     /// How long an auth token (from Authenticate) stays valid, in seconds; clients
     /// authenticate again when theirs expires.
     #[arg(long, default_value_t = crate::plane::auth::TOKEN_TTL_SECS_DEFAULT)]
@@ -142,6 +146,10 @@ pub struct PlaneArgs {
     /// Also run a scheduler candidate and the controllers (the elected one leads).
     #[arg(long)]
     pub scheduler: bool,
+    /// `name:password` the in-plane scheduler authenticates as once auth is enabled (with
+    /// --client-cert-auth, the plane's certificate's CN names it instead).
+    #[arg(long, env = "CAPSTAN_SCHEDULER_USER", value_parser = parse_user, requires = "scheduler")]
+    pub scheduler_user: Option<(String, String)>,
     /// Deliberately broken, to prove the chaos harness catches it: serve linearizable
     /// reads from this plane's state without read-index (stale under a partition).
     #[arg(long, hide = true)]
@@ -421,6 +429,7 @@ impl PlaneArgs {
         if !(BCRYPT_COST_MIN..=BCRYPT_COST_MAX).contains(&self.bcrypt_cost) {
             anyhow::bail!("--bcrypt-cost must be {BCRYPT_COST_MIN} to {BCRYPT_COST_MAX}, not {}", self.bcrypt_cost);
         }
+        check_auth_token(&self.auth_token)?;
         if self.auth_token_ttl == 0 {
             anyhow::bail!("--auth-token-ttl must be at least 1 second");
         }
@@ -441,12 +450,27 @@ impl PlaneArgs {
         config.watch_progress_notify_interval = Duration::from_secs(self.watch_progress_notify_interval_secs.max(1));
         if self.scheduler {
             config.scheduler = Some(self.scheduler_args.config(self.name.clone())?);
+            config.scheduler_user = self.scheduler_user;
         }
         if self.unsafe_stale_reads {
             tracing::warn!("--unsafe-stale-reads: linearizable reads may be stale; for testing the chaos harness only");
             config.unsafe_stale_reads = true;
         }
         Ok(config)
+    }
+}
+
+/// etcd's `--auth-token` takes `simple` or `jwt,<options>`. Capstan's tokens already are
+/// what etcd users pick JWT for (stateless, verified by any member, surviving a failover),
+/// so a JWT configuration is refused with that reason rather than silently ignored.
+fn check_auth_token(kind: &str) -> anyhow::Result<()> {
+    match kind.split(',').next().unwrap_or_default() {
+        "simple" => Ok(()),
+        "jwt" => anyhow::bail!(
+            "--auth-token jwt is not supported: Capstan's simple tokens are signed and checked by every plane, so \
+             they survive a leader change as etcd's JWT tokens do; use --auth-token simple (the default)"
+        ),
+        _ => anyhow::bail!("--auth-token must be simple, not {kind:?}"),
     }
 }
 
@@ -505,5 +529,27 @@ mod tests {
         assert!(parse_initial_cluster("a=").is_err());
         assert!(parse_initial_cluster("a=localhost:2380").is_err());
         assert!(parse_initial_cluster("a=http://host").is_err());
+    }
+
+    #[test]
+    fn auth_token_takes_simple_and_refuses_jwt_with_the_reason() {
+        assert!(check_auth_token("simple").is_ok());
+        let jwt = check_auth_token("jwt,pub-key=a.pub,priv-key=a,sign-method=RS256").unwrap_err().to_string();
+        assert!(jwt.contains("not supported") && jwt.contains("--auth-token simple"), "{jwt}");
+        assert!(check_auth_token("bogus").unwrap_err().to_string().contains("\"bogus\""));
+    }
+
+    #[test]
+    fn the_in_plane_scheduler_user_needs_the_scheduler() {
+        let plane = |extra: &[&str]| {
+            let args = [&["capstan", "plane", "--name", "p"][..], extra].concat();
+            Cli::try_parse_from(args)
+        };
+        assert!(plane(&["--scheduler-user", "scheduler:pw"]).is_err());
+        assert!(plane(&["--scheduler", "--scheduler-user", "nopassword"]).is_err());
+        let Command::Plane(args) = plane(&["--scheduler", "--scheduler-user", "scheduler:pw"]).unwrap().command else {
+            panic!("not a plane")
+        };
+        assert_eq!(args.scheduler_user, Some(("scheduler".to_string(), "pw".to_string())));
     }
 }

@@ -29,7 +29,10 @@ fn refused(endpoints: &str, args: &[&str], expected: &str) {
 }
 
 async fn client_as(endpoints: Vec<String>, user: &str, password: &str) -> etcd_client::Client {
-    let options = ConnectOptions::new().with_user(user, password).with_timeout(std::time::Duration::from_secs(10));
+    let options = ConnectOptions::new()
+        .with_user(user, password)
+        .with_auto_token_refresh(true)
+        .with_timeout(std::time::Duration::from_secs(10));
     etcd_client::Client::connect(endpoints, Some(options)).await.expect("connect and authenticate")
 }
 
@@ -163,12 +166,16 @@ fn documented_role_commands() -> Vec<Vec<String>> {
         .collect()
 }
 
-/// The README's least-privilege roles are enough for a standalone scheduler and an agent
-/// (users `scheduler` and `node-n1`) to place and run a pod, and keep them inside their keys.
+/// The README's least-privilege roles are enough for the plane's own scheduler and an agent
+/// (users `scheduler` and `node-n1`) to place and run pods, and keep them inside their keys.
+/// The scheduler starts before auth is on and reconnects as its user when it is turned on;
+/// tokens last 2 s, so placing the second pod needs both to authenticate again.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_documented_least_privilege_roles_run_a_pod() {
     let dir = tempfile::tempdir().unwrap();
-    let plane = common::PlaneProcess::start(&dir.path().join("plane"), &["--bcrypt-cost", "4"]);
+    let plane_args =
+        ["--bcrypt-cost", "4", "--auth-token-ttl", "2", "--scheduler", "--scheduler-user", "scheduler:schedulerpw"];
+    let mut plane = common::PlaneProcess::start(&dir.path().join("plane"), &plane_args);
     let endpoint = plane.client_addr.to_string();
     let commands = documented_role_commands();
     assert!(commands.len() >= 5, "{commands:?}");
@@ -186,26 +193,38 @@ async fn the_documented_least_privilege_roles_run_a_pod() {
     ] {
         ok(&endpoint, args);
     }
-    let _scheduler = common::ChildGuard(
-        std::process::Command::new(env!("CARGO_BIN_EXE_capstan"))
-            .args(["scheduler", "--endpoints", &endpoint, "--user", "scheduler:schedulerpw"])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    plane.wait_for_logs(&["auth changed; the in-plane scheduler reconnects"]);
     let _agent = common::AgentProcess::start("n1", &endpoint, &dir.path().join("agent"), &["--user", "node-n1:nodepw"]);
-    let pod =
-        "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: c, command: [sleep, '600']}]\n";
-    let (applied, out, err) = common::ctl(&endpoint, &["--user", "root:rootpw", "apply", "-f", "-"], pod);
-    assert!(applied, "{out}{err}");
     let root = client_as(vec![format!("http://{endpoint}")], "root", "rootpw").await;
     let objects = capstan_client::Objects::new(root);
-    common::wait_for(&objects, "the pod running on n1", |listed| {
-        common::pods(listed)
-            .iter()
-            .any(|pod| pod.spec.node_name == "n1" && pod.status.phase == capstan_proto::objects::PodPhase::Running)
-    })
-    .await;
+    // A client that never authenticates again, to see its token expire.
+    let options = ConnectOptions::new().with_user("root", "rootpw");
+    let mut stale = etcd_client::Client::connect([format!("http://{endpoint}")], Some(options)).await.unwrap();
+    stale.get("/registry/", None).await.expect("a fresh token is honoured");
+    for name in ["p1", "p2"] {
+        let pod = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  containers: [{{name: c, command: [sleep, '600']}}]\n"
+        );
+        let (applied, out, err) = common::ctl(&endpoint, &["--user", "root:rootpw", "apply", "-f", "-"], &pod);
+        assert!(applied, "{out}{err}");
+        common::wait_for(&objects, &format!("pod {name} running on n1"), |listed| {
+            common::pods(listed).iter().any(|pod| {
+                pod.metadata.name == name
+                    && pod.spec.node_name == "n1"
+                    && pod.status.phase == capstan_proto::objects::PodPhase::Running
+            })
+        })
+        .await;
+        // Past the TTL of every token issued so far: the next pod needs fresh ones.
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    }
+    match stale.get("/registry/", None).await {
+        Err(etcd_client::Error::GRpcStatus(status)) => {
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+            assert_eq!(status.message(), "etcdserver: invalid auth token");
+        }
+        other => panic!("an expired token was not refused: {other:?}"),
+    }
     // Each stays inside its keys.
     refused(&endpoint, &["--user", "node-n1:nodepw", "put", "/registry/nodes/n2", "{}"], "permission denied");
     refused(&endpoint, &["--user", "scheduler:schedulerpw", "put", "/other", "x"], "permission denied");

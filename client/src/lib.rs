@@ -115,7 +115,9 @@ impl Credentials {
             options = options.with_tls(tls_options);
         }
         if let Some((user, password)) = &self.user {
-            options = options.with_user(user, password);
+            // Tokens expire (the planes' --auth-token-ttl); a long-lived scheduler or agent
+            // authenticates again when a call is refused for an expired one.
+            options = options.with_user(user, password).with_auto_token_refresh(true);
         }
         Ok(options)
     }

@@ -205,25 +205,38 @@ impl Plane {
 
 /// Stops the plane once a membership without it takes effect after one with it (the
 /// leader removing itself sees this; a removed follower usually hears from the leader).
+/// It follows the server metrics, which change with the membership and the leader, not
+/// with every write.
 pub(super) async fn watch_removal(plane: Arc<Plane>) {
-    let mut metrics = plane.raft.metrics();
+    let mut server = plane.raft.server_metrics();
     let mut was_member = false;
     loop {
-        let (member, applied) = {
-            let current = metrics.borrow_and_update();
-            let config = &current.membership_config;
-            // Only an applied membership counts: an appended one may still be undone.
-            let applied = config.log_id().as_ref().map_or(0, |id| id.index)
-                <= current.last_applied.as_ref().map_or(0, |id| id.index);
-            (config.membership().get_node(&plane.node_id).is_some(), applied)
-        };
-        if member {
+        let membership = server.borrow_and_update().membership_config.clone();
+        if membership.membership().get_node(&plane.node_id).is_some() {
             was_member = true;
-        } else if was_member && applied {
-            plane.removed_from_cluster();
-            return;
+        } else if was_member {
+            // Only an applied membership counts: an appended one may still be undone.
+            let index = membership.log_id().as_ref().map_or(0, |id| id.index);
+            let mut metrics = plane.raft.metrics();
+            let applied = |metrics: &openraft::RaftMetrics<NodeId, PeerNode>| {
+                metrics.last_applied.as_ref().is_some_and(|applied| applied.index >= index)
+            };
+            tokio::select! {
+                applied = metrics.wait_for(applied) => {
+                    if applied.is_ok() {
+                        plane.removed_from_cluster();
+                    }
+                    return;
+                }
+                changed = server.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
         }
-        if metrics.changed().await.is_err() {
+        if server.changed().await.is_err() {
             return;
         }
     }

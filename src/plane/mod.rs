@@ -85,6 +85,8 @@ pub struct PlaneConfig {
     /// Run a scheduler candidate (and the controllers, when it leads) beside the plane,
     /// as a client of this plane's own client address.
     pub scheduler: Option<capstan_scheduler::SchedulerConfig>,
+    /// The user and password the in-plane scheduler authenticates as while auth is enabled.
+    pub scheduler_user: Option<(String, String)>,
     /// Compact history automatically (etcd's --auto-compaction-*); `None`: never.
     pub auto_compaction: Option<compaction::AutoCompaction>,
     /// A backup (`capstan ctl snapshot save`) to fill a new data directory with before the
@@ -114,6 +116,7 @@ impl PlaneConfig {
             peer_faults: None,
             unsafe_stale_reads: false,
             scheduler: None,
+            scheduler_user: None,
             auto_compaction: None,
             restore: None,
         }
@@ -363,7 +366,7 @@ impl Plane {
     /// leader changes meanwhile ends with "not leader", for its reads to try the next one.
     async fn read_round(&self) -> Result<u64, Status> {
         let (leader, node) = self.leader().ok_or_else(status::not_leader)?;
-        let mut metrics = self.raft.metrics();
+        let mut metrics = self.raft.server_metrics();
         let deposed = async move {
             let _ = metrics.wait_for(|metrics| metrics.current_leader != Some(leader)).await;
         };
@@ -448,9 +451,46 @@ fn restore(store: &Store, backup: &std::path::Path, config: &PlaneConfig) -> any
     Ok(())
 }
 
+/// How often the in-plane scheduler looks whether auth was turned on or off.
+const SCHEDULER_AUTH_CHECK_MS: u64 = 1_000;
+
 /// Runs the plane's scheduler candidate until the plane stops; a leader resigns then, so
 /// a standby on another plane takes over without waiting for the lease to expire.
+///
+/// It is a client of this plane like any other, so once auth is enabled it needs a user
+/// (`--scheduler-user`), and with auth disabled etcd refuses to authenticate anyone. So
+/// it connects with the user exactly while this plane's auth state says auth is on, and
+/// reconnects (resigning first) when that changes.
 async fn run_scheduler(plane: Arc<Plane>, config: capstan_scheduler::SchedulerConfig) {
+    let mut stopping = plane.stopping.subscribe();
+    while !*stopping.borrow() {
+        let auth_enabled = plane.store.auth().enabled;
+        let Some(client) = connect_scheduler(&plane, auth_enabled, &mut stopping).await else { return };
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let scheduler = capstan_scheduler::run(client, config.clone(), &plane.metrics.scheduler, stopped);
+        tokio::pin!(scheduler);
+        let auth_changed = async {
+            while plane.store.auth().enabled == auth_enabled {
+                tokio::time::sleep(Duration::from_millis(SCHEDULER_AUTH_CHECK_MS)).await;
+            }
+        };
+        tokio::select! {
+            () = &mut scheduler => return,
+            _ = stopping.changed() => {}
+            () = auth_changed => tracing::info!(auth_enabled = !auth_enabled, "auth changed; the in-plane scheduler reconnects"),
+        }
+        let _ = stop.send(true);
+        scheduler.await;
+    }
+}
+
+/// A client of this plane for its scheduler, as `--scheduler-user` when `auth_enabled`;
+/// None once the plane stops.
+async fn connect_scheduler(
+    plane: &Plane,
+    auth_enabled: bool,
+    stopping: &mut tokio::sync::watch::Receiver<bool>,
+) -> Option<etcd_client::Client> {
     let own = plane.config.listen_client;
     let loopback = if own.ip().is_unspecified() {
         let ip: std::net::IpAddr =
@@ -460,19 +500,27 @@ async fn run_scheduler(plane: Arc<Plane>, config: capstan_scheduler::SchedulerCo
         own
     };
     let endpoint = [loopback.to_string()];
-    let mut stopping = plane.stopping.subscribe();
-    let client = loop {
-        let tls = plane.config.client_tls.as_ref().map(crate::tls::ServerTls::as_client).unwrap_or_default();
-        match capstan_client::connect_with(&endpoint, Duration::from_secs(5), &tls).await {
-            Ok(client) => break client,
+    let mut credentials = plane.config.client_tls.as_ref().map(crate::tls::ServerTls::as_client).unwrap_or_default();
+    if auth_enabled {
+        credentials.user = plane.config.scheduler_user.clone();
+        let by_certificate = plane.config.client_tls.as_ref().is_some_and(|tls| tls.client_cert_auth);
+        if credentials.user.is_none() && !by_certificate {
+            tracing::error!(
+                "auth is enabled but the in-plane scheduler has no user: start the plane with --scheduler-user \
+                 name:password (or CAPSTAN_SCHEDULER_USER); pods stay unscheduled until then"
+            );
+        }
+    }
+    loop {
+        match capstan_client::connect_with(&endpoint, Duration::from_secs(5), &credentials).await {
+            Ok(client) => return Some(client),
             Err(error) => tracing::warn!(%error, "scheduler cannot reach its plane yet"),
         }
         tokio::select! {
-            _ = stopping.changed() => return,
+            _ = stopping.changed() => return None,
             () = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
-    };
-    capstan_scheduler::run(client, config, &plane.metrics.scheduler, stopping).await;
+    }
 }
 
 /// Starts a plane and serves it until `shutdown` resolves.
@@ -665,13 +713,14 @@ async fn publish_client_urls(plane: Arc<Plane>) {
 }
 
 /// Logs and counts every change of leader, as etcd does ("elected leader", "lost leader").
+/// It follows the server metrics, which change with the leader, not with every write.
 async fn log_leadership(raft: Raft, leader_changes: prometheus_client::metrics::counter::Counter) {
-    let mut metrics = raft.metrics();
+    let mut metrics = raft.server_metrics();
     let mut known = None;
     loop {
         let (leader, term) = {
             let current = metrics.borrow_and_update();
-            (current.current_leader, current.current_term)
+            (current.current_leader, current.vote.leader_id().term)
         };
         if leader != known {
             match leader {

@@ -204,16 +204,22 @@ async fn request(mut client: Client, workload: Workload, key: String, value: &st
     }
 }
 
-/// Writes every key a range workload reads.
+/// Puts in each txn that loads the keys: etcd's default `--max-txn-ops`, which Capstan has too.
+const POPULATE_TXN_PUTS: u64 = 128;
+
+/// Writes every key a range workload reads, 128 to a txn, so that millions load in minutes.
 async fn populate(connections: &[Client], key_count: u64, value: &str) -> anyhow::Result<()> {
     let mut writers = tokio::task::JoinSet::new();
     let chunk = key_count.div_ceil(16).max(1);
     for (writer, first) in (0..key_count).step_by(chunk as usize).enumerate() {
         let mut client = connections[writer % connections.len()].clone();
         let value = value.to_string();
+        let end = (first + chunk).min(key_count);
         writers.spawn(async move {
-            for index in first..(first + chunk).min(key_count) {
-                client.put(key(index), value.as_str(), None).await?;
+            for start in (first..end).step_by(POPULATE_TXN_PUTS as usize) {
+                let puts = (start..(start + POPULATE_TXN_PUTS).min(end))
+                    .map(|index| TxnOp::put(key(index), value.as_str(), None));
+                client.txn(Txn::new().and_then(puts.collect::<Vec<_>>())).await?;
             }
             Ok::<_, etcd_client::Error>(())
         });

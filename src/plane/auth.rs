@@ -65,6 +65,9 @@ pub struct Caller {
     /// Empty when the call named no user.
     pub user: String,
     method: &'static str,
+    /// The token the user was read from, and the auth revision it was checked at: a check
+    /// made later (after a read's barrier) against a newer auth state checks it again.
+    token: Option<(String, u64)>,
 }
 
 fn token_mac(key: &[u8], user: &str, expiry_secs: u64, password_hash: &[u8]) -> HmacSha256 {
@@ -126,7 +129,7 @@ impl Plane {
     /// Who is calling: the user of the call's token, else (with `--client-cert-auth`) the
     /// CN of its certificate, else nobody. With auth off, nobody is checked.
     pub(super) fn caller<T>(&self, request: &Request<T>, method: &'static str) -> Result<Caller, Status> {
-        let mut caller = Caller { user: String::new(), method };
+        let mut caller = Caller { user: String::new(), method, token: None };
         let auth = self.store.auth();
         if !auth.enabled {
             return Ok(caller);
@@ -136,6 +139,7 @@ impl Plane {
             return match user {
                 Some(user) => {
                     caller.user = user;
+                    caller.token = token.to_str().ok().map(|token| (token.to_string(), auth.revision));
                     Ok(caller)
                 }
                 None => {
@@ -156,7 +160,7 @@ impl Plane {
     /// A token for `user` if `password` is theirs. An unknown user costs the same bcrypt
     /// check as a known one, so the time taken does not tell which users exist.
     pub(super) async fn authenticate(&self, user: &str, password: String) -> Result<String, Status> {
-        let caller = Caller { user: user.to_string(), method: "Authenticate" };
+        let caller = Caller { user: user.to_string(), method: "Authenticate", token: None };
         let auth = self.store.auth();
         if !auth.enabled {
             return Err(status::from_store(&StoreError::AuthNotEnabled));
@@ -190,7 +194,17 @@ impl Plane {
         caller: &Caller,
         check: impl FnOnce(&AuthState) -> Result<(), StoreError>,
     ) -> Result<(), Status> {
-        check(&self.store.auth()).map_err(|error| {
+        let auth = self.store.auth();
+        // The auth state changed since the token was checked (a linearizable read waited
+        // for its barrier meanwhile): a password changed or a user deleted since then ends
+        // the token for this call too, rather than its permissions being judged alone.
+        if let Some((token, _)) = caller.token.as_ref().filter(|(_, revision)| *revision != auth.revision) {
+            if verify_token(&auth, token, SystemTime::now()).as_deref() != Some(caller.user.as_str()) {
+                audit_refused(caller, &"token no longer valid");
+                return Err(Status::unauthenticated(INVALID_TOKEN));
+            }
+        }
+        check(&auth).map_err(|error| {
             audit_refused(caller, &error);
             status::from_store(&error)
         })

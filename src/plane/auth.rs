@@ -135,11 +135,12 @@ impl Plane {
             return Ok(caller);
         }
         if let Some(token) = request.metadata().get(TOKEN_METADATA) {
-            let user = token.to_str().ok().and_then(|token| verify_token(&auth, token, SystemTime::now()));
+            let token = token.to_str().ok();
+            let user = token.and_then(|token| verify_token(&auth, token, SystemTime::now()));
             return match user {
                 Some(user) => {
                     caller.user = user;
-                    caller.token = token.to_str().ok().map(|token| (token.to_string(), auth.revision));
+                    caller.token = token.map(|token| (token.to_string(), auth.revision));
                     Ok(caller)
                 }
                 None => {

@@ -83,20 +83,27 @@ const WRITE_BUFFER_BYTES: usize = 16 << 20;
 /// oldest file, so a family written rarely does not keep every log file alive.
 const WAL_BYTES_MAX: u64 = 128 << 20;
 
-/// The options of the database and of each family; `cache` is shared by all of them.
-fn rocksdb_options(cache: &rocksdb::Cache) -> Options {
+/// One column family's options; `cache` is shared by all of them.
+fn family_options(cache: &rocksdb::Cache) -> Options {
     let mut options = Options::default();
-    options.create_if_missing(true);
-    options.create_missing_column_families(true);
     options.set_compression_type(rocksdb::DBCompressionType::Lz4);
-    options.set_max_background_jobs(2);
-    options.set_bytes_per_sync(1 << 20);
-    options.set_db_write_buffer_size(MEMTABLE_BUDGET_BYTES);
     options.set_write_buffer_size(WRITE_BUFFER_BYTES);
-    options.set_max_total_wal_size(WAL_BYTES_MAX);
     let mut table = rocksdb::BlockBasedOptions::default();
     table.set_block_cache(cache);
     options.set_block_based_table_factory(&table);
+    options
+}
+
+/// The database's options: the families' (for the default family) and the settings that
+/// span every family.
+fn database_options(cache: &rocksdb::Cache) -> Options {
+    let mut options = family_options(cache);
+    options.create_if_missing(true);
+    options.create_missing_column_families(true);
+    options.set_max_background_jobs(2);
+    options.set_bytes_per_sync(1 << 20);
+    options.set_db_write_buffer_size(MEMTABLE_BUDGET_BYTES);
+    options.set_max_total_wal_size(WAL_BYTES_MAX);
     options
 }
 
@@ -107,11 +114,11 @@ impl Store {
     pub fn open(path: &Path, extra_column_families: &[&str]) -> Result<Store> {
         check_not_foreign(path)?;
         let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES);
-        let options = rocksdb_options(&cache);
+        let options = database_options(&cache);
         let families = STORE_FAMILIES
             .iter()
             .chain(extra_column_families)
-            .map(|name| ColumnFamilyDescriptor::new(*name, rocksdb_options(&cache)));
+            .map(|name| ColumnFamilyDescriptor::new(*name, family_options(&cache)));
         let db = DB::open_cf_descriptors(&options, path, families).map_err(|error| {
             let detail = error.to_string();
             if detail.contains("lock") || detail.contains("Resource temporarily unavailable") {

@@ -509,3 +509,118 @@ proptest! {
         }
     }
 }
+
+/// Holds a plane's WAL syncs while closed (`capstan_raft::log_store::SyncFaults`).
+#[derive(Default)]
+struct SyncGate {
+    held: Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+impl SyncGate {
+    fn hold(&self, held: bool) {
+        *self.held.lock().unwrap() = held;
+        self.opened.notify_all();
+    }
+}
+
+impl capstan_raft::log_store::SyncFaults for SyncGate {
+    fn before_sync(&self) {
+        let held = self.held.lock().unwrap();
+        drop(self.opened.wait_while(held, |held| *held).unwrap());
+    }
+}
+
+/// The leader tells openraft of its own appends before they are durable, so that they go
+/// to the followers while its fsync runs. With the leader's syncs held back, a write that
+/// both followers have made durable is still neither applied anywhere nor answered: the
+/// leader's copy is not durable, so a majority's disks do not hold it yet. Once the syncs
+/// go on, the write is answered and every plane applies it.
+#[test]
+fn nothing_is_applied_before_the_leaders_own_copy_is_durable() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let addrs: Vec<(SocketAddr, SocketAddr)> = (0..3).map(|_| (common::free_addr(), common::free_addr())).collect();
+        let initial_cluster: Vec<(String, String)> = addrs
+            .iter()
+            .enumerate()
+            .map(|(index, (_, peer))| (format!("plane-{index}"), format!("http://{peer}")))
+            .collect();
+        let gates: Vec<Arc<SyncGate>> = (0..3).map(|_| Arc::default()).collect();
+        let mut planes: Vec<InProcessPlane> = addrs
+            .iter()
+            .enumerate()
+            .map(|(index, (client, peer))| {
+                let name = format!("plane-{index}");
+                let mut config = PlaneConfig::single(&name, dir.path().join(&name), *client, *peer);
+                config.initial_cluster = initial_cluster.clone();
+                // The followers must not give up on the held leader while the test looks.
+                config.raft.election_timeout_ms = 10_000;
+                config.sync_faults = Some(gates[index].clone());
+                InProcessPlane { config, running: None }
+            })
+            .collect();
+        for plane in &mut planes {
+            plane.start();
+        }
+        let mut clients = Vec::new();
+        for (client, _) in &addrs {
+            clients.push(Client::connect([format!("http://{client}")], None).await.unwrap());
+        }
+        settle("a first write", &clients[0], |mut client| async move { client.put("ready", "1", None).await }).await;
+        let statuses = || async {
+            let mut statuses = Vec::new();
+            for client in &clients {
+                statuses.push(client.clone().status().await.unwrap());
+            }
+            statuses
+        };
+        let before = statuses().await;
+        let leader = before.iter().position(|status| status.leader() == status.header().unwrap().member_id()).unwrap();
+        let written = before[leader].raft_index();
+
+        gates[leader].hold(true);
+        let mut put = tokio::spawn({
+            let mut client = clients[leader].clone();
+            async move { client.put("durable", "1", None).await }
+        });
+        // Both followers have the write in their log (each syncs before saying so)...
+        loop {
+            let now = statuses().await;
+            if (0..3).filter(|index| *index != leader).all(|index| now[index].raft_index() > written) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await; // polling the followers' logs
+        }
+        // ...and for many heartbeats after, nothing shows it.
+        let watching = Instant::now();
+        while watching.elapsed() < Duration::from_millis(1_000) {
+            assert!(!put.is_finished(), "a write was answered before the leader's copy was durable");
+            for (index, client) in clients.iter().enumerate() {
+                let got = client.clone().get("durable", Some(GetOptions::new().with_serializable())).await.unwrap();
+                assert!(got.kvs().is_empty(), "plane {index} applied a write before the leader's copy was durable");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await; // watching for what must not happen
+        }
+
+        gates[leader].hold(false);
+        let answered = tokio::time::timeout(SETTLE_TIMEOUT, &mut put).await.expect("the write is answered");
+        let revision = answered.unwrap().unwrap().header().unwrap().revision();
+        for client in &clients {
+            let got = settle("a read of the write", client, |mut client| async move {
+                let got = client.get("durable", Some(GetOptions::new().with_serializable())).await?;
+                match got.kvs().first() {
+                    Some(_) => Ok(got),
+                    None => Err(etcd_client::Error::InvalidArgs("not applied yet".into())),
+                }
+            })
+            .await;
+            assert_eq!(got.kvs()[0].mod_revision(), revision);
+        }
+        for plane in &mut planes {
+            plane.stop().await;
+        }
+    });
+}

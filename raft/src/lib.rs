@@ -1,7 +1,7 @@
 //! capstan-raft: the replicated log under the store.
 //!
 //! [`types`] declares openraft's type configuration and the protobuf form of its types;
-//! [`log_store`] keeps the log and vote in RocksDB, synced before acknowledged;
+//! [`log_store`] keeps the log and vote in RocksDB, durable before acknowledged or applied;
 //! [`state_machine`] applies committed entries to the store and publishes watch events;
 //! [`network`] carries Raft messages between planes; [`start`] puts them together.
 //!
@@ -171,7 +171,7 @@ pub fn mark_removed(store: &Store) -> Result<(), RaftError> {
 }
 
 /// Starts the plane's Raft on `store` (kept in `data_dir`), talking to peers over
-/// `peer_channels` and measuring into `metrics`; bootstraps the cluster when the directory is new and `identity` names
+/// `peer_channels` and measuring into `metrics` (`sync_faults`: tests' hook on log syncs); bootstraps the cluster when the directory is new and `identity` names
 /// initial members.
 pub async fn start(
     store: Store,
@@ -180,11 +180,19 @@ pub async fn start(
     config: &RaftConfig,
     peer_channels: network::PeerChannels,
     metrics: &StorageMetrics,
+    sync_faults: Option<Arc<dyn log_store::SyncFaults>>,
 ) -> Result<PlaneRaft, RaftError> {
     check_identity(&store, identity)?;
     let (events, _) = broadcast::channel(EVENT_CHANNEL_REVISIONS);
-    let state_machine = StateMachine::new(store.clone(), data_dir.join("snapshots"), events.clone(), metrics.clone())?;
-    let log_store = log_store::LogStore::new(store.db().clone(), metrics.wal_fsync_seconds.clone())?;
+    let log_store =
+        log_store::LogStore::new(store.db().clone(), identity.node_id, metrics.wal_fsync_seconds.clone(), sync_faults)?;
+    let state_machine = StateMachine::new(
+        store.clone(),
+        data_dir.join("snapshots"),
+        events.clone(),
+        metrics.clone(),
+        log_store.durability(),
+    )?;
     let (election_timeout_min, election_timeout_max) = config.openraft_election_timeouts();
     let raft_config = openraft::Config {
         cluster_name: format!("{:x}", identity.cluster_id),
@@ -197,7 +205,12 @@ pub async fn start(
         ..Default::default()
     }
     .validate()?;
-    let network = network::GrpcNetwork::new(identity.cluster_id, peer_channels.clone(), metrics.snapshots_sent.clone());
+    let network = network::GrpcNetwork::new(
+        identity.cluster_id,
+        peer_channels.clone(),
+        metrics.snapshots_sent.clone(),
+        log_store.durability(),
+    );
     let raft = Raft::new(identity.node_id, Arc::new(raft_config), network, log_store, state_machine).await?;
     if !identity.initial_members.is_empty() && !raft.is_initialized().await? {
         let stagger = config.longest_election_wait() * BOOTSTRAP_STAGGER_ELECTIONS;

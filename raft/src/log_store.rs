@@ -3,17 +3,27 @@
 //! `raft_log` maps the big-endian log index to a protobuf `Entry`; `raft_meta` holds the
 //! vote, the last purged log ID and the committed log ID. An append is written at once
 //! (readable, not yet durable) and queued for the sync thread, which commits in groups:
-//! one WAL fsync covers every append queued meanwhile, and only then is openraft told they
-//! are durable. Votes are synced before `save_vote` returns.
+//! one WAL fsync covers every append queued meanwhile. Votes are synced before
+//! `save_vote` returns.
+//!
+//! A follower's append is reported to openraft only once it is durable, since openraft
+//! then acknowledges it to the leader. The leader's own appends in its term are reported at
+//! once, so that openraft sends them to the followers while the leader's fsync runs (the
+//! Raft thesis, §10.2.1); openraft then counts the leader in the quorum early, and two
+//! guards keep that from showing: the state machine applies an entry only once this log is
+//! durable up to it ([`Durability::until`]), and no AppendEntries tells a follower of a
+//! commit beyond it (`network`). So whatever a client or follower learns is committed
+//! is on the disks of a true majority. Membership changes always take the synced path.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
-use openraft::{ErrorSubject, ErrorVerb, LogId, RaftLogReader, StorageIOError, Vote};
+use openraft::{EntryPayload, ErrorSubject, ErrorVerb, LeaderId, LogId, RaftLogReader, StorageIOError, Vote};
 use prost::Message;
 use rocksdb::{WriteBatch, WriteOptions, DB};
+use tokio::sync::watch;
 
 use capstan_proto::raftpb;
 
@@ -29,33 +39,110 @@ const META_COMMITTED: &[u8] = b"committed";
 /// Appends written but not yet synced, at most; a full queue makes appends wait.
 const SYNC_QUEUE_MAX: usize = 4096;
 
+/// What the disk does before each WAL sync of the log: the hook through which tests hold
+/// a plane's syncs back. Production planes have none.
+pub trait SyncFaults: Send + Sync + 'static {
+    /// Runs on the sync thread before a sync; the sync waits for it to return.
+    fn before_sync(&self);
+}
+
+impl Debug for dyn SyncFaults {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("SyncFaults")
+    }
+}
+
+/// The last log ID a WAL sync has covered (`Ok(None)`: nothing yet), or why a sync failed.
+pub(crate) type Synced = Result<Option<LogId<NodeId>>, String>;
+
+/// How far the log is durable; clones follow the same log.
+#[derive(Clone, Debug)]
+pub struct Durability(pub(crate) watch::Receiver<Synced>);
+
+impl Durability {
+    /// Waits until every entry up to `index` is durable. An error says a sync failed (or
+    /// the log was closed): nothing beyond what is durable may be revealed then.
+    pub async fn until(&mut self, index: u64) -> Result<(), String> {
+        let synced = self
+            .0
+            .wait_for(|synced| synced.as_ref().map_or(true, |upto| upto.is_some_and(|id| id.index >= index)))
+            .await
+            .map_err(|_| "the log is closed".to_string())?;
+        synced.clone().map(|_| ())
+    }
+}
+
+/// The log's state shared by every clone of the store and the sync thread.
+struct Shared {
+    node_id: NodeId,
+    /// The last entry written, and how many truncations the log has seen: a sync that
+    /// started before a truncation must not report entries that the truncation removed.
+    written: Mutex<(Option<LogId<NodeId>>, u64)>,
+    synced: watch::Sender<Synced>,
+    /// This plane's leadership, while the last vote saved is its own and committed.
+    leading: Mutex<Option<LeaderId<NodeId>>>,
+}
+
+impl Shared {
+    fn written(&self) -> std::sync::MutexGuard<'_, (Option<LogId<NodeId>>, u64)> {
+        self.written.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 /// The log store; clones share the database and the sync thread.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
-    /// The callbacks of written appends, in log order, for the sync thread.
-    unsynced: tokio::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+    shared: Arc<Shared>,
+    /// Written appends, in log order, for the sync thread: a callback to call once synced,
+    /// or `None` for a leader's append openraft was told of already.
+    unsynced: tokio::sync::mpsc::Sender<Option<LogFlushed<TypeConfig>>>,
 }
 
 /// The sync thread: waits for appends, syncs the WAL once for all that are queued, then
-/// tells openraft they are durable, oldest first. Ends when every `LogStore` is dropped.
-/// It holds the database only while syncing, so that a stopped plane's database closes as
-/// soon as the plane lets go of it.
+/// publishes how far the log is durable and tells openraft of the appends waiting for it,
+/// oldest first. Ends when every `LogStore` is dropped. It holds the database only while
+/// syncing, so that a stopped plane's database closes as soon as the plane lets go of it.
 fn sync_appends(
     db: std::sync::Weak<DB>,
-    mut unsynced: tokio::sync::mpsc::Receiver<LogFlushed<TypeConfig>>,
+    shared: Arc<Shared>,
+    mut unsynced: tokio::sync::mpsc::Receiver<Option<LogFlushed<TypeConfig>>>,
     fsync_seconds: prometheus_client::metrics::histogram::Histogram,
+    faults: Option<Arc<dyn SyncFaults>>,
 ) {
     while let Some(first) = unsynced.blocking_recv() {
-        let mut written = vec![first];
+        let mut waiting: Vec<_> = first.into_iter().collect();
         while let Ok(next) = unsynced.try_recv() {
-            written.push(next);
+            waiting.extend(next);
         }
+        if let Some(faults) = &faults {
+            faults.before_sync();
+        }
+        // Everything written by now is covered by the sync below.
+        let (written, truncations) = *shared.written();
         let synced = match db.upgrade() {
             Some(db) => crate::metrics::timed(&fsync_seconds, || db.flush_wal(true)).map_err(|error| error.to_string()),
             None => Err("the database is closed".to_string()),
         };
-        for callback in written {
+        match &synced {
+            Ok(()) => {
+                let current = shared.written();
+                if current.1 == truncations {
+                    shared.synced.send_if_modified(|synced| match synced {
+                        Ok(upto) if *upto < written => {
+                            *upto = written;
+                            true
+                        }
+                        _ => false,
+                    });
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "syncing the Raft log failed; nothing more is applied or committed");
+                shared.synced.send_modify(|synced| *synced = Err(error.clone()));
+            }
+        }
+        for callback in waiting {
             callback.log_io_completed(synced.clone().map_err(std::io::Error::other));
         }
     }
@@ -80,17 +167,58 @@ pub(crate) fn synced() -> WriteOptions {
 }
 
 impl LogStore {
-    /// The log in `db`, timing each WAL sync into `fsync_seconds`.
+    /// The log of member `node_id` in `db`, timing each WAL sync into `fsync_seconds`;
+    /// `faults` runs before each sync (tests only).
     pub fn new(
         db: Arc<DB>,
+        node_id: NodeId,
         fsync_seconds: prometheus_client::metrics::histogram::Histogram,
-    ) -> std::io::Result<LogStore> {
+        faults: Option<Arc<dyn SyncFaults>>,
+    ) -> Result<LogStore, StorageError> {
+        // Whatever an earlier run wrote and did not sync is made durable now, so the log
+        // starts durable to its end.
+        db.flush_wal(true).map_err(write_error)?;
         let (unsynced, queue) = tokio::sync::mpsc::channel(SYNC_QUEUE_MAX);
+        let shared = Arc::new(Shared {
+            node_id,
+            written: Mutex::new((None, 0)),
+            synced: watch::Sender::new(Ok(None)),
+            leading: Mutex::new(None),
+        });
+        let store = LogStore { db: db.clone(), shared: shared.clone(), unsynced };
+        let last = store.last_log_id()?;
+        shared.written().0 = last;
+        // openraft resumes leading at once if the vote saved last is this plane's own.
+        if let Some(vote) = store.meta::<raftpb::Vote>(META_VOTE)? {
+            store.set_leading(&types::vote_from_pb(&vote));
+        }
+        shared.synced.send_modify(|synced| *synced = Ok(last));
         let sync_db = Arc::downgrade(&db);
         std::thread::Builder::new()
             .name("raft-log-sync".into())
-            .spawn(move || sync_appends(sync_db, queue, fsync_seconds))?;
-        Ok(LogStore { db, unsynced })
+            .spawn(move || sync_appends(sync_db, shared, queue, fsync_seconds, faults))
+            .map_err(write_error)?;
+        Ok(store)
+    }
+
+    /// Notes whether `vote`, the vote saved last, makes this plane the leader. openraft
+    /// saves its own committed vote as it becomes leader, and any later vote (of a higher
+    /// term) before it takes entries from another leader.
+    fn set_leading(&self, vote: &Vote<NodeId>) {
+        let leading = vote.committed && vote.leader_id.voted_for() == Some(self.shared.node_id);
+        *self.shared.leading.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) =
+            leading.then_some(vote.leader_id);
+    }
+
+    /// How far this log is durable.
+    pub fn durability(&self) -> Durability {
+        Durability(self.shared.synced.subscribe())
+    }
+
+    /// The last entry's log ID, or the last purged one when the log is empty.
+    fn last_log_id(&self) -> Result<Option<LogId<NodeId>>, StorageError> {
+        let purged = self.meta::<raftpb::LogId>(META_PURGED)?.map(|id| types::log_id_from_pb(&id));
+        Ok(self.last_entry_log_id()?.or(purged))
     }
 
     fn family(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -158,8 +286,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let purged = self.meta::<raftpb::LogId>(META_PURGED)?.map(|id| types::log_id_from_pb(&id));
-        let last = self.last_entry_log_id()?.or(purged);
-        Ok(LogState { last_purged_log_id: purged, last_log_id: last })
+        Ok(LogState { last_purged_log_id: purged, last_log_id: self.last_log_id()? })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -168,7 +295,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
         self.put_meta(META_VOTE, &types::vote_to_pb(vote))
-            .map_err(|_| io_error(ErrorSubject::Vote, ErrorVerb::Write, std::io::Error::other("vote not saved")))
+            .map_err(|_| io_error(ErrorSubject::Vote, ErrorVerb::Write, std::io::Error::other("vote not saved")))?;
+        self.set_leading(vote);
+        Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
@@ -194,18 +323,33 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
+        let leading = *self.shared.leading.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut batch = WriteBatch::default();
         let family = self.family(CF_RAFT_LOG);
+        let mut last = None;
+        let mut own_term = true;
         for entry in entries {
+            own_term &=
+                Some(entry.log_id.leader_id) == leading && !matches!(entry.payload, EntryPayload::Membership(_));
             batch.put_cf(family, index_key(entry.log_id.index), types::entry_to_pb(&entry).encode_to_vec());
+            last = Some(entry.log_id);
         }
         // Written now (readable at once, as openraft requires), synced by the sync thread.
         if let Err(error) = self.db.write(batch) {
             callback.log_io_completed(Err(std::io::Error::other(error.to_string())));
             return Err(write_error(error));
         }
+        if last.is_some() {
+            self.shared.written().0 = last;
+        }
+        let waiting = if own_term {
+            callback.log_io_completed(Ok(()));
+            None
+        } else {
+            Some(callback)
+        };
         self.unsynced
-            .send(callback)
+            .send(waiting)
             .await
             .map_err(|_| write_error(std::io::Error::other("the log sync thread has stopped")))
     }
@@ -215,7 +359,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(family, index_key(log_id.index), index_key(u64::MAX));
         batch.delete_cf(family, index_key(u64::MAX));
-        self.db.write_opt(batch, &synced()).map_err(write_error)
+        let shared = self.shared.clone();
+        let mut written = shared.written();
+        // A synced write: everything before it is durable too.
+        self.db.write_opt(batch, &synced()).map_err(write_error)?;
+        let last = self.last_log_id()?;
+        *written = (last, written.1 + 1);
+        shared.synced.send_if_modified(|synced| match synced {
+            Ok(upto) if *upto != last => {
+                *upto = last;
+                true
+            }
+            _ => false,
+        });
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {

@@ -22,6 +22,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use capstan_proto::raftpb::{self, raft_peer_client::RaftPeerClient};
 
+use crate::log_store::Durability;
 use crate::types::{self, NodeId, PeerNode, TypeConfig};
 
 /// The largest peer message a plane sends or accepts.
@@ -126,11 +127,18 @@ pub struct GrpcNetwork {
     channels: PeerChannels,
     /// Counts every snapshot sent whole to a peer.
     snapshots_sent: Counter,
+    /// How far the plane's own log is durable.
+    durability: Durability,
 }
 
 impl GrpcNetwork {
-    pub fn new(cluster_id: u64, channels: PeerChannels, snapshots_sent: Counter) -> GrpcNetwork {
-        GrpcNetwork { cluster_id, channels, snapshots_sent }
+    pub fn new(
+        cluster_id: u64,
+        channels: PeerChannels,
+        snapshots_sent: Counter,
+        durability: Durability,
+    ) -> GrpcNetwork {
+        GrpcNetwork { cluster_id, channels, snapshots_sent, durability }
     }
 }
 
@@ -150,6 +158,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
             node: node.clone(),
             client: client.map_err(|error| error.to_string()),
             snapshots_sent: self.snapshots_sent.clone(),
+            durability: self.durability.clone(),
         }
     }
 }
@@ -163,6 +172,7 @@ pub struct PeerClient {
     /// The client, or why the peer's URL cannot be used.
     client: Result<RaftPeerClient<Channel>, String>,
     snapshots_sent: Counter,
+    durability: Durability,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +213,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId>>> {
         let mut client = self.client()?;
+        // openraft counts the leader's own appends as durable before they are (see
+        // `log_store`); a follower hears of a commit only once the leader's copy is.
+        if let Some(committed) = &rpc.leader_commit {
+            self.durability.until(committed.index).await.map_err(|error| self.unreachable(error))?;
+        }
         let mut entries = Vec::with_capacity(rpc.entries.len());
         let mut bytes = 0;
         for entry in &rpc.entries {

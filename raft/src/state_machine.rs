@@ -20,6 +20,7 @@ use capstan_proto::{mvccpb, raftpb};
 use capstan_store::Store;
 
 use crate::error::DecodeError;
+use crate::log_store::Durability;
 use crate::types::{self, Entry, NodeId, PeerNode, Response, StorageError, TypeConfig};
 
 const META_APPLIED: &[u8] = b"raft/applied";
@@ -60,6 +61,8 @@ pub struct StateMachine {
     snapshot_dir: PathBuf,
     events: broadcast::Sender<Arc<RevisionEvents>>,
     metrics: crate::StorageMetrics,
+    /// How far the log is durable: an entry is applied only once it is.
+    durability: Durability,
 }
 
 /// Fills a new plane's store from a backup (a snapshot file `capstan ctl snapshot save`
@@ -86,9 +89,10 @@ impl StateMachine {
         snapshot_dir: PathBuf,
         events: broadcast::Sender<Arc<RevisionEvents>>,
         metrics: crate::StorageMetrics,
+        durability: Durability,
     ) -> std::io::Result<StateMachine> {
         std::fs::create_dir_all(&snapshot_dir)?;
-        Ok(StateMachine { store, snapshot_dir, events, metrics })
+        Ok(StateMachine { store, snapshot_dir, events, metrics, durability })
     }
 
     fn read_applied(&self) -> Result<AppliedState, StorageError> {
@@ -289,6 +293,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: Send,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
+        if let Some(last) = entries.last() {
+            // The leader learns of a commit before its own copy may be durable (see
+            // `log_store`); nothing is applied, so nothing answered, before it is.
+            self.durability
+                .until(last.log_id.index)
+                .await
+                .map_err(|error| sm_error(ErrorVerb::Write, std::io::Error::other(error)))?;
+        }
         // A few small entries apply faster here than the hand-off to a blocking thread takes
         // (each is one unsynced RocksDB batch); many, or any whose work grows with the
         // store (deletes, txns, compaction, revokes), go to a blocking thread.
@@ -372,7 +384,10 @@ mod tests {
 
         fn machine(&self) -> StateMachine {
             let store = Store::open(&self.0.join("db"), &[]).unwrap();
-            StateMachine::new(store, self.0.join("snapshots"), broadcast::channel(16).0, Default::default()).unwrap()
+            // These tests apply entries directly, which does not ask how far the log is durable.
+            let durability = Durability(tokio::sync::watch::channel(Ok(None)).1);
+            StateMachine::new(store, self.0.join("snapshots"), broadcast::channel(16).0, Default::default(), durability)
+                .unwrap()
         }
     }
 

@@ -79,6 +79,8 @@ pub struct PlaneConfig {
     pub watch_progress_notify_interval: Duration,
     /// Faults injected into peer traffic, for tests; `None` in a real plane.
     pub peer_faults: Option<Arc<dyn PeerFaults>>,
+    /// Faults injected before the Raft log's WAL syncs, for tests; `None` in a real plane.
+    pub sync_faults: Option<Arc<dyn capstan_raft::log_store::SyncFaults>>,
     /// Deliberately unsafe, for proving that the tests catch it: linearizable reads are
     /// served from this plane's state without read-index. Never set outside tests.
     pub unsafe_stale_reads: bool,
@@ -114,6 +116,7 @@ impl PlaneConfig {
             quota_bytes: QUOTA_BYTES_DEFAULT,
             watch_progress_notify_interval: Duration::from_secs(600),
             peer_faults: None,
+            sync_faults: None,
             unsafe_stale_reads: false,
             scheduler: None,
             scheduler_user: None,
@@ -550,10 +553,17 @@ pub async fn run(
     }
     let identity = config.identity(&store).await?;
     let channels = config.peer_channels()?.with_faults(config.peer_faults.clone());
-    let started =
-        capstan_raft::start(store, config.data_dir.clone(), &identity, &config.raft, channels, &metrics.storage)
-            .await
-            .with_context(cannot_start)?;
+    let started = capstan_raft::start(
+        store,
+        config.data_dir.clone(),
+        &identity,
+        &config.raft,
+        channels,
+        &metrics.storage,
+        config.sync_faults.clone(),
+    )
+    .await
+    .with_context(cannot_start)?;
     let (proposals, queued) = tokio::sync::mpsc::channel(batch::QUEUE_MAX);
     let (reads, queued_reads) = tokio::sync::mpsc::channel(batch::QUEUE_MAX);
     let plane = Arc::new(Plane {

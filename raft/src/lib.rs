@@ -207,6 +207,7 @@ pub async fn start(
     .validate()?;
     let network = network::GrpcNetwork::new(
         identity.cluster_id,
+        identity.node_id,
         peer_channels.clone(),
         metrics.snapshots_sent.clone(),
         log_store.durability(),

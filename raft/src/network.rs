@@ -2,7 +2,8 @@
 //!
 //! One channel per peer URL ([`PeerChannels`]) is shared by every replication stream to
 //! that peer and by the plane's request forwarding. A failed
-//! call is reported as `Unreachable`, so openraft backs off instead of retrying at once.
+//! call is reported as `Unreachable`, so openraft backs off instead of retrying at once; a
+//! call with no answer within openraft's deadline is a `Timeout`, tried again without backing off.
 //! An AppendEntries batch larger than [`PEER_MESSAGE_BYTES_MAX`] is cut short and reported
 //! as a partial success, which openraft continues from.
 
@@ -10,8 +11,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, SnapshotMismatch, Unreachable};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, SnapshotMismatch, Timeout, Unreachable};
+use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
@@ -124,6 +125,8 @@ impl PeerChannels {
 #[derive(Clone)]
 pub struct GrpcNetwork {
     cluster_id: u64,
+    /// This plane's member ID.
+    id: NodeId,
     channels: PeerChannels,
     /// Counts every snapshot sent whole to a peer.
     snapshots_sent: Counter,
@@ -134,11 +137,12 @@ pub struct GrpcNetwork {
 impl GrpcNetwork {
     pub fn new(
         cluster_id: u64,
+        id: NodeId,
         channels: PeerChannels,
         snapshots_sent: Counter,
         durability: Durability,
     ) -> GrpcNetwork {
-        GrpcNetwork { cluster_id, channels, snapshots_sent, durability }
+        GrpcNetwork { cluster_id, id, channels, snapshots_sent, durability }
     }
 }
 
@@ -153,6 +157,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
         });
         PeerClient {
             cluster_id: self.cluster_id,
+            id: self.id,
             channels: self.channels.clone(),
             target,
             node: node.clone(),
@@ -166,6 +171,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
 /// The client of one peer.
 pub struct PeerClient {
     cluster_id: u64,
+    id: NodeId,
     channels: PeerChannels,
     target: NodeId,
     node: PeerNode,
@@ -195,11 +201,19 @@ impl PeerClient {
     }
 }
 
-/// Runs `call` within the RPC's deadline; failures become `Unreachable`.
+/// Runs `call` (an `action`) within the RPC's deadline. A call that failed makes the peer
+/// `Unreachable`, which openraft backs off from; one that is only slow (openraft 0.9 gives
+/// an AppendEntries one heartbeat interval, which a follower's slow fsync can exceed) is a
+/// `Timeout`, tried again without backing off.
 macro_rules! call {
-    ($self:ident, $option:ident, $call:expr) => {
+    ($self:ident, $option:ident, $action:expr, $call:expr) => {
         match tokio::time::timeout($option.hard_ttl(), $self.channels.send(&$self.node.peer_url, $call)).await {
-            Err(_) => Err($self.unreachable(format!("no answer within {:?}", $option.hard_ttl()))),
+            Err(_) => Err(RPCError::Timeout(Timeout {
+                action: $action,
+                id: $self.id,
+                target: $self.target,
+                timeout: $option.hard_ttl(),
+            })),
             Ok(Err(status)) => Err($self.unreachable(status.message())),
             Ok(Ok(response)) => Ok(response.into_inner()),
         }
@@ -238,7 +252,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             entries,
             leader_commit: rpc.leader_commit.as_ref().map(types::log_id_to_pb),
         };
-        let response = call!(self, option, client.append_entries(request))?;
+        let response = call!(self, option, RPCTypes::AppendEntries, client.append_entries(request))?;
         let response = types::append_response_from_pb(response).map_err(|error| self.unreachable(error))?;
         Ok(match response {
             AppendEntriesResponse::Success if !sent_all => AppendEntriesResponse::PartialSuccess(last_sent),
@@ -263,7 +277,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             data: rpc.data,
             done,
         };
-        let response = call!(self, option, client.install_snapshot(request))?;
+        let response = call!(self, option, RPCTypes::InstallSnapshot, client.install_snapshot(request))?;
         if done {
             self.snapshots_sent.inc();
         }
@@ -296,7 +310,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId>>> {
         let mut client = self.client()?;
-        let response = call!(self, option, client.vote(types::vote_request_to_pb(self.cluster_id, self.target, &rpc)))?;
+        let request = types::vote_request_to_pb(self.cluster_id, self.target, &rpc);
+        let response = call!(self, option, RPCTypes::Vote, client.vote(request))?;
         types::vote_response_from_pb(response).map_err(|error| self.unreachable(error))
     }
 }

@@ -46,7 +46,7 @@ impl Forwarder {
 impl Plane {
     /// The leader's ID and node, if there is a leader.
     pub(super) fn leader(&self) -> Option<(NodeId, PeerNode)> {
-        let metrics = self.raft.metrics();
+        let metrics = self.raft.server_metrics();
         let metrics = metrics.borrow();
         let leader = metrics.current_leader?;
         let node = metrics.membership_config.membership().get_node(&leader)?.clone();
@@ -54,7 +54,7 @@ impl Plane {
     }
 
     pub(super) fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow().current_leader == Some(self.node_id)
+        self.raft.server_metrics().borrow().current_leader == Some(self.node_id)
     }
 
     /// A client of the leader's `PlanePeer` service.

@@ -246,7 +246,7 @@ impl Plane {
 
     /// The response header etcd puts on every response.
     fn header(&self, revision: i64) -> Option<pb::ResponseHeader> {
-        let raft_term = self.raft.metrics().borrow().current_term;
+        let raft_term = self.raft.server_metrics().borrow().vote.leader_id().term;
         Some(pb::ResponseHeader { cluster_id: self.cluster_id, member_id: self.node_id, revision, raft_term })
     }
 
@@ -283,7 +283,7 @@ impl Plane {
         Outcome: std::future::Future<Output = Result<T, Status>>,
     {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(PROPOSE_TIMEOUT_MS);
-        let mut metrics = self.raft.metrics();
+        let mut metrics = self.raft.server_metrics();
         loop {
             self.wait_for_leader(deadline).await?;
             metrics.borrow_and_update();
@@ -395,10 +395,10 @@ impl Plane {
     /// Waits, as etcd does, until the cluster has a leader (for example while the first
     /// election of a new cluster runs), failing with etcd's "no leader" at `deadline`.
     async fn wait_for_leader(&self, deadline: tokio::time::Instant) -> Result<(), Status> {
-        let mut metrics = self.raft.metrics();
+        let mut metrics = self.raft.server_metrics();
         // A removed leader stays `current_leader` until the next election, but is no longer
         // in the membership: that is no leader to send anything to.
-        let has_leader = |metrics: &openraft::RaftMetrics<NodeId, PeerNode>| {
+        let has_leader = |metrics: &openraft::metrics::RaftServerMetrics<NodeId, PeerNode>| {
             metrics
                 .current_leader
                 .is_some_and(|leader| metrics.membership_config.membership().get_node(&leader).is_some())

@@ -322,42 +322,61 @@ async fn settle<T, F: std::future::Future<Output = Result<T, etcd_client::Error>
     }
 }
 
-/// Runs one case and asserts every property but linearizability, whose verdict it returns
-/// (the first key that fails, with where its history was saved).
-async fn run_case(size: usize, steps: Vec<Step>, seed: u64, stale_reads: bool) -> Result<(), String> {
-    let dir = tempfile::tempdir().unwrap();
+/// The configurations of `size` planes of one new cluster, with their data under `dir`.
+fn cluster_configs(dir: &std::path::Path, size: usize) -> Vec<PlaneConfig> {
     let addrs: Vec<(SocketAddr, SocketAddr)> = (0..size).map(|_| (common::free_addr(), common::free_addr())).collect();
     let initial_cluster: Vec<(String, String)> = addrs
         .iter()
         .enumerate()
         .map(|(index, (_, peer))| (format!("plane-{index}"), format!("http://{peer}")))
         .collect();
-    let network = Arc::new(Network {
-        plane_of_url: initial_cluster.iter().enumerate().map(|(index, (_, url))| (url.clone(), index)).collect(),
-        state: Mutex::new(NetworkState { fault: Fault::Healthy, rng: Rng(seed | 1) }),
-    });
-    let mut planes: Vec<InProcessPlane> = addrs
+    addrs
         .iter()
         .enumerate()
         .map(|(index, (client, peer))| {
             let name = format!("plane-{index}");
-            let mut config = PlaneConfig::single(&name, dir.path().join(&name), *client, *peer);
+            let mut config = PlaneConfig::single(&name, dir.join(&name), *client, *peer);
             config.initial_cluster = initial_cluster.clone();
-            config.raft.snapshot_entries = 200;
-            config.raft.log_entries_kept = 50;
-            config.peer_faults = Some(Arc::new(Hook { network: network.clone(), plane: index }));
-            config.unsafe_stale_reads = stale_reads;
-            InProcessPlane { config, running: None }
+            config
         })
-        .collect();
+        .collect()
+}
+
+/// Starts a plane for each of `configs`, and connects a client to each.
+async fn start_cluster(configs: Vec<PlaneConfig>) -> (Vec<InProcessPlane>, Vec<Client>) {
+    let mut planes: Vec<InProcessPlane> =
+        configs.into_iter().map(|config| InProcessPlane { config, running: None }).collect();
     for plane in &mut planes {
         plane.start();
     }
-    let endpoints: Vec<String> = addrs.iter().map(|(client, _)| format!("http://{client}")).collect();
     let mut clients = Vec::new();
-    for endpoint in &endpoints {
-        clients.push(Client::connect([endpoint.as_str()], None).await.unwrap());
+    for plane in &planes {
+        clients.push(Client::connect([format!("http://{}", plane.config.listen_client)], None).await.unwrap());
     }
+    (planes, clients)
+}
+
+/// Runs one case and asserts every property but linearizability, whose verdict it returns
+/// (the first key that fails, with where its history was saved).
+async fn run_case(size: usize, steps: Vec<Step>, seed: u64, stale_reads: bool) -> Result<(), String> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut configs = cluster_configs(dir.path(), size);
+    let network = Arc::new(Network {
+        plane_of_url: configs[0]
+            .initial_cluster
+            .iter()
+            .enumerate()
+            .map(|(index, (_, url))| (url.clone(), index))
+            .collect(),
+        state: Mutex::new(NetworkState { fault: Fault::Healthy, rng: Rng(seed | 1) }),
+    });
+    for (index, config) in configs.iter_mut().enumerate() {
+        config.raft.snapshot_entries = 200;
+        config.raft.log_entries_kept = 50;
+        config.peer_faults = Some(Arc::new(Hook { network: network.clone(), plane: index }));
+        config.unsafe_stale_reads = stale_reads;
+    }
+    let (mut planes, clients) = start_cluster(configs).await;
     settle("a first write", &clients[0], |mut client| async move { client.put("ready", "1", None).await }).await;
 
     let origin = Instant::now();
@@ -542,33 +561,14 @@ fn nothing_is_applied_before_the_leaders_own_copy_is_durable() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let addrs: Vec<(SocketAddr, SocketAddr)> = (0..3).map(|_| (common::free_addr(), common::free_addr())).collect();
-        let initial_cluster: Vec<(String, String)> = addrs
-            .iter()
-            .enumerate()
-            .map(|(index, (_, peer))| (format!("plane-{index}"), format!("http://{peer}")))
-            .collect();
         let gates: Vec<Arc<SyncGate>> = (0..3).map(|_| Arc::default()).collect();
-        let mut planes: Vec<InProcessPlane> = addrs
-            .iter()
-            .enumerate()
-            .map(|(index, (client, peer))| {
-                let name = format!("plane-{index}");
-                let mut config = PlaneConfig::single(&name, dir.path().join(&name), *client, *peer);
-                config.initial_cluster = initial_cluster.clone();
-                // The followers must not give up on the held leader while the test looks.
-                config.raft.election_timeout_ms = 10_000;
-                config.sync_faults = Some(gates[index].clone());
-                InProcessPlane { config, running: None }
-            })
-            .collect();
-        for plane in &mut planes {
-            plane.start();
+        let mut configs = cluster_configs(dir.path(), 3);
+        for (config, gate) in configs.iter_mut().zip(&gates) {
+            // The followers must not give up on the held leader while the test looks.
+            config.raft.election_timeout_ms = 10_000;
+            config.sync_faults = Some(gate.clone());
         }
-        let mut clients = Vec::new();
-        for (client, _) in &addrs {
-            clients.push(Client::connect([format!("http://{client}")], None).await.unwrap());
-        }
+        let (mut planes, clients) = start_cluster(configs).await;
         settle("a first write", &clients[0], |mut client| async move { client.put("ready", "1", None).await }).await;
         let statuses = || async {
             let mut statuses = Vec::new();

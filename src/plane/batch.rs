@@ -3,8 +3,9 @@
 //! Proposals: commands that arrive on the leader while earlier writes are being replicated
 //! go into Raft together, as one entry.
 //!
-//! openraft 0.9's core waits for each append's fsync before it takes the next client write,
-//! so one entry per command would cost one fsync per command. Instead every proposal joins
+//! Each entry costs openraft's core a round of work, and a follower a synced append when
+//! the entries come one by one, so one entry per command would cost that per command
+//! (`capstan_raft::log_store` says how appends are synced). Instead every proposal joins
 //! a queue; the batcher takes whatever has queued (up to a limit) whenever fewer than
 //! `BATCHES_IN_FLIGHT_MAX` batches are in Raft, and proposes it as a single entry (a lone
 //! command as itself). The state machine applies a batch command by command, each at its

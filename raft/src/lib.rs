@@ -171,8 +171,8 @@ pub fn mark_removed(store: &Store) -> Result<(), RaftError> {
 }
 
 /// Starts the plane's Raft on `store` (kept in `data_dir`), talking to peers over
-/// `peer_channels` and measuring into `metrics` (`sync_faults`: tests' hook on log syncs); bootstraps the cluster when the directory is new and `identity` names
-/// initial members.
+/// `peer_channels` and measuring into `metrics` (`sync_faults`: tests' hook on log syncs);
+/// bootstraps the cluster when the directory is new and `identity` names initial members.
 pub async fn start(
     store: Store,
     data_dir: PathBuf,

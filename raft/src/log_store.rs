@@ -72,19 +72,27 @@ impl Durability {
     }
 }
 
+/// What has been written to the log, for the sync thread to publish once synced.
+#[derive(Clone, Copy, Default)]
+struct Written {
+    /// The last entry written.
+    last: Option<LogId<NodeId>>,
+    /// How many truncations the log has seen: a sync that started before a truncation
+    /// must not report entries that the truncation removed.
+    truncations: u64,
+}
+
 /// The log's state shared by every clone of the store and the sync thread.
 struct Shared {
     node_id: NodeId,
-    /// The last entry written, and how many truncations the log has seen: a sync that
-    /// started before a truncation must not report entries that the truncation removed.
-    written: Mutex<(Option<LogId<NodeId>>, u64)>,
+    written: Mutex<Written>,
     synced: watch::Sender<Synced>,
     /// This plane's leadership, while the last vote saved is its own and committed.
     leading: Mutex<Option<LeaderId<NodeId>>>,
 }
 
 impl Shared {
-    fn written(&self) -> std::sync::MutexGuard<'_, (Option<LogId<NodeId>>, u64)> {
+    fn written(&self) -> std::sync::MutexGuard<'_, Written> {
         self.written.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
@@ -119,7 +127,7 @@ fn sync_appends(
             faults.before_sync();
         }
         // Everything written by now is covered by the sync below.
-        let (written, truncations) = *shared.written();
+        let written = *shared.written();
         let synced = match db.upgrade() {
             Some(db) => crate::metrics::timed(&fsync_seconds, || db.flush_wal(true)).map_err(|error| error.to_string()),
             None => Err("the database is closed".to_string()),
@@ -127,10 +135,10 @@ fn sync_appends(
         match &synced {
             Ok(()) => {
                 let current = shared.written();
-                if current.1 == truncations {
+                if current.truncations == written.truncations {
                     shared.synced.send_if_modified(|synced| match synced {
-                        Ok(upto) if *upto < written => {
-                            *upto = written;
+                        Ok(upto) if *upto < written.last => {
+                            *upto = written.last;
                             true
                         }
                         _ => false,
@@ -181,13 +189,13 @@ impl LogStore {
         let (unsynced, queue) = tokio::sync::mpsc::channel(SYNC_QUEUE_MAX);
         let shared = Arc::new(Shared {
             node_id,
-            written: Mutex::new((None, 0)),
+            written: Mutex::default(),
             synced: watch::Sender::new(Ok(None)),
             leading: Mutex::new(None),
         });
         let store = LogStore { db: db.clone(), shared: shared.clone(), unsynced };
         let last = store.last_log_id()?;
-        shared.written().0 = last;
+        shared.written().last = last;
         // openraft resumes leading at once if the vote saved last is this plane's own.
         if let Some(vote) = store.meta::<raftpb::Vote>(META_VOTE)? {
             store.set_leading(&types::vote_from_pb(&vote));
@@ -340,7 +348,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             return Err(write_error(error));
         }
         if last.is_some() {
-            self.shared.written().0 = last;
+            self.shared.written().last = last;
         }
         let waiting = if own_term {
             callback.log_io_completed(Ok(()));
@@ -359,13 +367,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(family, index_key(log_id.index), index_key(u64::MAX));
         batch.delete_cf(family, index_key(u64::MAX));
-        let shared = self.shared.clone();
-        let mut written = shared.written();
+        let mut written = self.shared.written();
         // A synced write: everything before it is durable too.
         self.db.write_opt(batch, &synced()).map_err(write_error)?;
         let last = self.last_log_id()?;
-        *written = (last, written.1 + 1);
-        shared.synced.send_if_modified(|synced| match synced {
+        *written = Written { last, truncations: written.truncations + 1 };
+        self.shared.synced.send_if_modified(|synced| match synced {
             Ok(upto) if *upto != last => {
                 *upto = last;
                 true

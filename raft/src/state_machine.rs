@@ -17,7 +17,7 @@ use prost::Message;
 use tokio::sync::broadcast;
 
 use capstan_proto::{mvccpb, raftpb};
-use capstan_store::Store;
+use capstan_store::{Applied, Store};
 
 use crate::error::DecodeError;
 use crate::log_store::Durability;
@@ -143,43 +143,51 @@ impl StateMachine {
         meta: &[(&[u8], Vec<u8>)],
     ) -> Result<(capstan_store::Result<capstan_store::CommandResponse>, i64), StorageError> {
         let applied = self.store.apply(command, meta).map_err(|error| sm_error(ErrorVerb::Write, error))?;
+        Ok(self.publish(applied))
+    }
+
+    /// Publishes the events of an applied command; returns its response and revision.
+    fn publish(&self, applied: Applied) -> (capstan_store::Result<capstan_store::CommandResponse>, i64) {
         if !applied.events.is_empty() {
             // No receivers is fine: nobody watches.
             let _ = self.events.send(Arc::new(RevisionEvents { revision: applied.revision, events: applied.events }));
         }
-        Ok((applied.response, applied.revision))
+        (applied.response, applied.revision)
     }
 
-    /// Applies a batch entry command by command, each in its own write. Each write but the
-    /// last records how far into the batch it got (`META_BATCH_PROGRESS`); the last records
-    /// the entry as applied. A batch cut short by a crash (or a snapshot taken meanwhile,
-    /// which carries the progress) is therefore resumed, never applied twice.
+    /// Applies a batch entry, command by command, each at its own revision; the store
+    /// commits runs of them in one write (`Store::apply_all`). Each write but the last
+    /// records how far into the batch it got (`META_BATCH_PROGRESS`); the last records the
+    /// entry as applied. A batch cut short by a crash (or a snapshot taken meanwhile, which
+    /// carries the progress) is therefore resumed, never applied twice.
     fn apply_batch(&self, log_id: &LogId<NodeId>, commands: Vec<raftpb::Command>) -> Result<Response, StorageError> {
         let entry_id = types::log_id_to_pb(log_id);
-        let done = self.batch_progress(&entry_id)?;
-        let mut results = Vec::with_capacity(commands.len());
+        let start = self.batch_progress(&entry_id)?.map_or(0, |done| done as usize + 1).min(commands.len());
+        // Applied before a restart; their clients are gone with the old process.
+        let mut results: Vec<_> = (0..start).map(|_| Err(capstan_store::StoreError::BatchNotUnrolled)).collect();
         let mut revision = self.store.revision();
-        let last = commands.len().saturating_sub(1);
-        for (position, command) in commands.iter().enumerate() {
-            if done.is_some_and(|done| position as u64 <= done) {
-                // Applied before a restart; its client is gone with the old process.
-                results.push(Err(capstan_store::StoreError::BatchNotUnrolled));
-                continue;
-            }
-            let meta: Vec<(&[u8], Vec<u8>)> = if position == last {
+        if start == commands.len() {
+            self.store
+                .put_meta(&[(META_APPLIED, entry_id.encode_to_vec())])
+                .map_err(|error| sm_error(ErrorVerb::Write, error))?;
+            return Ok(Response { result: None, batch: results, revision });
+        }
+        let last = commands.len() - 1;
+        let meta_at = |offset: usize| -> Vec<(&[u8], Vec<u8>)> {
+            let position = start + offset;
+            if position == last {
                 vec![(META_APPLIED, entry_id.encode_to_vec())]
             } else {
                 let progress = raftpb::BatchProgress { entry: Some(entry_id), applied_commands: position as u64 };
                 vec![(META_BATCH_PROGRESS, progress.encode_to_vec())]
-            };
-            let (result, after) = self.apply_command(command, &meta)?;
+            }
+        };
+        let applied =
+            self.store.apply_all(&commands[start..], meta_at).map_err(|error| sm_error(ErrorVerb::Write, error))?;
+        for applied in applied {
+            let (result, after) = self.publish(applied);
             results.push(result);
             revision = after;
-        }
-        if commands.is_empty() {
-            self.store
-                .put_meta(&[(META_APPLIED, entry_id.encode_to_vec())])
-                .map_err(|error| sm_error(ErrorVerb::Write, error))?;
         }
         Ok(Response { result: None, batch: results, revision })
     }

@@ -1,9 +1,13 @@
-//! The write path. Each command is applied as one RocksDB `WriteBatch`, committed
-//! atomically with whatever metadata the caller adds (the Raft applied index), so a crash
-//! leaves either all of a command or none of it.
+//! The write path. Commands are applied into a RocksDB `WriteBatch`, committed atomically
+//! with whatever metadata the caller adds (the Raft applied index), so a crash leaves
+//! either all of a write or none of it. A write carries one command, or a run of commands
+//! that only touch keys ([`shares_write`]): one write then serves a whole Raft batch
+//! entry of puts, where a write per command would cost a WAL append and a round of
+//! RocksDB's write path each.
 //!
-//! A txn may read keys it wrote a moment before; those writes sit in `pending` until the
-//! batch commits, and every read of the newest state looks there first.
+//! A command may read keys written a moment before, by itself (a txn) or by an earlier
+//! command of the same write; those writes sit in `pending` until the batch commits, and
+//! every read of the newest state looks there first.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -42,7 +46,7 @@ struct Apply<'a> {
     main: i64,
     sub: u32,
     batch: WriteBatch,
-    /// The newest version of every key this command wrote.
+    /// The newest version of every key this write wrote.
     pending: BTreeMap<Vec<u8>, Version>,
     events: Vec<mvccpb::Event>,
     /// The auth state after this command, when it is an auth change.
@@ -54,6 +58,35 @@ impl Store {
     /// `meta` family. An `Err` is a storage failure: the store can no longer be trusted.
     /// A request the store refuses is not an `Err`: it is in [`Applied::response`].
     pub fn apply(&self, command: &Command, meta: &[(&[u8], Vec<u8>)]) -> Result<Applied> {
+        let mut applied = self.apply_run(std::slice::from_ref(command), meta)?;
+        Ok(applied.pop().expect("one command applies to one result"))
+    }
+
+    /// Applies `commands` in order, each at its own revision and with the response it would
+    /// get alone, in as few RocksDB writes as that allows: consecutive commands that
+    /// [share a write](shares_write) go together, any other command goes alone. Each write
+    /// commits the `meta` pairs that `meta_at` gives for the position of its last command,
+    /// so the caller can record how far it got. The results are in the commands' order;
+    /// an `Err` is a storage failure, as for [`Store::apply`].
+    pub fn apply_all<'m>(
+        &self,
+        commands: &[Command],
+        meta_at: impl Fn(usize) -> Vec<(&'m [u8], Vec<u8>)>,
+    ) -> Result<Vec<Applied>> {
+        let mut applied = Vec::with_capacity(commands.len());
+        let mut start = 0;
+        while start < commands.len() {
+            let shared = commands[start..].iter().take_while(|command| shares_write(command)).count();
+            let end = start + shared.max(1);
+            applied.extend(self.apply_run(&commands[start..end], &meta_at(end - 1))?);
+            start = end;
+        }
+        Ok(applied)
+    }
+
+    /// Applies `commands` and commits them, with `meta`, in one write. Only the first may
+    /// be a command that does not [share a write](shares_write).
+    fn apply_run(&self, commands: &[Command], meta: &[(&[u8], Vec<u8>)]) -> Result<Vec<Applied>> {
         let revision = self.revision();
         let mut apply = Apply {
             store: self,
@@ -66,24 +99,29 @@ impl Store {
             events: Vec::new(),
             auth: None,
         };
-        let response = apply.command(command);
-        match &response {
-            Err(error) if !error.is_client_error() => return Err(apply.fail(response.unwrap_err())),
-            Err(_) => {
+        let mut applied = Vec::with_capacity(commands.len());
+        let mut compact_until = None;
+        for command in commands {
+            apply.next_command();
+            let writes_before = apply.batch.len();
+            let response = apply.command(command);
+            match &response {
+                Err(error) if !error.is_client_error() => return Err(apply.fail(response.unwrap_err())),
                 // A refused request must leave no trace; validation runs before any write.
-                assert!(apply.pending.is_empty(), "a refused command wrote {} keys", apply.pending.len());
+                Err(_) => assert_eq!(apply.batch.len(), writes_before, "a refused command wrote"),
+                Ok(_) => {}
             }
-            Ok(_) => {}
+            if let (Ok(_), Some(command::Request::Compaction(request))) = (&response, command.request.as_ref()) {
+                compact_until = Some(request.revision);
+            }
+            let events = std::mem::take(&mut apply.events);
+            applied.push(Applied { response, events, revision: apply.revision_now() });
         }
-        let compact_until = match (&response, command.request.as_ref()) {
-            (Ok(_), Some(command::Request::Compaction(request))) => Some(request.revision),
-            _ => None,
-        };
-        let Apply { main, sub, mut batch, events, auth, .. } = apply;
-        let new_revision = if sub > 0 { main } else { revision };
+        let new_revision = apply.revision_now();
+        let Apply { mut batch, auth, .. } = apply;
         assert!(new_revision >= revision, "revision went down from {revision} to {new_revision}");
         let metas = cf(self.db(), codec::CF_META);
-        if sub > 0 {
+        if new_revision > revision {
             batch.put_cf(metas, codec::META_REVISION, new_revision.to_be_bytes());
         }
         if let Some(until) = compact_until {
@@ -102,7 +140,7 @@ impl Store {
             self.inner.compacted.store(until, Ordering::Release);
             self.compact_physically(until)?;
         }
-        Ok(Applied { response, events, revision: new_revision })
+        Ok(applied)
     }
 
     /// Writes `meta` pairs alone, for commands that change only the caller's metadata.
@@ -168,15 +206,53 @@ impl Store {
     }
 }
 
+/// Whether `command` may share a write with the commands around it: a put, a delete range
+/// or a txn that reads no past revision. These read and write keys only, and see the keys
+/// that earlier commands of the same write wrote (`Apply::pending`). Anything else reads
+/// or changes state beside the keys (leases, auth, the compacted revision) or reads an
+/// older revision, which the database has only once the write before it is committed.
+fn shares_write(command: &Command) -> bool {
+    match &command.request {
+        Some(command::Request::Put(_) | command::Request::DeleteRange(_)) => true,
+        Some(command::Request::Txn(txn)) => reads_no_past_revision(txn),
+        _ => false,
+    }
+}
+
+fn reads_no_past_revision(txn: &pb::TxnRequest) -> bool {
+    use pb::request_op::Request;
+    txn.success.iter().chain(&txn.failure).all(|op| match &op.request {
+        Some(Request::RequestRange(range)) => range.revision <= 0,
+        Some(Request::RequestTxn(nested)) => reads_no_past_revision(nested),
+        _ => true,
+    })
+}
+
 impl Apply<'_> {
+    /// Moves on to the next command of the write: it gets the revision after the last one
+    /// that wrote.
+    fn next_command(&mut self) {
+        self.revision = self.revision_now();
+        self.main = self.revision + 1;
+        self.sub = 0;
+    }
+
+    /// The store's revision after what has been applied so far.
+    fn revision_now(&self) -> i64 {
+        if self.sub > 0 {
+            self.main
+        } else {
+            self.revision
+        }
+    }
+
     fn fail(self, error: StoreError) -> StoreError {
         tracing::error!(%error, revision = self.revision, "apply failed; the store stops");
         error
     }
 
     fn header(&self) -> Option<pb::ResponseHeader> {
-        let revision = if self.sub > 0 { self.main } else { self.revision };
-        Some(pb::ResponseHeader { revision, ..Default::default() })
+        Some(pb::ResponseHeader { revision: self.revision_now(), ..Default::default() })
     }
 
     fn command(&mut self, command: &Command) -> Result<CommandResponse> {
@@ -247,7 +323,7 @@ impl Apply<'_> {
         }
     }
 
-    /// The newest version of `key`, counting this command's own writes.
+    /// The newest version of `key`, counting this write's own.
     fn newest(&self, key: &[u8]) -> Result<Option<Version>> {
         if let Some(version) = self.pending.get(key) {
             return Ok(Some(version.clone()));
@@ -396,7 +472,7 @@ impl Apply<'_> {
         for op in branch(request, succeeded) {
             let response = match &op.request {
                 Some(Request::RequestRange(range)) => {
-                    let current = if self.sub > 0 { self.main } else { self.revision };
+                    let current = self.revision_now();
                     let response = if range.revision <= 0 || range.revision >= current {
                         range_in(self, range, current)?
                     } else {
@@ -486,7 +562,7 @@ impl Apply<'_> {
 }
 
 impl LiveKeys for Apply<'_> {
-    /// The newest state: committed keys merged with this command's pending writes.
+    /// The newest state: committed keys merged with this write's pending ones.
     fn scan(&self, range: &KeyRange, visit: &mut dyn FnMut(Vec<u8>, Version) -> Result<bool>) -> Result<()> {
         let in_range: Vec<(&Vec<u8>, &Version)> = self.pending.iter().filter(|(key, _)| range.contains(key)).collect();
         let mut pending = in_range.into_iter().peekable();

@@ -1,7 +1,7 @@
 //! The store against a model: random sequences of puts, deletes, txns, ranges (at old
 //! revisions too), compactions, lease grants and revokes, and restarts (RocksDB closed
-//! and reopened) are applied to both; every response, revision and watch event must be
-//! the same. The model is the plainest thing that can be right: a full copy of the key
+//! and reopened) are applied to both, the writes one by one or in runs of many (as Raft
+//! batch entries are); every response, revision and watch event must be the same. The model is the plainest thing that can be right: a full copy of the key
 //! space for every revision.
 
 use std::collections::BTreeMap;
@@ -48,7 +48,9 @@ enum Cmp {
 enum TxnStep {
     Put(usize, u8),
     Delete(usize, End),
-    Range(usize, End),
+    /// A range at the newest revision (0), or this many revisions back from the one
+    /// before the txn (1 is that one).
+    Range(usize, End, i64),
 }
 
 const LEASES: [i64; 3] = [7, 8, 0x7fff_0000_0000];
@@ -61,7 +63,7 @@ fn step_strategy() -> impl Strategy<Value = TxnStep> {
     prop_oneof![
         (0..KEYS.len(), any::<u8>()).prop_map(|(key, value)| TxnStep::Put(key, value % 4)),
         (0..KEYS.len(), end_strategy()).prop_map(|(key, end)| TxnStep::Delete(key, end)),
-        (0..KEYS.len(), end_strategy()).prop_map(|(key, end)| TxnStep::Range(key, end)),
+        (0..KEYS.len(), end_strategy(), 0i64..4).prop_map(|(key, end, back)| TxnStep::Range(key, end, back)),
     ]
 }
 
@@ -261,7 +263,16 @@ impl Model {
     }
 }
 
-fn to_request_op(step: &TxnStep) -> pb::RequestOp {
+/// The revision a txn's range `back` revisions back reads, the txn coming at `revision + 1`.
+fn txn_range_revision(revision: i64, back: i64) -> i64 {
+    if back == 0 {
+        0
+    } else {
+        (revision - back + 1).max(1)
+    }
+}
+
+fn to_request_op(step: &TxnStep, revision: i64) -> pb::RequestOp {
     use pb::request_op::Request;
     let request = match step {
         TxnStep::Put(key, value) => {
@@ -272,9 +283,10 @@ fn to_request_op(step: &TxnStep) -> pb::RequestOp {
             range_end: range_end(*key, *end),
             prev_kv: true,
         }),
-        TxnStep::Range(key, end) => Request::RequestRange(pb::RangeRequest {
+        TxnStep::Range(key, end, back) => Request::RequestRange(pb::RangeRequest {
             key: KEYS[*key].to_vec(),
             range_end: range_end(*key, *end),
+            revision: txn_range_revision(revision, *back),
             ..Default::default()
         }),
     };
@@ -328,6 +340,16 @@ fn model_apply(model: &mut Model, op: &Op) -> ModelResult<CommandResponse> {
             if !Model::txn_is_valid(success) || !Model::txn_is_valid(failure) {
                 return Err("duplicate");
             }
+            let reads_compacted = steps.iter().any(|step| match step {
+                TxnStep::Range(_, _, back) => {
+                    let revision = txn_range_revision(model.revision, *back);
+                    revision > 0 && revision < model.compacted
+                }
+                _ => false,
+            });
+            if reads_compacted {
+                return Err("compacted");
+            }
             let mut draft = model.draft();
             let mut responses = Vec::new();
             for step in steps {
@@ -344,13 +366,17 @@ fn model_apply(model: &mut Model, op: &Op) -> ModelResult<CommandResponse> {
                             prev_kvs: doomed,
                         })
                     }
-                    TxnStep::Range(key, end) => {
+                    TxnStep::Range(key, end, back) => {
                         let request = pb::RangeRequest {
                             key: KEYS[*key].to_vec(),
                             range_end: range_end(*key, *end),
                             ..Default::default()
                         };
-                        Response::ResponseRange(model.range(&draft.state, &request))
+                        let state = match txn_range_revision(model.revision, *back) {
+                            0 => &draft.state,
+                            revision => model.state_at(revision),
+                        };
+                        Response::ResponseRange(model.range(state, &request))
                     }
                 };
                 responses.push(pb::ResponseOp { response: Some(response) });
@@ -408,8 +434,8 @@ fn to_command(op: &Op, model: &Model) -> Command {
         }),
         Op::Txn { compare_key, compare, success, failure } => Request::Txn(pb::TxnRequest {
             compare: vec![to_compare(*compare_key, *compare)],
-            success: success.iter().map(to_request_op).collect(),
-            failure: failure.iter().map(to_request_op).collect(),
+            success: success.iter().map(|step| to_request_op(step, model.revision)).collect(),
+            failure: failure.iter().map(|step| to_request_op(step, model.revision)).collect(),
         }),
         Op::Compact { back } => {
             Request::Compaction(pb::CompactionRequest { revision: model.revision - back, physical: true })
@@ -433,12 +459,50 @@ fn strip_header(response: &mut CommandResponse) {
     }
 }
 
-fn run(ops: &[Op]) -> Result<(), TestCaseError> {
+/// A write applied to the model, to check the store's result of the same command against.
+struct Expected {
+    step: usize,
+    response: ModelResult<CommandResponse>,
+    revision: i64,
+}
+
+/// Runs `ops` against the store and the model. With `together`, each run of writes between
+/// two reads or restarts goes to the store in one `apply_all`, as a Raft batch entry does.
+fn run(ops: &[Op], together: bool) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
     let mut store = Store::open(&path, &[]).unwrap();
     let mut model = Model::new();
+    let mut commands = Vec::new();
+    let mut expected = Vec::new();
     for (step, op) in ops.iter().enumerate() {
+        let is_write = !matches!(op, Op::Restart | Op::Range { .. });
+        if is_write {
+            commands.push(to_command(op, &model));
+            let response = model_apply(&mut model, op);
+            expected.push(Expected { step, response, revision: model.revision });
+        }
+        let last = step + 1 == ops.len();
+        if !commands.is_empty() && (!together || !is_write || last) {
+            let applied = store.apply_all(&commands, |_| Vec::new()).unwrap();
+            prop_assert_eq!(applied.len(), commands.len());
+            for (applied, expected) in applied.into_iter().zip(expected.drain(..)) {
+                let step = expected.step;
+                let actual = applied.response.map_err(|error| kind(&error)).map(|mut response| {
+                    strip_header(&mut response);
+                    response
+                });
+                prop_assert_eq!(actual, expected.response, "step {}: {:?}", step, ops[step]);
+                prop_assert_eq!(applied.revision, expected.revision, "step {}", step);
+                let expected_events = model.events.get(&applied.revision).filter(|_| !applied.events.is_empty());
+                if let Some(expected_events) = expected_events {
+                    prop_assert_eq!(&applied.events, expected_events, "events of step {}", step);
+                }
+            }
+            commands.clear();
+            prop_assert_eq!(store.revision(), model.revision);
+            prop_assert_eq!(store.compacted_revision(), model.compacted);
+        }
         match op {
             Op::Restart => {
                 drop(store);
@@ -463,24 +527,8 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 };
                 prop_assert_eq!(actual, expected, "step {}: {:?}", step, op);
             }
-            _ => {
-                let command = to_command(op, &model);
-                let expected = model_apply(&mut model, op);
-                let applied = store.apply(&command, &[]).unwrap();
-                let actual = applied.response.map_err(|error| kind(&error)).map(|mut response| {
-                    strip_header(&mut response);
-                    response
-                });
-                prop_assert_eq!(actual, expected, "step {}: {:?}", step, op);
-                prop_assert_eq!(applied.revision, model.revision, "step {}", step);
-                let expected_events = model.events.get(&applied.revision).filter(|_| !applied.events.is_empty());
-                if let Some(expected_events) = expected_events {
-                    prop_assert_eq!(&applied.events, expected_events, "events of step {}", step);
-                }
-            }
+            _ => {}
         }
-        prop_assert_eq!(store.revision(), model.revision);
-        prop_assert_eq!(store.compacted_revision(), model.compacted);
     }
     // The history from the compaction point on replays exactly the model's events.
     let from = model.compacted.max(1);
@@ -512,7 +560,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     #[test]
-    fn store_matches_the_model(ops in proptest::collection::vec(op_strategy(), 1..60)) {
-        run(&ops)?;
+    fn store_matches_the_model(ops in proptest::collection::vec(op_strategy(), 1..60), together in any::<bool>()) {
+        run(&ops, together)?;
     }
 }

@@ -206,13 +206,18 @@ async fn peers_of_another_cluster_and_made_up_proposals_are_refused() {
         caller: None,
     };
     let propose = |cluster: u64| {
-        let mut request = tonic::Request::new(raftpb::ProposeRequest { command: Some(batch.clone()) });
+        let mut request = tonic::Request::new(raftpb::ProposeRequest { commands: vec![batch.clone()] });
         request.metadata_mut().insert("capstan-cluster-id", format!("{cluster:x}").parse().unwrap());
         request
     };
     let refused = bounded(forwarding.propose(propose(cluster_id ^ 1))).await.unwrap_err();
     assert!(refused.message().contains("cluster ID mismatch"), "{refused:?}");
-    let refused = bounded(forwarding.propose(propose(cluster_id))).await.unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    let answered = bounded(forwarding.propose(propose(cluster_id))).await.unwrap().into_inner();
+    match answered.outcomes.as_slice() {
+        [raftpb::ProposeOutcome { outcome: Some(raftpb::propose_outcome::Outcome::Refused(refused)) }] => {
+            assert_eq!(refused.code, tonic::Code::InvalidArgument as i32, "{refused:?}")
+        }
+        other => panic!("a made-up batch must be refused, got {other:?}"),
+    }
     bounded(client.put("still", "serving", None)).await.unwrap();
 }

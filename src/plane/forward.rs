@@ -15,9 +15,9 @@ use tonic::{Request, Response, Status};
 
 use capstan_proto::etcdserverpb as pb;
 use capstan_proto::raftpb::{
-    self, plane_peer_client::PlanePeerClient, plane_peer_server::PlanePeer, propose_response, Command,
+    self, plane_peer_client::PlanePeerClient, plane_peer_server::PlanePeer, propose_outcome, Command,
 };
-use capstan_raft::network::{Fate, PeerChannels};
+use capstan_raft::network::{Fate, PeerChannels, PEER_MESSAGE_BYTES_MAX};
 use capstan_raft::{NodeId, PeerNode};
 use capstan_store::CommandResponse;
 
@@ -81,29 +81,58 @@ impl Plane {
             request.metadata_mut().insert(CLUSTER_HEADER, cluster.clone());
             Ok(request)
         });
-        Ok(PlanePeerClient::with_interceptor(channel, add_cluster))
+        // A forwarded batch is larger than any one request, and answers as large as any.
+        Ok(PlanePeerClient::with_interceptor(channel, add_cluster)
+            .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX)
+            .max_decoding_message_size(usize::MAX))
     }
 
-    /// Has the leader replicate `command`.
-    pub(super) async fn forward_propose(&self, command: Command) -> Result<CommandResponse, Status> {
-        use propose_response::Response as Answer;
+    /// Has the leader replicate `commands`, a batch of this plane's; returns each one's
+    /// outcome, in order, or the error of the whole call.
+    pub(super) async fn forward_propose(
+        &self,
+        commands: Vec<Command>,
+    ) -> Result<Vec<Result<CommandResponse, Status>>, Status> {
         let mut client = self.leader_client()?;
-        let answer = client.propose(raftpb::ProposeRequest { command: Some(command) }).await?.into_inner();
-        Ok(match answer.response.ok_or_else(|| Status::internal("the leader sent an empty propose response"))? {
-            Answer::Put(response) => CommandResponse::Put(response),
-            Answer::DeleteRange(response) => CommandResponse::DeleteRange(response),
-            Answer::Txn(response) => CommandResponse::Txn(response),
-            Answer::Compaction(response) => CommandResponse::Compaction(response),
-            Answer::LeaseGrant(response) => CommandResponse::LeaseGrant(response),
-            Answer::LeaseRevoke(response) => CommandResponse::LeaseRevoke(response),
-            Answer::Auth(header) => CommandResponse::Auth(Some(header)),
-        })
+        let answer = client.propose(raftpb::ProposeRequest { commands }).await?.into_inner();
+        Ok(answer.outcomes.into_iter().map(outcome_from_pb).collect())
     }
 
     /// The log index the leader (at `leader_peer_url`) says a linearizable read must wait for.
     pub(super) async fn forward_read_index(&self, leader_peer_url: &str) -> Result<u64, Status> {
         let mut client = self.peer_client(leader_peer_url)?;
         Ok(client.read_index(raftpb::ReadIndexRequest {}).await?.into_inner().read_index)
+    }
+}
+
+fn outcome_to_pb(outcome: Result<CommandResponse, Status>) -> raftpb::ProposeOutcome {
+    use propose_outcome::Outcome;
+    let outcome = match outcome {
+        Ok(CommandResponse::Put(response)) => Outcome::Put(response),
+        Ok(CommandResponse::DeleteRange(response)) => Outcome::DeleteRange(response),
+        Ok(CommandResponse::Txn(response)) => Outcome::Txn(response),
+        Ok(CommandResponse::Compaction(response)) => Outcome::Compaction(response),
+        Ok(CommandResponse::LeaseGrant(response)) => Outcome::LeaseGrant(response),
+        Ok(CommandResponse::LeaseRevoke(response)) => Outcome::LeaseRevoke(response),
+        Ok(CommandResponse::Auth(header)) => Outcome::Auth(header.unwrap_or_default()),
+        Err(refused) => {
+            Outcome::Refused(raftpb::Refusal { code: refused.code() as i32, message: refused.message().to_string() })
+        }
+    };
+    raftpb::ProposeOutcome { outcome: Some(outcome) }
+}
+
+fn outcome_from_pb(outcome: raftpb::ProposeOutcome) -> Result<CommandResponse, Status> {
+    use propose_outcome::Outcome;
+    match outcome.outcome.ok_or_else(|| Status::internal("the leader sent an empty propose outcome"))? {
+        Outcome::Put(response) => Ok(CommandResponse::Put(response)),
+        Outcome::DeleteRange(response) => Ok(CommandResponse::DeleteRange(response)),
+        Outcome::Txn(response) => Ok(CommandResponse::Txn(response)),
+        Outcome::Compaction(response) => Ok(CommandResponse::Compaction(response)),
+        Outcome::LeaseGrant(response) => Ok(CommandResponse::LeaseGrant(response)),
+        Outcome::LeaseRevoke(response) => Ok(CommandResponse::LeaseRevoke(response)),
+        Outcome::Auth(header) => Ok(CommandResponse::Auth(Some(header))),
+        Outcome::Refused(refused) => Err(Status::new(tonic::Code::from(refused.code), refused.message)),
     }
 }
 
@@ -146,21 +175,23 @@ impl PlanePeer for PlanePeerService {
         &self,
         request: Request<raftpb::ProposeRequest>,
     ) -> Result<Response<raftpb::ProposeResponse>, Status> {
-        use propose_response::Response as Answer;
         self.check_cluster(&request)?;
         self.require_leader()?;
-        let command =
-            request.into_inner().command.ok_or_else(|| Status::invalid_argument("propose without a command"))?;
-        let answer = match self.0.propose_local(command).await? {
-            CommandResponse::Put(response) => Answer::Put(response),
-            CommandResponse::DeleteRange(response) => Answer::DeleteRange(response),
-            CommandResponse::Txn(response) => Answer::Txn(response),
-            CommandResponse::Compaction(response) => Answer::Compaction(response),
-            CommandResponse::LeaseGrant(response) => Answer::LeaseGrant(response),
-            CommandResponse::LeaseRevoke(response) => Answer::LeaseRevoke(response),
-            CommandResponse::Auth(header) => Answer::Auth(header.unwrap_or_default()),
-        };
-        Ok(Response::new(raftpb::ProposeResponse { response: Some(answer) }))
+        // Every command joins the leader's queue before any is awaited, so that they batch
+        // with each other and with the leader's own.
+        let mut queued = Vec::new();
+        for command in request.into_inner().commands {
+            queued.push(self.0.enqueue(command, false).await);
+        }
+        let mut outcomes = Vec::with_capacity(queued.len());
+        for queued in queued {
+            let outcome = match queued {
+                Ok(answered) => answered.await.unwrap_or_else(|_| Err(status::stopped())),
+                Err(refused) => Err(refused),
+            };
+            outcomes.push(outcome_to_pb(outcome));
+        }
+        Ok(Response::new(raftpb::ProposeResponse { outcomes }))
     }
 
     async fn read_index(

@@ -78,7 +78,7 @@ impl Plane {
                 }
                 Err(RaftError::Fatal(error)) => {
                     tracing::error!(%error, "raft stopped");
-                    return Err(Status::unavailable(status::STOPPED));
+                    return Err(status::stopped());
                 }
             }
         }
@@ -253,7 +253,7 @@ async fn membership_applied(
     loop {
         match tokio::time::timeout_at(deadline, metrics.changed()).await {
             Ok(Ok(())) => {}
-            Ok(Err(_)) => return Err(Status::unavailable(status::STOPPED)),
+            Ok(Err(_)) => return Err(status::stopped()),
             Err(_) => return Err(Status::unavailable(status::TIMEOUT)),
         }
         let current = metrics.borrow_and_update();

@@ -263,14 +263,8 @@ impl Plane {
         if size > REQUEST_BYTES_MAX {
             return Err(status::request_too_large());
         }
-        self.with_leader(|| async {
-            if self.is_leader() {
-                self.propose_local(command.clone()).await
-            } else {
-                self.forward_propose(command.clone()).await
-            }
-        })
-        .await
+        self.with_leader(|| async { self.enqueue(command.clone(), true).await?.await.map_err(|_| status::stopped())? })
+            .await
     }
 
     /// Runs `attempt` against the current leader until it succeeds or fails for a reason
@@ -292,7 +286,7 @@ impl Plane {
                 Ok(Err(refused)) if status::is_retryable_on_leader_change(&refused) => {
                     match tokio::time::timeout_at(deadline, metrics.changed()).await {
                         Err(_) => return Err(Status::unavailable(status::TIMEOUT)),
-                        Ok(Err(_)) => return Err(Status::unavailable(status::STOPPED)),
+                        Ok(Err(_)) => return Err(status::stopped()),
                         Ok(Ok(())) => continue,
                     }
                 }
@@ -328,15 +322,21 @@ impl Plane {
     /// Replicates `command` from this plane, which must lead, batched with whatever else is
     /// being proposed ([`batch`]).
     async fn propose_local(&self, command: Command) -> Result<CommandResponse, Status> {
+        self.enqueue(command, false).await?.await.map_err(|_| status::stopped())?
+    }
+
+    /// Queues `command` for the batcher; the outcome comes on the returned channel.
+    async fn enqueue(
+        &self,
+        command: Command,
+        forwardable: bool,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<CommandResponse, Status>>, Status> {
         if let Some(capstan_proto::raftpb::command::Request::Batch(_)) = command.request {
             return Err(Status::invalid_argument("capstan: batches are made by the leader, not proposed"));
         }
         let (answer, answered) = tokio::sync::oneshot::channel();
-        self.proposals
-            .send(batch::Proposal { command, answer })
-            .await
-            .map_err(|_| Status::unavailable(status::STOPPED))?;
-        answered.await.map_err(|_| Status::unavailable(status::STOPPED))?
+        self.proposals.send(batch::Proposal { command, forwardable, answer }).await.map_err(|_| status::stopped())?;
+        Ok(answered)
     }
 
     /// Waits until this plane's state includes every write acknowledged before the call:
@@ -351,7 +351,7 @@ impl Plane {
             let applied = |metrics: &openraft::RaftMetrics<NodeId, PeerNode>| {
                 metrics.last_applied.is_some_and(|applied| applied.index >= read_index)
             };
-            metrics.wait_for(applied).await.map(|_| ()).map_err(|_| Status::unavailable(status::STOPPED))
+            metrics.wait_for(applied).await.map(|_| ()).map_err(|_| status::stopped())
         })
         .await
     }
@@ -360,8 +360,8 @@ impl Plane {
     /// the reads queued beside it ([`batch::run_reads`]).
     async fn read_index(&self) -> Result<u64, Status> {
         let (waiter, answered) = tokio::sync::oneshot::channel();
-        self.reads.send(waiter).await.map_err(|_| Status::unavailable(status::STOPPED))?;
-        answered.await.map_err(|_| Status::unavailable(status::STOPPED))?
+        self.reads.send(waiter).await.map_err(|_| status::stopped())?;
+        answered.await.map_err(|_| status::stopped())?
     }
 
     /// One read-index round: the leader confirms its leadership with a quorum; a follower
@@ -382,7 +382,7 @@ impl Plane {
                 Err(RaftError::APIError(_)) => Err(status::not_leader()),
                 Err(RaftError::Fatal(error)) => {
                     tracing::error!(%error, "raft stopped");
-                    Err(Status::unavailable(status::STOPPED))
+                    Err(status::stopped())
                 }
             }
         };
@@ -406,7 +406,7 @@ impl Plane {
         let waited = tokio::time::timeout_at(deadline, async { metrics.wait_for(has_leader).await.map(|_| ()) }).await;
         match waited {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(Status::unavailable(status::STOPPED)),
+            Ok(Err(_)) => Err(status::stopped()),
             Err(_) => Err(Status::unavailable(status::NO_LEADER)),
         }
     }
@@ -619,8 +619,9 @@ pub async fn run(
                 .max_encoding_message_size(capstan_raft::network::PEER_MESSAGE_BYTES_MAX),
         )
         .add_service(
+            // Forwarded proposals come a batch at a time.
             capstan_proto::raftpb::plane_peer_server::PlanePeerServer::new(forward::PlanePeerService(plane.clone()))
-                .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+                .max_decoding_message_size(capstan_raft::network::PEER_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(usize::MAX),
         );
     // Graceful, so that the connection tasks the server spawns end with it and drop their

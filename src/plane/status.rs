@@ -25,6 +25,11 @@ pub fn is_retryable_on_leader_change(status: &Status) -> bool {
     status.code() == Code::Unavailable && (status.message() == NOT_LEADER || status.message() == LEADER_UNREACHED)
 }
 pub const STOPPED: &str = "etcdserver: server stopped";
+
+pub fn stopped() -> Status {
+    Status::unavailable(STOPPED)
+}
+
 pub const TIMEOUT: &str = "etcdserver: request timed out";
 
 pub fn no_space() -> Status {

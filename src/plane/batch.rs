@@ -126,7 +126,11 @@ async fn forward(plane: &Plane, batch: Vec<Proposal>) {
         return;
     }
     let count = commands.len();
-    let outcomes = match plane.forward_propose(commands).await {
+    // Bounded like each proposer's wait, so a leader that stopped answering (paused, not
+    // dead) holds a batch slot no longer than the proposers in it wait.
+    let timeout = std::time::Duration::from_millis(super::PROPOSE_TIMEOUT_MS);
+    let forwarded = tokio::time::timeout(timeout, plane.forward_propose(commands)).await;
+    let outcomes = match forwarded.unwrap_or_else(|_| Err(Status::unavailable(status::TIMEOUT))) {
         Ok(outcomes) if outcomes.len() == count => outcomes,
         Ok(outcomes) => {
             let error = format!("the leader answered {} of {count} forwarded commands", outcomes.len());

@@ -64,7 +64,7 @@ impl Store {
 
     /// Applies `commands` in order, each at its own revision and with the response it would
     /// get alone, in as few RocksDB writes as that allows: consecutive commands that
-    /// [share a write](shares_write) go together, any other command goes alone. Each write
+    /// share a write (`shares_write`) go together, any other command goes alone. Each write
     /// commits the `meta` pairs that `meta_at` gives for the position of its last command,
     /// so the caller can record how far it got. The results are in the commands' order;
     /// an `Err` is a storage failure, as for [`Store::apply`].
@@ -85,7 +85,7 @@ impl Store {
     }
 
     /// Applies `commands` and commits them, with `meta`, in one write. Only the first may
-    /// be a command that does not [share a write](shares_write).
+    /// be a command that does not share a write (`shares_write`).
     fn apply_run(&self, commands: &[Command], meta: &[(&[u8], Vec<u8>)]) -> Result<Vec<Applied>> {
         let revision = self.revision();
         let mut apply = Apply {

@@ -157,3 +157,41 @@ async fn an_interrupted_run_leaves_no_plane_or_namespace_behind() {
     assert_eq!(namespaces(), before);
     assert_eq!(processes_in(dir.path()), Vec::<String>::new());
 }
+
+/// A follower that fell behind catches up over a link too narrow to carry openraft's
+/// usual AppendEntries (hundreds of entries) within its deadline of one heartbeat: the
+/// leader sends it smaller batches instead of the same one again and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_a_narrow_link_catches_up() {
+    const KEYS: i64 = 1_000;
+    let _turn = ONE_RUN_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let capstan = Path::new(env!("CARGO_BIN_EXE_capstan"));
+    let mut cluster = capstan_jepsen::cluster::Cluster::start(capstan, dir.path(), 3, &[], false).unwrap();
+    cluster.wait_until_serving(Duration::from_secs(30)).await.unwrap();
+    let leader = cluster.leader().await.expect("a leader");
+    let behind = (leader + 1) % 3;
+    cluster.kill(behind);
+    let endpoints = cluster.endpoints();
+    let mut writer = endpoints.one(leader).connect(Duration::from_secs(5)).await.unwrap();
+    let value = vec![b'v'; 2048];
+    for key in 0..KEYS {
+        writer.put(format!("catch-up/{key:04}"), value.clone(), None).await.unwrap();
+    }
+    // 1 MB/s: 300 entries of 2 KiB take 0.6 s, twelve times openraft's 50 ms deadline.
+    cluster.network.narrow(behind, "8mbit").unwrap();
+    cluster.restart(behind).unwrap();
+    let count_only = etcd_client::GetOptions::new().with_prefix().with_count_only().with_serializable();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut seen = None;
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(mut reader) = endpoints.one(behind).connect(Duration::from_secs(2)).await {
+            seen = reader.get("catch-up/", Some(count_only.clone())).await.ok().map(|got| got.count());
+            if seen == Some(KEYS) {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("the follower behind the narrow link holds {seen:?} of {KEYS} keys after a minute");
+}

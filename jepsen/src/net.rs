@@ -5,7 +5,8 @@
 //! - partitions and packet loss are nftables rules (table `inet jepsen`) that drop what
 //!   comes in, so a cut link loses packets silently, as a real one does;
 //! - slow links are a tc qdisc on `eth0`: netem delay where the kernel has netem, else a
-//!   token bucket (tbf) that queues at a low rate (this machine's kernel lacks netem).
+//!   token bucket (tbf) that queues at a low rate (this machine's kernel lacks netem);
+//! - a narrow link into one node is a token bucket on the bridge's port to it.
 //!
 //! Everything is named after the run (`cj<id>-...`) and removed on drop.
 
@@ -159,12 +160,21 @@ impl Network {
         Ok(how)
     }
 
+    /// Narrows the link into node `index` to `rate` (tc's spelling, as `8mbit`): whatever
+    /// any node or the harness sends it queues at that rate.
+    pub fn narrow(&self, index: usize, rate: &str) -> anyhow::Result<()> {
+        let port = format!("n{index}");
+        let tbf = ["tbf", "rate", rate, "burst", "16kb", "latency", "500ms"];
+        ip("tc", &[&["-n", &self.hub(), "qdisc", "replace", "dev", &port, "root"][..], &tbf[..]].concat())
+    }
+
     /// Removes every fault: the nftables rules and the qdiscs.
     pub fn heal(&self) -> anyhow::Result<()> {
         for node in 0..self.nodes {
             self.nft(node, "flush chain inet jepsen input")?;
             // Deleting the root qdisc of a link that has none fails; that is healed already.
             let _ = ip("tc", &["-n", &self.namespace(node), "qdisc", "del", "dev", "eth0", "root"]);
+            let _ = ip("tc", &["-n", &self.hub(), "qdisc", "del", "dev", &format!("n{node}"), "root"]);
         }
         Ok(())
     }

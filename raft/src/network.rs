@@ -4,8 +4,14 @@
 //! that peer and by the plane's request forwarding. A failed
 //! call is reported as `Unreachable`, so openraft backs off instead of retrying at once; a
 //! call with no answer within openraft's deadline is a `Timeout`, tried again without backing off.
-//! An AppendEntries batch larger than [`PEER_MESSAGE_BYTES_MAX`] is cut short and reported
-//! as a partial success, which openraft continues from.
+//!
+//! openraft gives every AppendEntries one heartbeat interval, however many entries it
+//! carries, and sends the same entries again after a timeout. So each peer's AppendEntries
+//! carry at most a budget of entry bytes (`AppendBudget`), cut short and reported as a
+//! partial success, which openraft continues from: the budget halves after a timeout and
+//! doubles back after calls that took well under their time, so that a follower catching up
+//! on a slow or busy machine is sent what it can take in time instead of the same too-large
+//! batch forever.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,6 +34,11 @@ use crate::types::{self, NodeId, PeerNode, TypeConfig};
 
 /// The largest peer message a plane sends or accepts.
 pub const PEER_MESSAGE_BYTES_MAX: usize = 16 << 20;
+/// The entries a peer's first AppendEntries carries at most (etcd's raft sends 1 MiB).
+const APPEND_BYTES_FIRST: usize = 1 << 20;
+/// The entries any AppendEntries carries at most: the largest message, less room for the
+/// rest of the request.
+const APPEND_BYTES_MAX: usize = PEER_MESSAGE_BYTES_MAX - (64 << 10);
 const CONNECT_TIMEOUT_MS: u64 = 1_000;
 /// The first and the longest wait before retrying a peer whose call failed.
 const RETRY_MS_MIN: u64 = 20;
@@ -164,6 +175,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
             client: client.map_err(|error| error.to_string()),
             snapshots_sent: self.snapshots_sent.clone(),
             durability: self.durability.clone(),
+            append_budget: AppendBudget::default(),
         }
     }
 }
@@ -179,6 +191,38 @@ pub struct PeerClient {
     client: Result<RaftPeerClient<Channel>, String>,
     snapshots_sent: Counter,
     durability: Durability,
+    append_budget: AppendBudget,
+}
+
+/// How many bytes of entries the next AppendEntries to a peer carries at most (always at
+/// least one entry): halved after a call that timed out, doubled after one that was cut
+/// short by the budget yet answered within half its time, between one entry and
+/// [`APPEND_BYTES_MAX`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct AppendBudget(usize);
+
+impl Default for AppendBudget {
+    fn default() -> AppendBudget {
+        AppendBudget(APPEND_BYTES_FIRST)
+    }
+}
+
+impl AppendBudget {
+    fn bytes(self) -> usize {
+        self.0
+    }
+
+    /// A call that carried `sent` bytes of entries found no answer in time.
+    fn timed_out(&mut self, sent: usize) {
+        self.0 = (self.0.min(sent) / 2).max(1);
+    }
+
+    /// A call cut short by the budget was answered, after `elapsed` of the `allowed` time.
+    fn answered_cut_short(&mut self, elapsed: Duration, allowed: Duration) {
+        if elapsed * 2 < allowed {
+            self.0 = (self.0 * 2).min(APPEND_BYTES_MAX);
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -201,18 +245,18 @@ impl PeerClient {
     }
 }
 
-/// Runs `call` (an `action`) within the RPC's deadline. A call that failed makes the peer
+/// Runs `call` (an `action`) within `deadline`. A call that failed makes the peer
 /// `Unreachable`, which openraft backs off from; one that is only slow (openraft 0.9 gives
 /// an AppendEntries one heartbeat interval, which a follower's slow fsync can exceed) is a
 /// `Timeout`, tried again without backing off.
 macro_rules! call {
-    ($self:ident, $option:ident, $action:expr, $call:expr) => {
-        match tokio::time::timeout($option.hard_ttl(), $self.channels.send(&$self.node.peer_url, $call)).await {
+    ($self:ident, $deadline:expr, $action:expr, $call:expr) => {
+        match tokio::time::timeout($deadline, $self.channels.send(&$self.node.peer_url, $call)).await {
             Err(_) => Err(RPCError::Timeout(Timeout {
                 action: $action,
                 id: $self.id,
                 target: $self.target,
-                timeout: $option.hard_ttl(),
+                timeout: $deadline,
             })),
             Ok(Err(status)) => Err($self.unreachable(status.message())),
             Ok(Ok(response)) => Ok(response.into_inner()),
@@ -226,20 +270,24 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId>>> {
+        let started = std::time::Instant::now();
         let mut client = self.client()?;
         // openraft counts the leader's own appends as durable before they are (see
         // `log_store`); a follower hears of a commit only once the leader's copy is.
         if let Some(committed) = &rpc.leader_commit {
             self.durability.until(committed.index).await.map_err(|error| self.unreachable(error))?;
         }
+        let budget = self.append_budget.bytes();
         let mut entries = Vec::with_capacity(rpc.entries.len());
         let mut bytes = 0;
         for entry in &rpc.entries {
             let encoded = types::entry_to_pb(entry);
-            bytes += encoded.encoded_len();
-            if bytes > PEER_MESSAGE_BYTES_MAX && !entries.is_empty() {
+            // The entry with its field tag and length, as the request carries it.
+            let size = 1 + prost::length_delimiter_len(encoded.encoded_len()) + encoded.encoded_len();
+            if bytes + size > budget && !entries.is_empty() {
                 break;
             }
+            bytes += size;
             entries.push(encoded);
         }
         let sent_all = entries.len() == rpc.entries.len();
@@ -252,10 +300,25 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             entries,
             leader_commit: rpc.leader_commit.as_ref().map(types::log_id_to_pb),
         };
-        let response = call!(self, option, RPCTypes::AppendEntries, client.append_entries(request))?;
+        // By the soft deadline, before openraft's own, so that a timeout is seen here and
+        // shrinks the budget.
+        let deadline = option.soft_ttl().saturating_sub(started.elapsed());
+        let response = call!(self, deadline, RPCTypes::AppendEntries, client.append_entries(request));
+        let response = match response {
+            Err(RPCError::Timeout(timeout)) => {
+                if bytes > 0 {
+                    self.append_budget.timed_out(bytes);
+                }
+                return Err(RPCError::Timeout(timeout));
+            }
+            response => response?,
+        };
         let response = types::append_response_from_pb(response).map_err(|error| self.unreachable(error))?;
         Ok(match response {
-            AppendEntriesResponse::Success if !sent_all => AppendEntriesResponse::PartialSuccess(last_sent),
+            AppendEntriesResponse::Success if !sent_all => {
+                self.append_budget.answered_cut_short(started.elapsed(), option.soft_ttl());
+                AppendEntriesResponse::PartialSuccess(last_sent)
+            }
             other => other,
         })
     }
@@ -277,7 +340,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             data: rpc.data,
             done,
         };
-        let response = call!(self, option, RPCTypes::InstallSnapshot, client.install_snapshot(request))?;
+        let response = call!(self, option.hard_ttl(), RPCTypes::InstallSnapshot, client.install_snapshot(request))?;
         if done {
             self.snapshots_sent.inc();
         }
@@ -311,7 +374,34 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId>>> {
         let mut client = self.client()?;
         let request = types::vote_request_to_pb(self.cluster_id, self.target, &rpc);
-        let response = call!(self, option, RPCTypes::Vote, client.vote(request))?;
+        let response = call!(self, option.hard_ttl(), RPCTypes::Vote, client.vote(request))?;
         types::vote_response_from_pb(response).map_err(|error| self.unreachable(error))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_append_budget_halves_on_timeouts_and_doubles_back_on_quick_answers() {
+        let allowed = Duration::from_millis(40);
+        let mut budget = AppendBudget::default();
+        // Halved from what was sent, when that was less than the budget.
+        budget.timed_out(600 << 10);
+        assert_eq!(budget.bytes(), 300 << 10);
+        for _ in 0..64 {
+            budget.timed_out(budget.bytes());
+        }
+        assert_eq!(budget.bytes(), 1, "never below one byte: one entry always goes");
+        // A slow answer keeps the budget, a quick one doubles it, up to the most.
+        budget.answered_cut_short(Duration::from_millis(30), allowed);
+        assert_eq!(budget.bytes(), 1);
+        budget.answered_cut_short(Duration::from_millis(5), allowed);
+        assert_eq!(budget.bytes(), 2);
+        for _ in 0..64 {
+            budget.answered_cut_short(Duration::from_millis(5), allowed);
+        }
+        assert_eq!(budget.bytes(), APPEND_BYTES_MAX);
     }
 }

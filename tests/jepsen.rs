@@ -193,5 +193,10 @@ async fn a_follower_behind_a_narrow_link_catches_up() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    panic!("the follower behind the narrow link holds {seen:?} of {KEYS} keys after a minute");
+    for node in 0..3 {
+        let log = std::fs::read_to_string(dir.path().join(format!("n{node}.log"))).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        eprintln!("== n{node}.log, last lines:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+    }
+    panic!("the follower behind the narrow link (n{behind}) holds {seen:?} of {KEYS} keys after a minute");
 }

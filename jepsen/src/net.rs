@@ -161,10 +161,11 @@ impl Network {
     }
 
     /// Narrows the link into node `index` to `rate` (tc's spelling, as `8mbit`): whatever
-    /// any node or the harness sends it queues at that rate.
+    /// any node or the harness sends it queues at that rate. The queue holds 5 s of it, so
+    /// the link is slow rather than lossy.
     pub fn narrow(&self, index: usize, rate: &str) -> anyhow::Result<()> {
         let port = format!("n{index}");
-        let tbf = ["tbf", "rate", rate, "burst", "16kb", "latency", "500ms"];
+        let tbf = ["tbf", "rate", rate, "burst", "16kb", "latency", "5s"];
         ip("tc", &[&["-n", &self.hub(), "qdisc", "replace", "dev", &port, "root"][..], &tbf[..]].concat())
     }
 

@@ -114,7 +114,7 @@ impl PeerChannels {
     }
 
     pub fn channel(&self, peer_url: &str) -> Result<Channel, tonic::transport::Error> {
-        let mut channels = self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut channels = lock(&self.channels);
         if let Some(channel) = channels.get(peer_url) {
             return Ok(channel.clone());
         }
@@ -143,6 +143,10 @@ pub struct GrpcNetwork {
     snapshots_sent: Counter,
     /// How far the plane's own log is durable.
     durability: Durability,
+    /// Each peer's append budget, kept across the replication streams of successive
+    /// terms: a new leader term starting at 1 MiB again would clog a narrow link anew,
+    /// the follower behind it would miss heartbeats and campaign, and so on.
+    append_budgets: Arc<Mutex<HashMap<NodeId, Arc<Mutex<AppendBudget>>>>>,
 }
 
 impl GrpcNetwork {
@@ -153,7 +157,7 @@ impl GrpcNetwork {
         snapshots_sent: Counter,
         durability: Durability,
     ) -> GrpcNetwork {
-        GrpcNetwork { cluster_id, id, channels, snapshots_sent, durability }
+        GrpcNetwork { cluster_id, id, channels, snapshots_sent, durability, append_budgets: Arc::default() }
     }
 }
 
@@ -175,7 +179,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
             client: client.map_err(|error| error.to_string()),
             snapshots_sent: self.snapshots_sent.clone(),
             durability: self.durability.clone(),
-            append_budget: AppendBudget::default(),
+            append_budget: lock(&self.append_budgets).entry(target).or_default().clone(),
         }
     }
 }
@@ -191,7 +195,11 @@ pub struct PeerClient {
     client: Result<RaftPeerClient<Channel>, String>,
     snapshots_sent: Counter,
     durability: Durability,
-    append_budget: AppendBudget,
+    append_budget: Arc<Mutex<AppendBudget>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// How many bytes of entries the next AppendEntries to a peer carries at most (always at
@@ -277,7 +285,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         if let Some(committed) = &rpc.leader_commit {
             self.durability.until(committed.index).await.map_err(|error| self.unreachable(error))?;
         }
-        let budget = self.append_budget.bytes();
+        let budget = lock(&self.append_budget).bytes();
         let mut entries = Vec::with_capacity(rpc.entries.len());
         let mut bytes = 0;
         for entry in &rpc.entries {
@@ -307,7 +315,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         let response = match response {
             Err(RPCError::Timeout(timeout)) => {
                 if bytes > 0 {
-                    self.append_budget.timed_out(bytes);
+                    lock(&self.append_budget).timed_out(bytes);
                 }
                 return Err(RPCError::Timeout(timeout));
             }
@@ -316,7 +324,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         let response = types::append_response_from_pb(response).map_err(|error| self.unreachable(error))?;
         Ok(match response {
             AppendEntriesResponse::Success if !sent_all => {
-                self.append_budget.answered_cut_short(started.elapsed(), option.soft_ttl());
+                lock(&self.append_budget).answered_cut_short(started.elapsed(), option.soft_ttl());
                 AppendEntriesResponse::PartialSuccess(last_sent)
             }
             other => other,

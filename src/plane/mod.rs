@@ -414,7 +414,7 @@ impl Plane {
     /// Refuses writes that would grow the store past its quota, raising NOSPACE as etcd does.
     fn check_quota(&self) -> Result<(), Status> {
         let mut alarms = self.alarms.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if !alarms.no_space && self.store.size_bytes() > self.config.quota_bytes {
+        if !alarms.no_space && self.store.size_bytes_recent() > self.config.quota_bytes {
             tracing::warn!(quota_bytes = self.config.quota_bytes, "store is over its quota; raising NOSPACE");
             alarms.no_space = true;
         }

@@ -69,7 +69,12 @@ struct Inner {
     compacted: AtomicI64,
     /// The auth state as of `revision`'s command; only the apply path replaces it.
     auth: RwLock<Arc<AuthState>>,
+    /// `size_bytes` and when it was read, for `size_bytes_recent`.
+    size: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
 }
+
+/// How old `Store::size_bytes_recent` may be.
+const SIZE_STALE_MAX: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// RocksDB's block cache, shared by every family: the data blocks read lately. Index
 /// blocks stay with their files instead (about 1% of the data): in the cache, a large store
@@ -170,6 +175,7 @@ impl Store {
                 revision: AtomicI64::new(revision),
                 compacted: AtomicI64::new(compacted),
                 auth: RwLock::new(Arc::new(auth)),
+                size: std::sync::Mutex::new(None),
             }),
         };
         if let Some(until) = scheduled {
@@ -227,6 +233,20 @@ impl Store {
             }
         }
         total
+    }
+
+    /// [`Store::size_bytes`] as read at most 100 ms ago, for checks on every request (the
+    /// space quota) that cannot afford a dozen RocksDB property reads each.
+    pub fn size_bytes_recent(&self) -> u64 {
+        let mut size = self.inner.size.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match *size {
+            Some((read, bytes)) if read.elapsed() < SIZE_STALE_MAX => bytes,
+            _ => {
+                let bytes = self.size_bytes();
+                *size = Some((std::time::Instant::now(), bytes));
+                bytes
+            }
+        }
     }
 
     /// Stored key versions, as RocksDB estimates them (cheap; for metrics).

@@ -291,7 +291,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         for entry in &rpc.entries {
             let encoded = types::entry_to_pb(entry);
             // The entry with its field tag and length, as the request carries it.
-            let size = 1 + prost::length_delimiter_len(encoded.encoded_len()) + encoded.encoded_len();
+            let len = encoded.encoded_len();
+            let size = 1 + prost::length_delimiter_len(len) + len;
             if bytes + size > budget && !entries.is_empty() {
                 break;
             }

@@ -56,13 +56,17 @@ pub async fn run_reads(plane: Arc<Plane>, mut queue: mpsc::Receiver<ReadWaiter>)
         while let Ok(next) = queue.try_recv() {
             waiting.push(next);
         }
-        let round =
-            tokio::time::timeout(std::time::Duration::from_millis(super::PROPOSE_TIMEOUT_MS), plane.read_round());
-        let outcome = round.await.unwrap_or_else(|_| Err(Status::unavailable(status::TIMEOUT)));
+        let outcome = within_propose_timeout(plane.read_round()).await;
         for waiter in waiting {
             let _ = waiter.send(outcome.clone());
         }
     }
+}
+
+/// `call`'s outcome, or etcd's timeout error once it has taken as long as a proposer waits.
+async fn within_propose_timeout<T>(call: impl std::future::Future<Output = Result<T, Status>>) -> Result<T, Status> {
+    let timeout = std::time::Duration::from_millis(super::PROPOSE_TIMEOUT_MS);
+    tokio::time::timeout(timeout, call).await.unwrap_or_else(|_| Err(Status::unavailable(status::TIMEOUT)))
 }
 
 /// Where a proposal's outcome goes.
@@ -128,9 +132,7 @@ async fn forward(plane: &Plane, batch: Vec<Proposal>) {
     let count = commands.len();
     // Bounded like each proposer's wait, so a leader that stopped answering (paused, not
     // dead) holds a batch slot no longer than the proposers in it wait.
-    let timeout = std::time::Duration::from_millis(super::PROPOSE_TIMEOUT_MS);
-    let forwarded = tokio::time::timeout(timeout, plane.forward_propose(commands)).await;
-    let outcomes = match forwarded.unwrap_or_else(|_| Err(Status::unavailable(status::TIMEOUT))) {
+    let outcomes = match within_propose_timeout(plane.forward_propose(commands)).await {
         Ok(outcomes) if outcomes.len() == count => outcomes,
         Ok(outcomes) => {
             let error = format!("the leader answered {} of {count} forwarded commands", outcomes.len());

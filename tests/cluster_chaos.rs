@@ -478,9 +478,14 @@ async fn run_case(size: usize, steps: Vec<Step>, seed: u64, stale_reads: bool) -
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn run(size: usize, steps: Vec<Step>, seed: u64, stale_reads: bool) -> Result<(), String> {
+    alone(run_case(size, steps, seed, stale_reads))
+}
+
+/// Runs `test` on a runtime of its own, while no other case runs.
+fn alone<T>(test: impl std::future::Future<Output = T>) -> T {
     let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    runtime.block_on(run_case(size, steps, seed, stale_reads))
+    runtime.block_on(test)
 }
 
 /// The whole harness catches a broken cluster: planes that answer linearizable reads from
@@ -550,16 +555,20 @@ impl capstan_raft::log_store::SyncFaults for SyncGate {
     }
 }
 
-/// The leader tells openraft of its own appends before they are durable, so that they go
-/// to the followers while its fsync runs. With the leader's syncs held back, a write that
-/// both followers have made durable is still neither applied anywhere nor answered: the
-/// leader's copy is not durable, so a majority's disks do not hold it yet. Once the syncs
-/// go on, the write is answered and every plane applies it.
-#[test]
-fn nothing_is_applied_before_the_leaders_own_copy_is_durable() {
-    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    runtime.block_on(async {
+/// A cluster whose leader's WAL syncs are held back while a write it took is durable on
+/// both followers (each syncs before saying it has an entry).
+struct StalledLeader {
+    _dir: tempfile::TempDir,
+    planes: Vec<InProcessPlane>,
+    clients: Vec<Client>,
+    gates: Vec<Arc<SyncGate>>,
+    leader: usize,
+    /// The held write, not answered yet.
+    put: tokio::task::JoinHandle<Result<etcd_client::PutResponse, etcd_client::Error>>,
+}
+
+impl StalledLeader {
+    async fn start() -> StalledLeader {
         let dir = tempfile::tempdir().unwrap();
         let gates: Vec<Arc<SyncGate>> = (0..3).map(|_| Arc::default()).collect();
         let mut configs = cluster_configs(dir.path(), 3);
@@ -568,7 +577,7 @@ fn nothing_is_applied_before_the_leaders_own_copy_is_durable() {
             config.raft.election_timeout_ms = 10_000;
             config.sync_faults = Some(gate.clone());
         }
-        let (mut planes, clients) = start_cluster(configs).await;
+        let (planes, clients) = start_cluster(configs).await;
         settle("a first write", &clients[0], |mut client| async move { client.put("ready", "1", None).await }).await;
         let statuses = || async {
             let mut statuses = Vec::new();
@@ -582,11 +591,10 @@ fn nothing_is_applied_before_the_leaders_own_copy_is_durable() {
         let written = before[leader].raft_index();
 
         gates[leader].hold(true);
-        let mut put = tokio::spawn({
+        let put = tokio::spawn({
             let mut client = clients[leader].clone();
             async move { client.put("durable", "1", None).await }
         });
-        // Both followers have the write in their log (each syncs before saying so)...
         loop {
             let now = statuses().await;
             if (0..3).filter(|index| *index != leader).all(|index| now[index].raft_index() > written) {
@@ -594,21 +602,45 @@ fn nothing_is_applied_before_the_leaders_own_copy_is_durable() {
             }
             tokio::time::sleep(Duration::from_millis(10)).await; // polling the followers' logs
         }
-        // ...and for many heartbeats after, nothing shows it.
+        StalledLeader { _dir: dir, planes, clients, gates, leader, put }
+    }
+
+    /// Lets the leader's syncs go on; the held write's revision, once answered.
+    async fn resume(&mut self) -> i64 {
+        self.gates[self.leader].hold(false);
+        let answered = tokio::time::timeout(SETTLE_TIMEOUT, &mut self.put).await.expect("the write is answered");
+        answered.unwrap().unwrap().header().unwrap().revision()
+    }
+
+    async fn stop(mut self) {
+        for plane in &mut self.planes {
+            plane.stop().await;
+        }
+    }
+}
+
+/// The leader tells openraft of its own appends before they are durable, so that they go
+/// to the followers while its fsync runs. With the leader's syncs held back, a write that
+/// both followers have made durable is still neither applied anywhere nor answered: the
+/// leader's copy is not durable, so a majority's disks do not hold it yet. Once the syncs
+/// go on, the write is answered and every plane applies it.
+#[test]
+fn nothing_is_applied_before_the_leaders_own_copy_is_durable() {
+    alone(async {
+        let mut stalled = StalledLeader::start().await;
+        // For many heartbeats after the followers have it, nothing shows the write.
         let watching = Instant::now();
         while watching.elapsed() < Duration::from_millis(1_000) {
-            assert!(!put.is_finished(), "a write was answered before the leader's copy was durable");
-            for (index, client) in clients.iter().enumerate() {
+            assert!(!stalled.put.is_finished(), "a write was answered before the leader's copy was durable");
+            for (index, client) in stalled.clients.iter().enumerate() {
                 let got = client.clone().get("durable", Some(GetOptions::new().with_serializable())).await.unwrap();
                 assert!(got.kvs().is_empty(), "plane {index} applied a write before the leader's copy was durable");
             }
             tokio::time::sleep(Duration::from_millis(50)).await; // watching for what must not happen
         }
 
-        gates[leader].hold(false);
-        let answered = tokio::time::timeout(SETTLE_TIMEOUT, &mut put).await.expect("the write is answered");
-        let revision = answered.unwrap().unwrap().header().unwrap().revision();
-        for client in &clients {
+        let revision = stalled.resume().await;
+        for client in &stalled.clients {
             let got = settle("a read of the write", client, |mut client| async move {
                 let got = client.get("durable", Some(GetOptions::new().with_serializable())).await?;
                 match got.kvs().first() {
@@ -619,8 +651,37 @@ fn nothing_is_applied_before_the_leaders_own_copy_is_durable() {
             .await;
             assert_eq!(got.kvs()[0].mod_revision(), revision);
         }
-        for plane in &mut planes {
-            plane.stop().await;
+        stalled.stop().await;
+    });
+}
+
+/// While the leader's disk stalls with a commit pending, its heartbeats wait for its own
+/// copy (a follower hears of a commit only once the leader's copy is durable), so no quorum
+/// confirms its leadership in time and read-index rounds fail. Linearizable reads taken
+/// meanwhile, on the leader and through a follower, keep trying rather than waiting for a
+/// leader change that is not coming: once the disk goes on they are answered, with the
+/// write.
+#[test]
+fn reads_taken_during_a_leader_disk_stall_are_answered_once_it_ends() {
+    alone(async {
+        let mut stalled = StalledLeader::start().await;
+        let follower = (stalled.leader + 1) % 3;
+        let reads: Vec<_> = [stalled.leader, follower]
+            .into_iter()
+            .map(|index| {
+                let mut client = stalled.clients[index].clone();
+                tokio::spawn(async move { client.get("durable", None).await })
+            })
+            .collect();
+        // The stall lasts many heartbeats: the reads' first rounds fail meanwhile.
+        tokio::time::sleep(Duration::from_millis(1_000)).await; // the fault's length
+        assert!(reads.iter().all(|read| !read.is_finished()), "a read was answered before the write was durable");
+
+        let revision = stalled.resume().await;
+        for (read, on) in reads.into_iter().zip(["the leader", "a follower"]) {
+            let got = read.await.unwrap().unwrap_or_else(|error| panic!("the read on {on} failed: {error}"));
+            assert_eq!(got.kvs().first().map(|kv| kv.mod_revision()), Some(revision), "the read on {on}");
         }
+        stalled.stop().await;
     });
 }

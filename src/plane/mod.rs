@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use openraft::error::RaftError;
+use openraft::error::{CheckIsLeaderError, RaftError};
 use prost::Message;
 use tonic::Status;
 
@@ -377,12 +377,25 @@ impl Plane {
             if leader != self.node_id {
                 return self.forward_read_index(&node.peer_url).await;
             }
-            match self.raft.get_read_log_id().await {
-                Ok((read_log_id, _)) => Ok(read_log_id.map_or(0, |id| id.index)),
-                Err(RaftError::APIError(_)) => Err(status::not_leader()),
-                Err(RaftError::Fatal(error)) => {
-                    tracing::error!(%error, "raft stopped");
-                    Err(status::stopped())
+            // A quorum that did not answer one heartbeat in time (a slow disk or a loaded
+            // machine) may answer the next: try again, at most once a heartbeat interval,
+            // until the leader changes or the read times out, as etcd retries ReadIndex.
+            let pace = Duration::from_millis(self.config.raft.heartbeat_interval_ms);
+            loop {
+                let started = tokio::time::Instant::now();
+                match self.raft.get_read_log_id().await {
+                    Ok((read_log_id, _)) => return Ok(read_log_id.map_or(0, |id| id.index)),
+                    Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(short))) => {
+                        tracing::debug!(%short, "leadership not confirmed; confirming again");
+                        tokio::time::sleep_until(started + pace).await;
+                    }
+                    Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
+                        return Err(status::not_leader())
+                    }
+                    Err(RaftError::Fatal(error)) => {
+                        tracing::error!(%error, "raft stopped");
+                        return Err(status::stopped());
+                    }
                 }
             }
         };

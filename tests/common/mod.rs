@@ -141,6 +141,31 @@ impl PlaneProcess {
 impl Drop for PlaneProcess {
     fn drop(&mut self) {
         self.kill();
+        print_log_if_failing(&self.name, &self.log);
+    }
+}
+
+/// A failing test's output ends with this many of each child's last log lines.
+const FAILING_LOG_LINES: usize = 300;
+
+/// If the test is failing, prints the last lines of an exited child's `log` that no wait
+/// consumed, so that a failure (in CI above all) shows what the planes and agents saw.
+fn print_log_if_failing(name: &str, log: &mpsc::Receiver<String>) {
+    if !std::thread::panicking() {
+        return;
+    }
+    let mut tail = std::collections::VecDeque::new();
+    // The reader ends at the end of the child's stderr; a grandchild holding it open
+    // costs one timeout.
+    while let Ok(line) = log.recv_timeout(Duration::from_secs(1)) {
+        if tail.len() == FAILING_LOG_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line);
+    }
+    eprintln!("---- the last {} log lines of {name} ----", tail.len());
+    for line in tail {
+        eprintln!("{name}| {line}");
     }
 }
 
@@ -314,13 +339,14 @@ impl Drop for AgentProcess {
         // SAFETY: signalling our own child, which has not been reaped.
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+        while !matches!(self.child.try_wait(), Ok(Some(_))) {
+            if std::time::Instant::now() >= deadline {
+                self.kill();
+                break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        self.kill();
+        print_log_if_failing(&self.name, &self.log);
     }
 }
 

@@ -339,8 +339,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for entry in entries {
             own_term &=
                 Some(entry.log_id.leader_id) == leading && !matches!(entry.payload, EntryPayload::Membership(_));
-            batch.put_cf(family, index_key(entry.log_id.index), types::entry_to_pb(&entry).encode_to_vec());
             last = Some(entry.log_id);
+            batch.put_cf(family, index_key(entry.log_id.index), types::entry_into_pb(entry).encode_to_vec());
         }
         // Written now (readable at once, as openraft requires), synced by the sync thread.
         if let Err(error) = self.db.write(batch) {

@@ -286,10 +286,13 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             self.durability.until(committed.index).await.map_err(|error| self.unreachable(error))?;
         }
         let budget = lock(&self.append_budget).bytes();
-        let mut entries = Vec::with_capacity(rpc.entries.len());
+        let offered = rpc.entries.len();
+        let mut entries = Vec::with_capacity(offered);
+        let mut last_sent = None;
         let mut bytes = 0;
-        for entry in &rpc.entries {
-            let encoded = types::entry_to_pb(entry);
+        for entry in rpc.entries {
+            let log_id = entry.log_id;
+            let encoded = types::entry_into_pb(entry);
             // The entry with its field tag and length, as the request carries it.
             let len = encoded.encoded_len();
             let size = 1 + prost::length_delimiter_len(len) + len;
@@ -298,9 +301,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             }
             bytes += size;
             entries.push(encoded);
+            last_sent = Some(log_id);
         }
-        let sent_all = entries.len() == rpc.entries.len();
-        let last_sent = rpc.entries.get(entries.len().wrapping_sub(1)).map(|entry| entry.log_id);
+        let sent_all = entries.len() == offered;
         let request = raftpb::AppendEntriesRequest {
             cluster_id: self.cluster_id,
             member_id: self.target,

@@ -139,12 +139,13 @@ pub fn stored_membership_from_pb(stored: raftpb::StoredMembership) -> StoredMemb
     )
 }
 
-pub fn entry_to_pb(entry: &Entry) -> raftpb::Entry {
+/// Takes the entry, so that its command (a batch of up to hundreds) is moved, not copied.
+pub fn entry_into_pb(entry: Entry) -> raftpb::Entry {
     use raftpb::entry::Payload;
-    let payload = match &entry.payload {
+    let payload = match entry.payload {
         EntryPayload::Blank => Payload::Blank(raftpb::Empty {}),
-        EntryPayload::Normal(command) => Payload::Command(command.clone()),
-        EntryPayload::Membership(membership) => Payload::Membership(membership_to_pb(membership)),
+        EntryPayload::Normal(command) => Payload::Command(command),
+        EntryPayload::Membership(membership) => Payload::Membership(membership_to_pb(&membership)),
     };
     raftpb::Entry { log_id: Some(log_id_to_pb(&entry.log_id)), payload: Some(payload) }
 }
@@ -263,7 +264,7 @@ mod tests {
             },
         ];
         for entry in entries {
-            let back = entry_from_pb(entry_to_pb(&entry)).unwrap();
+            let back = entry_from_pb(entry_into_pb(entry.clone())).unwrap();
             assert_eq!(format!("{back:?}"), format!("{entry:?}"));
         }
     }

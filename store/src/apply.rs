@@ -131,8 +131,10 @@ impl Store {
         for (name, value) in meta {
             batch.put_cf(metas, name, value);
         }
+        let write = self.revision_write();
         self.db().write(batch)?;
         self.inner.revision.store(new_revision, Ordering::Release);
+        drop(write);
         if let Some(auth) = auth {
             self.set_auth(auth);
         }

@@ -21,7 +21,7 @@ mod read;
 mod snapshot;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{self, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use rocksdb::{ColumnFamilyDescriptor, Options, DB};
@@ -66,6 +66,10 @@ struct Inner {
     path: PathBuf,
     /// The newest committed revision; only the apply path writes it.
     revision: AtomicI64,
+    /// A sequence lock over `revision` and the data it names: odd while a write that moves
+    /// the revision (an apply, a snapshot import) is under way, even between them, and
+    /// never the same twice. See [`Store::reader`] and [`Store::revision_write`].
+    revision_stamp: AtomicU64,
     compacted: AtomicI64,
     /// The auth state as of `revision`'s command; only the apply path replaces it.
     auth: RwLock<Arc<AuthState>>,
@@ -173,6 +177,7 @@ impl Store {
                 db,
                 path: path.to_path_buf(),
                 revision: AtomicI64::new(revision),
+                revision_stamp: AtomicU64::new(0),
                 compacted: AtomicI64::new(compacted),
                 auth: RwLock::new(Arc::new(auth)),
                 size: std::sync::Mutex::new(None),
@@ -214,8 +219,32 @@ impl Store {
     }
 
     /// A consistent read view of the newest committed state.
+    ///
+    /// The view's revision comes from `Inner::revision` when no write moved it while the
+    /// snapshot was taken (the stamp was even and the same before and after), which spares
+    /// every read a RocksDB lookup of the revision; else the view reads it from its
+    /// snapshot.
     pub fn reader(&self) -> Reader<'_> {
-        Reader::snapshot(&self.inner.db)
+        let stamp = self.inner.revision_stamp.load(Ordering::Acquire);
+        let revision = self.revision();
+        let reader = Reader::snapshot(&self.inner.db);
+        atomic::fence(Ordering::Acquire);
+        if stamp.is_multiple_of(2) && self.inner.revision_stamp.load(Ordering::Relaxed) == stamp {
+            reader.holding(revision)
+        } else {
+            reader
+        }
+    }
+
+    /// Marks a write that moves the revision as under way until the guard drops. There is
+    /// one writer: the apply path, which also imports snapshots.
+    fn revision_write(&self) -> RevisionWrite<'_> {
+        let stamp = &self.inner.revision_stamp;
+        let before = stamp.fetch_add(1, Ordering::Acquire);
+        debug_assert!(before.is_multiple_of(2), "two writes of the revision at once");
+        // The odd stamp is visible before anything the write does.
+        atomic::fence(Ordering::Release);
+        RevisionWrite(stamp)
     }
 
     /// Serves a Range request (the read half of etcd's KV API).
@@ -263,6 +292,15 @@ impl Store {
         self.inner.compacted.store(compacted, Ordering::Release);
         self.set_auth(AuthState::load(&reader)?);
         Ok(())
+    }
+}
+
+/// A write that moves the revision, under way; see [`Store::revision_write`].
+struct RevisionWrite<'a>(&'a AtomicU64);
+
+impl Drop for RevisionWrite<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Release);
     }
 }
 

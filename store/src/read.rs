@@ -17,6 +17,9 @@ use crate::{cf, Store};
 pub struct Reader<'a> {
     db: &'a DB,
     snapshot: Option<SnapshotWithThreadMode<'a, DB>>,
+    /// The revision the snapshot holds, when the store knew it as the snapshot was taken;
+    /// else [`Reader::revision`] reads it from the snapshot.
+    revision: Option<i64>,
 }
 
 /// Where a scan of live keys looks.
@@ -53,11 +56,16 @@ pub struct EventsPage {
 
 impl<'a> Reader<'a> {
     pub(crate) fn snapshot(db: &'a DB) -> Reader<'a> {
-        Reader { db, snapshot: Some(db.snapshot()) }
+        Reader { db, snapshot: Some(db.snapshot()), revision: None }
+    }
+
+    /// This snapshot, known to hold `revision`.
+    pub(crate) fn holding(self, revision: i64) -> Reader<'a> {
+        Reader { revision: Some(revision), ..self }
     }
 
     pub(crate) fn latest(db: &'a DB) -> Reader<'a> {
-        Reader { db, snapshot: None }
+        Reader { db, snapshot: None, revision: None }
     }
 
     fn options(&self) -> ReadOptions {
@@ -103,6 +111,9 @@ impl<'a> Reader<'a> {
 
     /// The revision this reader sees.
     pub fn revision(&self) -> Result<i64> {
+        if let Some(revision) = self.revision {
+            return Ok(revision);
+        }
         Ok(self.meta_i64(codec::META_REVISION)?.unwrap_or(crate::REVISION_INITIAL))
     }
 
@@ -444,7 +455,7 @@ mod tests {
     use capstan_proto::etcdserverpb as pb;
     use capstan_proto::raftpb::{command::Request, Command};
 
-    use crate::Store;
+    use crate::{codec, Store};
 
     fn apply(store: &Store, request: Request) {
         store.apply(&Command { request: Some(request), caller: None }, &[]).unwrap().response.unwrap();
@@ -457,6 +468,28 @@ mod tests {
     fn values(store: &Store, key: &str) -> Vec<(i64, String)> {
         let versions = store.versions(key.as_bytes()).unwrap();
         versions.into_iter().map(|kv| (kv.mod_revision, String::from_utf8(kv.value).unwrap())).collect()
+    }
+
+    /// An apply caught between its write and publishing its revision: a view taken then
+    /// holds the new data, so it must report the new revision, read from its snapshot,
+    /// not the stale one in memory.
+    #[test]
+    fn a_view_taken_while_an_apply_writes_reads_the_revision_from_its_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &[]).unwrap();
+        put(&store, "a", "1"); // revision 2
+        assert_eq!(store.reader().revision().unwrap(), 2);
+        let write = store.revision_write();
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put_cf(crate::cf(store.db(), codec::CF_META), codec::META_REVISION, 3i64.to_be_bytes());
+        store.db().write(batch).unwrap();
+        assert_eq!(store.revision(), 2, "the apply has not published its revision yet");
+        assert_eq!(store.reader().revision().unwrap(), 3, "a view midway through the write");
+        store.inner.revision.store(3, std::sync::atomic::Ordering::Release);
+        drop(write);
+        assert_eq!(store.reader().revision().unwrap(), 3, "a view after it");
+        put(&store, "a", "2");
+        assert_eq!(store.reader().revision().unwrap(), 4);
     }
 
     #[test]

@@ -115,6 +115,7 @@ impl Store {
 
     /// Replaces the store's content with a snapshot file's, checked before.
     fn import_checked(&self, path: &Path, drop_meta: &[&[u8]]) -> Result<()> {
+        let _write = self.revision_write();
         let db = self.db();
         let mut sync = rocksdb::WriteOptions::default();
         sync.set_sync(true);

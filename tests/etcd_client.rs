@@ -108,6 +108,128 @@ async fn watch_from_now_and_from_an_old_revision() {
     assert_eq!(cancelled, Some(first + 2));
 }
 
+/// The next response of `stream`, which must carry an event: its watcher and key.
+async fn next_event(stream: &mut etcd_client::WatchStream) -> (i64, Vec<u8>) {
+    let response = bounded(stream.message()).await.unwrap().unwrap();
+    let event = response.events().first().expect("an event");
+    (response.watch_id(), event.kv().unwrap().key().to_vec())
+}
+
+/// Watchers sharing one stream each get their own events; a cancelled one says so and sends
+/// nothing more while the other goes on. A watcher whose client reads nothing while more
+/// revisions pass than the plane's event channel holds falls behind (the plane counts it
+/// as a slow watcher), and once read it still delivers every revision, in order.
+#[tokio::test]
+async fn watchers_sharing_a_stream_cancel_alone_and_a_slow_reader_misses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = common::free_addr();
+    let metrics_url = format!("http://{metrics}");
+    let plane = PlaneProcess::start(&dir.path().join("plane"), &["--listen-metrics-urls", &metrics_url]);
+    let mut client = connect(&plane).await;
+
+    let mut stream = bounded(client.watch("a", None)).await.unwrap();
+    bounded(stream.watch("b", None)).await.unwrap();
+    let mut ids = Vec::new();
+    while ids.len() < 2 {
+        let created = bounded(stream.message()).await.unwrap().unwrap();
+        assert!(created.created());
+        ids.push(created.watch_id());
+    }
+    let (a, b) = (ids[0], ids[1]);
+    assert_ne!(a, b);
+    bounded(client.put("a", "1", None)).await.unwrap();
+    assert_eq!(next_event(&mut stream).await, (a, b"a".to_vec()));
+    bounded(client.put("b", "1", None)).await.unwrap();
+    assert_eq!(next_event(&mut stream).await, (b, b"b".to_vec()));
+    bounded(stream.cancel(a)).await.unwrap();
+    let cancelled = bounded(stream.message()).await.unwrap().unwrap();
+    assert_eq!((cancelled.watch_id(), cancelled.canceled()), (a, true));
+    bounded(client.put("a", "2", None)).await.unwrap();
+    bounded(client.put("b", "2", None)).await.unwrap();
+    assert_eq!(next_event(&mut stream).await, (b, b"b".to_vec()), "the cancelled watcher sent an event");
+
+    let mut slow = bounded(client.watch("slow/", Some(WatchOptions::new().with_prefix()))).await.unwrap();
+    assert!(bounded(slow.message()).await.unwrap().unwrap().created());
+    // Enough that the client's HTTP/2 window (2 MiB, about 2,000 of these events) and the
+    // plane's send buffer fill and the plane's channel overflows behind them, with room.
+    let puts = 3 * capstan_raft::EVENT_CHANNEL_REVISIONS;
+    let value = "v".repeat(1_000);
+    let writers: Vec<_> = (0..32)
+        .map(|writer| {
+            let (mut client, value) = (client.clone(), value.clone());
+            tokio::spawn(async move {
+                for index in (writer..puts).step_by(32) {
+                    bounded(client.put(format!("slow/{index}"), value.as_str(), None)).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let (mut seen, mut last) = (0, 0);
+    while seen < puts {
+        let response = bounded(slow.message()).await.unwrap().unwrap();
+        assert!(!response.canceled(), "the slow watcher was cancelled: {}", response.cancel_reason());
+        for event in response.events() {
+            let revision = event.kv().unwrap().mod_revision();
+            assert!(revision > last, "revision {revision} came after {last}");
+            (seen, last) = (seen + 1, revision);
+        }
+    }
+    let (_, scraped) = common::http_get(metrics, "/metrics");
+    let slow_watchers = scraped
+        .lines()
+        .find_map(|line| line.strip_prefix("capstan_watch_slow_watchers_total "))
+        .and_then(|value| value.trim().parse::<f64>().ok());
+    assert!(slow_watchers.is_some_and(|count| count >= 1.0), "no watcher fell behind: {slow_watchers:?}");
+}
+
+/// A stream's answers come in the order of its requests, even when a cancelled watch ID is
+/// taken again at once and a create is refused among them; as in etcd, the stream's
+/// watchers outlive the client closing its side, and the plane stopping ends the stream
+/// with "server stopped" (Unavailable, so a client resumes elsewhere).
+#[tokio::test]
+async fn watch_answers_keep_request_order_and_watchers_outlive_a_half_close() {
+    let (_dir, plane) = start();
+    let mut client = connect(&plane).await;
+    let id = |id| Some(WatchOptions::new().with_watch_id(id));
+    let mut stream = bounded(client.watch("k", id(5))).await.unwrap();
+    // All sent before any answer is read.
+    bounded(stream.cancel(5)).await.unwrap();
+    bounded(stream.watch("k", id(5))).await.unwrap();
+    bounded(stream.watch("z", Some(WatchOptions::new().with_range("a")))).await.unwrap();
+    bounded(stream.watch("k", None)).await.unwrap();
+    bounded(stream.request_progress()).await.unwrap();
+    let (requests, mut responses) = stream.split();
+    let mut answers = Vec::new();
+    while answers.len() < 6 {
+        let answer = bounded(responses.message()).await.unwrap().unwrap();
+        answers.push((answer.watch_id(), answer.created(), answer.canceled()));
+    }
+    let (created, cancelled, refused, progress) = ((true, false), (false, true), (true, true), (false, false));
+    let expected = [(5, created), (5, cancelled), (5, created), (-1, refused), (0, created), (-1, progress)];
+    assert_eq!(answers, expected.map(|(id, (created, canceled))| (id, created, canceled)));
+
+    drop(requests);
+    bounded(client.put("k", "1", None)).await.unwrap();
+    let mut events = Vec::new();
+    while events.len() < 2 {
+        let response = bounded(responses.message()).await.unwrap().expect("the stream ended at the half-close");
+        events.extend(response.events().iter().map(|event| (response.watch_id(), event.kv().unwrap().key().to_vec())));
+    }
+    events.sort();
+    assert_eq!(events, [(0, b"k".to_vec()), (5, b"k".to_vec())]);
+
+    plane.terminate();
+    match bounded(responses.message()).await {
+        Err(etcd_client::Error::GRpcStatus(status)) => {
+            assert_eq!((status.code(), status.message()), (tonic::Code::Unavailable, "etcdserver: server stopped"))
+        }
+        other => panic!("the stream ended with {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn leases_keepalive_attach_revoke_and_expire() {
     let (_dir, plane) = start();

@@ -1,19 +1,30 @@
 //! etcd's Watch service.
 //!
-//! Each gRPC stream has a reader task (create, cancel, progress requests) and one task per
-//! watcher. A watcher first replays the store's history from its start revision, then
-//! follows the event channel the state machine feeds. Writes never wait for watchers: a
-//! watcher that falls behind the bounded channel is told it lagged and goes back to
-//! reading history, so it catches up without losing an event. A watcher whose start
-//! revision was compacted is cancelled with the compact revision, as in etcd.
+//! Each gRPC stream has a reader task (create, cancel, progress requests), and its
+//! response stream polls the stream's watchers itself: a watcher is a stream of responses,
+//! woken by the event channel the state machine feeds, so an event reaches the client
+//! with one task woken per gRPC stream (the one that writes its HTTP/2 stream), not a task
+//! per watcher and a channel between them. A watcher first replays the store's history
+//! from its start revision, then follows the event channel. Writes never wait for
+//! watchers: a watcher that falls behind the bounded channel (its client reads slower
+//! than writes come) is told it lagged and goes back to reading history, so it catches
+//! up without losing an event. A watcher whose start revision was compacted is cancelled
+//! with the compact revision, as in etcd.
+//!
+//! The stream's own answers (created, refused, cancelled, progress) leave in the order of
+//! the requests they answer: the reader hands them to the response stream in order, which
+//! sends a watcher's `created` as it takes the watcher on, and stops a cancelled watcher
+//! as it sends `canceled`, so nothing of that watcher follows. As in etcd, watchers outlive
+//! the client closing its side of the stream (grpc-gateway does that after its request);
+//! they end when the client goes away, or with etcd's "server stopped" when the plane does.
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
-use futures::Stream;
-use tokio::sync::{broadcast, mpsc, oneshot};
-use tokio_stream::StreamExt;
+use futures::stream::{AbortHandle, Abortable, SelectAll, Stream, StreamExt};
+use tokio::sync::{broadcast, mpsc};
 use tonic::{Request, Response, Status, Streaming};
 
 use capstan_proto::etcdserverpb::{self as pb, watch_server::Watch};
@@ -21,24 +32,45 @@ use capstan_proto::mvccpb;
 use capstan_store::{Access, KeyRange, StoreError};
 
 use super::auth::Caller;
-use super::Plane;
+use super::{status, Plane};
 
-/// Responses buffered per stream before watchers wait for the client to read.
-const STREAM_RESPONSES_MAX: usize = 1024;
+/// What the reader hands its stream before the reader waits for the client to read.
+const STREAM_OUTGOING_MAX: usize = 64;
 /// Events read from history per page while a watcher catches up.
 const HISTORY_PAGE_EVENTS: usize = 1000;
 
 pub struct WatchService(pub Arc<Plane>);
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
+type WatcherStream = Abortable<Pin<Box<dyn Stream<Item = pb::WatchResponse> + Send>>>;
 
-/// The watchers of one stream: how to cancel each, and how far each has delivered.
+/// The watchers of one stream, by watch ID.
 #[derive(Default)]
 struct StreamWatchers {
-    cancels: HashMap<i64, oneshot::Sender<()>>,
-    /// The newest revision each watcher has delivered everything up to.
-    delivered: HashMap<i64, i64>,
+    registered: HashMap<i64, Registered>,
     next_auto_id: i64,
+    /// Tells registrations apart, so a watcher that ends never removes a newer one that
+    /// took its ID.
+    next_serial: u64,
+}
+
+struct Registered {
+    serial: u64,
+    abort: AbortHandle,
+    /// The newest revision the watcher has delivered everything up to.
+    delivered: i64,
+}
+
+/// What a stream's reader hands its response stream.
+enum Outgoing {
+    /// An answer of the stream itself: a refused create, a progress answer.
+    Response(pb::WatchResponse),
+    /// A new watcher: its `created` answer, and its responses from then on.
+    Watcher(pb::WatchResponse, WatcherStream),
+    /// A cancelled watcher, to stop before its `canceled` answer goes out.
+    Cancel(AbortHandle, pb::WatchResponse),
+    /// The plane stops: the stream ends with etcd's "server stopped".
+    Stopped,
 }
 
 #[tonic::async_trait]
@@ -51,29 +83,85 @@ impl Watch for WatchService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let caller = self.0.caller(&request, "Watch")?;
         let mut incoming = request.into_inner();
-        let (out, responses) = mpsc::channel(STREAM_RESPONSES_MAX);
+        let (out, outgoing) = mpsc::channel(STREAM_OUTGOING_MAX);
         let plane = self.0.clone();
         tokio::spawn(async move {
             let watchers = Arc::new(Mutex::new(StreamWatchers::default()));
             let stopping = plane.stopping();
             tokio::pin!(stopping);
-            loop {
+            let stopped = loop {
                 let next = tokio::select! {
                     next = incoming.next() => next,
-                    () = &mut stopping => None,
+                    () = &mut stopping => break true,
                 };
-                let Some(Ok(request)) = next else { break };
-                if !handle_request(&plane, &caller, &watchers, &out, request).await {
-                    break;
+                match next {
+                    Some(Ok(request)) => {
+                        if !handle_request(&plane, &caller, &watchers, &out, request).await {
+                            break false;
+                        }
+                    }
+                    // The client closed its side: its watchers go on until it goes away
+                    // (the response stream is dropped) or the plane stops.
+                    None => {
+                        break tokio::select! {
+                            () = &mut stopping => true,
+                            () = out.closed() => false,
+                        }
+                    }
+                    Some(Err(_)) => break false,
                 }
+            };
+            if stopped {
+                let _ = out.send(Outgoing::Stopped).await;
             }
-            // The client went away or the plane stops: stop every watcher of this stream.
-            let cancels: Vec<_> = lock(&watchers).cancels.drain().collect();
-            for (_, cancel) in cancels {
-                let _ = cancel.send(());
-            }
+            // Dropping `out` ends the stream, and its watchers with it.
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(responses))))
+        let responses = Responses { outgoing, reader_done: false, watchers: SelectAll::new() };
+        Ok(Response::new(Box::pin(responses)))
+    }
+}
+
+/// A stream's responses: its reader's answers first, then whatever its watchers have to
+/// send. It ends when the reader does (the client went away, or the plane stops).
+struct Responses {
+    outgoing: mpsc::Receiver<Outgoing>,
+    reader_done: bool,
+    watchers: SelectAll<WatcherStream>,
+}
+
+impl Stream for Responses {
+    type Item = Result<pb::WatchResponse, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        while !this.reader_done {
+            match this.outgoing.poll_recv(context) {
+                Poll::Ready(Some(Outgoing::Response(response))) => return Poll::Ready(Some(Ok(response))),
+                Poll::Ready(Some(Outgoing::Watcher(created, watcher))) => {
+                    this.watchers.push(watcher);
+                    return Poll::Ready(Some(Ok(created)));
+                }
+                Poll::Ready(Some(Outgoing::Cancel(watcher, cancelled))) => {
+                    // Polled next, the watcher ends without another response.
+                    watcher.abort();
+                    return Poll::Ready(Some(Ok(cancelled)));
+                }
+                Poll::Ready(Some(Outgoing::Stopped)) => {
+                    this.reader_done = true;
+                    return Poll::Ready(Some(Err(status::stopped())));
+                }
+                Poll::Ready(None) => this.reader_done = true,
+                Poll::Pending => break,
+            }
+        }
+        if this.reader_done {
+            return Poll::Ready(None);
+        }
+        match this.watchers.poll_next_unpin(context) {
+            Poll::Ready(Some(response)) => Poll::Ready(Some(Ok(response))),
+            // No watchers (yet): the reader's channel wakes the stream for the next one.
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -86,41 +174,36 @@ async fn handle_request(
     plane: &Arc<Plane>,
     caller: &Caller,
     watchers: &Arc<Mutex<StreamWatchers>>,
-    out: &mpsc::Sender<Result<pb::WatchResponse, Status>>,
+    out: &mpsc::Sender<Outgoing>,
     request: pb::WatchRequest,
 ) -> bool {
     use pb::watch_request::RequestUnion;
-    let response = match request.request_union {
-        Some(RequestUnion::CreateRequest(create)) => match create_watcher(plane, caller, watchers, out, create) {
-            Ok(()) => return true,
-            Err(response) => response,
+    let outgoing = match request.request_union {
+        Some(RequestUnion::CreateRequest(create)) => match create_watcher(plane, caller, watchers, create) {
+            Ok((created, watcher)) => Outgoing::Watcher(created, watcher),
+            Err(refused) => Outgoing::Response(refused),
         },
         Some(RequestUnion::CancelRequest(cancel)) => {
-            let mut state = lock(watchers);
-            state.delivered.remove(&cancel.watch_id);
-            match state.cancels.remove(&cancel.watch_id) {
-                Some(stop) => {
-                    let _ = stop.send(());
-                    pb::WatchResponse {
-                        header: plane.header(plane.store.revision()),
-                        watch_id: cancel.watch_id,
-                        canceled: true,
-                        ..Default::default()
-                    }
-                }
-                // etcd ignores a cancel of an unknown watcher.
-                None => return true,
-            }
+            // etcd ignores a cancel of an unknown watcher.
+            let Some(registered) = lock(watchers).registered.remove(&cancel.watch_id) else { return true };
+            let cancelled = pb::WatchResponse {
+                header: plane.header(plane.store.revision()),
+                watch_id: cancel.watch_id,
+                canceled: true,
+                ..Default::default()
+            };
+            Outgoing::Cancel(registered.abort, cancelled)
         }
         Some(RequestUnion::ProgressRequest(_)) => {
             // Every watcher of the stream has delivered all events up to this revision.
             let current = plane.store.revision();
-            let revision = lock(watchers).delivered.values().copied().min().unwrap_or(current).min(current);
-            pb::WatchResponse { header: plane.header(revision), watch_id: -1, ..Default::default() }
+            let delivered = lock(watchers).registered.values().map(|registered| registered.delivered).min();
+            let revision = delivered.unwrap_or(current).min(current);
+            Outgoing::Response(pb::WatchResponse { header: plane.header(revision), watch_id: -1, ..Default::default() })
         }
         None => return true,
     };
-    out.send(Ok(response)).await.is_ok()
+    out.send(outgoing).await.is_ok()
 }
 
 /// What a watcher selects and how it reports.
@@ -148,25 +231,23 @@ impl Watcher {
         events
             .iter()
             .filter(|event| self.selects(event))
-            .map(|event| {
-                let mut event = event.clone();
-                if !self.prev_kv {
-                    event.prev_kv = None;
-                }
-                event
+            .map(|event| mvccpb::Event {
+                r#type: event.r#type,
+                kv: event.kv.clone(),
+                prev_kv: if self.prev_kv { event.prev_kv.clone() } else { None },
             })
             .collect()
     }
 }
 
-/// Registers a watcher and starts its task; an `Err` is the response that refuses it.
+/// Registers a watcher and returns its `created` answer and its responses; an `Err` is
+/// the response that refuses it.
 fn create_watcher(
     plane: &Arc<Plane>,
     caller: &Caller,
     watchers: &Arc<Mutex<StreamWatchers>>,
-    out: &mpsc::Sender<Result<pb::WatchResponse, Status>>,
     create: pb::WatchCreateRequest,
-) -> Result<(), pb::WatchResponse> {
+) -> Result<(pb::WatchResponse, WatcherStream), pb::WatchResponse> {
     use pb::watch_create_request::FilterType;
     let refuse = |watch_id: i64, reason: &str| pb::WatchResponse {
         header: plane.header(plane.store.revision()),
@@ -185,22 +266,30 @@ fn create_watcher(
     {
         return Err(refuse(create.watch_id, refused.message()));
     }
-    let (stop, stopped) = oneshot::channel();
-    let id = {
+    let (abort, abort_registration) = AbortHandle::new_pair();
+    // Subscribe before reading the current revision so no revision falls between.
+    let live = plane.events.subscribe();
+    let current = plane.store.revision();
+    let start = if create.start_revision > 0 { create.start_revision } else { current + 1 };
+    let (id, serial) = {
         let mut state = lock(watchers);
         let id = if create.watch_id != 0 {
-            if state.cancels.contains_key(&create.watch_id) {
+            if state.registered.contains_key(&create.watch_id) {
                 return Err(refuse(create.watch_id, "mvcc: watcher ID in use"));
             }
             create.watch_id
         } else {
-            while state.cancels.contains_key(&state.next_auto_id) {
+            // As in etcd, an ID the plane chose is not chosen again on this stream.
+            while state.registered.contains_key(&state.next_auto_id) {
                 state.next_auto_id += 1;
             }
-            state.next_auto_id
+            state.next_auto_id += 1;
+            state.next_auto_id - 1
         };
-        state.cancels.insert(id, stop);
-        id
+        let serial = state.next_serial;
+        state.next_serial += 1;
+        state.registered.insert(id, Registered { serial, abort, delivered: start - 1 });
+        (id, serial)
     };
     let watcher = Watcher {
         id,
@@ -211,177 +300,181 @@ fn create_watcher(
         no_delete: create.filters.contains(&(FilterType::Nodelete as i32)),
         progress_notify: create.progress_notify,
     };
-    // Subscribe before reading the current revision so no revision falls between.
-    let live = plane.events.subscribe();
-    let current = plane.store.revision();
-    let start = if create.start_revision > 0 { create.start_revision } else { current + 1 };
-    lock(watchers).delivered.insert(id, start - 1);
-    let task = WatcherTask { plane: plane.clone(), watchers: watchers.clone(), out: out.clone(), watcher, next: start };
-    tokio::spawn(task.run(live, stopped));
-    Ok(())
+    plane.metrics.watchers.inc();
+    let registration = Registration { plane: plane.clone(), watchers: watchers.clone(), id, serial };
+    let interval = plane.config.watch_progress_notify_interval;
+    let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    // A stream its client does not read is not polled; ticks missed meanwhile are one.
+    progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let follower = WatcherFollower {
+        plane: plane.clone(),
+        registration,
+        watcher,
+        next: start,
+        catching_up: true,
+        live,
+        progress,
+        sent_since_progress: false,
+    };
+    let created =
+        pb::WatchResponse { header: plane.header(current), watch_id: id, created: true, ..Default::default() };
+    Ok((created, Abortable::new(Box::pin(follower.responses()), abort_registration)))
 }
 
-struct WatcherTask {
+/// A watcher's place among its stream's watchers and in the plane's gauge, both given up
+/// when its responses are dropped: when it ends, or its stream does.
+struct Registration {
     plane: Arc<Plane>,
     watchers: Arc<Mutex<StreamWatchers>>,
-    out: mpsc::Sender<Result<pb::WatchResponse, Status>>,
-    watcher: Watcher,
-    /// The first revision not yet delivered.
-    next: i64,
+    id: i64,
+    serial: u64,
 }
 
-/// Why a watcher stopped.
+impl Registration {
+    fn delivered(&self, revision: i64) {
+        if let Some(registered) = lock(&self.watchers).registered.get_mut(&self.id) {
+            if registered.serial == self.serial {
+                registered.delivered = revision;
+            }
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.plane.metrics.watchers.dec();
+        let mut state = lock(&self.watchers);
+        if state.registered.get(&self.id).is_some_and(|registered| registered.serial == self.serial) {
+            state.registered.remove(&self.id);
+        }
+    }
+}
+
+/// How a watcher ended.
 enum Stop {
-    Cancelled,
-    ClientGone,
     Compacted(i64),
     Failed(String),
 }
 
-impl WatcherTask {
-    async fn run(
-        mut self,
-        mut live: broadcast::Receiver<Arc<capstan_raft::RevisionEvents>>,
-        mut stopped: oneshot::Receiver<()>,
-    ) {
-        let created = pb::WatchResponse {
-            header: self.plane.header(self.plane.store.revision()),
-            watch_id: self.watcher.id,
-            created: true,
-            ..Default::default()
-        };
-        if self.out.send(Ok(created)).await.is_err() {
-            return;
-        }
-        let watchers = self.plane.metrics.watchers.clone();
-        watchers.inc();
-        let stop = tokio::select! {
-            stop = self.follow(&mut live) => stop,
-            _ = &mut stopped => Stop::Cancelled,
-        };
-        watchers.dec();
-        let id = self.watcher.id;
-        match stop {
-            Stop::Cancelled | Stop::ClientGone => {}
-            Stop::Compacted(compacted) => {
-                let _ = self
-                    .out
-                    .send(Ok(pb::WatchResponse {
-                        header: self.plane.header(self.plane.store.revision()),
-                        watch_id: id,
-                        canceled: true,
-                        compact_revision: compacted,
-                        cancel_reason: "etcdserver: mvcc: required revision has been compacted".into(),
-                        ..Default::default()
-                    }))
-                    .await;
+/// One watcher's state between the responses it produces.
+struct WatcherFollower {
+    plane: Arc<Plane>,
+    registration: Registration,
+    watcher: Watcher,
+    /// The first revision not yet delivered.
+    next: i64,
+    /// Reading the store's history (from the start, or after lagging) rather than
+    /// following the event channel.
+    catching_up: bool,
+    live: broadcast::Receiver<Arc<capstan_raft::RevisionEvents>>,
+    progress: tokio::time::Interval,
+    sent_since_progress: bool,
+}
+
+impl WatcherFollower {
+    /// The watcher's responses: what it selects as it happens, and a last one if it fails.
+    fn responses(self) -> impl Stream<Item = pb::WatchResponse> + Send {
+        futures::stream::unfold(Some(self), |follower| async move {
+            let mut follower = follower?;
+            match follower.produce().await {
+                Ok(response) => Some((response, Some(follower))),
+                Err(stop) => Some((follower.last_response(stop), None)),
             }
-            Stop::Failed(reason) => {
-                tracing::error!(watch_id = id, %reason, "watcher failed");
-                let _ = self
-                    .out
-                    .send(Ok(pb::WatchResponse {
-                        watch_id: id,
-                        canceled: true,
-                        cancel_reason: reason,
-                        ..Default::default()
-                    }))
-                    .await;
-            }
-        }
-        let mut state = lock(&self.watchers);
-        state.cancels.remove(&id);
-        state.delivered.remove(&id);
+        })
     }
 
-    /// Catches up from history, then follows the live channel; returns when it must stop.
-    async fn follow(&mut self, live: &mut broadcast::Receiver<Arc<capstan_raft::RevisionEvents>>) -> Stop {
-        let interval = self.plane.config.watch_progress_notify_interval;
-        let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-        let mut sent_since_progress = false;
-        loop {
-            if let Err(stop) = self.catch_up().await {
-                return stop;
+    /// The response that ends the watcher.
+    fn last_response(&self, stop: Stop) -> pb::WatchResponse {
+        let id = self.watcher.id;
+        match stop {
+            Stop::Compacted(compacted) => pb::WatchResponse {
+                header: self.plane.header(self.plane.store.revision()),
+                watch_id: id,
+                canceled: true,
+                compact_revision: compacted,
+                cancel_reason: "etcdserver: mvcc: required revision has been compacted".into(),
+                ..Default::default()
+            },
+            Stop::Failed(reason) => {
+                tracing::error!(watch_id = id, %reason, "watcher failed");
+                pb::WatchResponse { watch_id: id, canceled: true, cancel_reason: reason, ..Default::default() }
             }
-            loop {
-                let batch = tokio::select! {
-                    batch = live.recv() => batch,
-                    _ = progress.tick(), if self.watcher.progress_notify => {
-                        if !sent_since_progress {
-                            let header = self.plane.header(self.next - 1);
-                            let notify = pb::WatchResponse { header, watch_id: self.watcher.id, ..Default::default() };
-                            if self.out.send(Ok(notify)).await.is_err() {
-                                return Stop::ClientGone;
-                            }
-                        }
-                        sent_since_progress = false;
-                        continue;
-                    }
+        }
+    }
+
+    /// The next response with events (or a progress notification), from history while
+    /// catching up, else from the event channel.
+    async fn produce(&mut self) -> Result<pb::WatchResponse, Stop> {
+        loop {
+            if self.catching_up {
+                if self.next > self.plane.store.revision() {
+                    self.catching_up = false;
+                    continue;
+                }
+                let store = self.plane.store.clone();
+                let from = self.next;
+                let page = tokio::task::spawn_blocking(move || store.events(from, HISTORY_PAGE_EVENTS))
+                    .await
+                    .map_err(|error| Stop::Failed(error.to_string()))?;
+                let page = match page {
+                    Ok(page) => page,
+                    Err(StoreError::Compacted { compacted }) => return Err(Stop::Compacted(compacted)),
+                    Err(error) => return Err(Stop::Failed(error.to_string())),
                 };
-                match batch {
-                    Ok(batch) if batch.revision < self.next => continue,
-                    Ok(batch) if batch.revision == self.next => {
-                        let events = self.watcher.select(&batch.events);
-                        if !events.is_empty() {
-                            sent_since_progress = true;
-                        }
-                        if let Err(stop) = self.deliver(events, batch.revision).await {
-                            return stop;
-                        }
+                let events = self.watcher.select(&page.events);
+                if let Some(response) = self.delivered(events, page.next_revision - 1) {
+                    return Ok(response);
+                }
+                continue;
+            }
+            let batch = tokio::select! {
+                batch = self.live.recv() => batch,
+                _ = self.progress.tick(), if self.watcher.progress_notify => {
+                    let idle = !self.sent_since_progress;
+                    self.sent_since_progress = false;
+                    if idle {
+                        let header = self.plane.header(self.next - 1);
+                        return Ok(pb::WatchResponse { header, watch_id: self.watcher.id, ..Default::default() });
                     }
-                    // A gap: a revision reached the store but not this receiver; read it.
-                    Ok(_) => break,
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        self.plane.metrics.slow_watchers.inc();
-                        break;
+                    continue;
+                }
+            };
+            match batch {
+                Ok(batch) if batch.revision < self.next => {}
+                Ok(batch) if batch.revision == self.next => {
+                    let events = self.watcher.select(&batch.events);
+                    if let Some(response) = self.delivered(events, batch.revision) {
+                        self.sent_since_progress = true;
+                        return Ok(response);
                     }
-                    Err(broadcast::error::RecvError::Closed) => {
-                        return Stop::Failed("etcdserver: server stopped".into())
-                    }
+                }
+                // A gap: a revision reached the store but not this receiver; read it.
+                Ok(_) => self.catching_up = true,
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    self.plane.metrics.slow_watchers.inc();
+                    self.catching_up = true;
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    return Err(Stop::Failed("etcdserver: server stopped".into()))
                 }
             }
         }
     }
 
-    /// Sends `events` (possibly none) as delivered up to `revision`.
-    async fn deliver(&mut self, events: Vec<mvccpb::Event>, revision: i64) -> Result<(), Stop> {
-        if !events.is_empty() {
-            self.plane.metrics.watch_events.inc_by(events.len() as u64);
-            let response = pb::WatchResponse {
-                header: self.plane.header(revision),
-                watch_id: self.watcher.id,
-                events,
-                ..Default::default()
-            };
-            self.out.send(Ok(response)).await.map_err(|_| Stop::ClientGone)?;
-        }
+    /// Records `events` (possibly none) as delivered up to `revision`; the response that
+    /// carries them, if there are any. The stream sends it at once, in the same poll.
+    fn delivered(&mut self, events: Vec<mvccpb::Event>, revision: i64) -> Option<pb::WatchResponse> {
         self.next = revision + 1;
-        lock(&self.watchers).delivered.insert(self.watcher.id, revision);
-        Ok(())
-    }
-
-    /// Delivers every stored revision from `next` up to the store's current one.
-    async fn catch_up(&mut self) -> Result<(), Stop> {
-        while self.next <= self.plane.store.revision() {
-            let store = self.plane.store.clone();
-            let from = self.next;
-            let page = tokio::task::spawn_blocking(move || store.events(from, HISTORY_PAGE_EVENTS))
-                .await
-                .map_err(|error| Stop::Failed(error.to_string()))?;
-            let page = match page {
-                Ok(page) => page,
-                Err(StoreError::Compacted { compacted }) => return Err(Stop::Compacted(compacted)),
-                Err(error) => return Err(Stop::Failed(error.to_string())),
-            };
-            let events = self.watcher.select(&page.events);
-            let delivered_up_to = page.next_revision - 1;
-            if events.is_empty() {
-                self.next = page.next_revision;
-                lock(&self.watchers).delivered.insert(self.watcher.id, delivered_up_to);
-                continue;
-            }
-            self.deliver(events, delivered_up_to).await?;
+        self.registration.delivered(revision);
+        if events.is_empty() {
+            return None;
         }
-        Ok(())
+        self.plane.metrics.watch_events.inc_by(events.len() as u64);
+        Some(pb::WatchResponse {
+            header: self.plane.header(revision),
+            watch_id: self.watcher.id,
+            events,
+            ..Default::default()
+        })
     }
 }

@@ -136,6 +136,12 @@ impl PlaneProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Asks the plane to stop, as Ctrl-C or a service manager does (SIGTERM).
+    pub fn terminate(&self) {
+        // SAFETY: kill(2) with the PID of a child this process has not reaped.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+    }
 }
 
 impl Drop for PlaneProcess {

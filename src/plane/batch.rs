@@ -9,9 +9,9 @@
 //! a queue; the batcher takes whatever has queued (up to a limit) once its previous batch
 //! is answered, and on the leader proposes it as a single entry (a lone command as itself).
 //! One batch at a time makes the batches as large as the load allows: with two out at
-//! once, put 8:64 and 16:256 ran 9–12% slower, at 10% more CPU per put (session 15). The state machine applies a batch command by command,
-//! each at its own revision, exactly as if they had come one by one
-//! (`capstan_raft::state_machine`).
+//! once, put 8:64 and 16:256 ran 9–12% slower, at 10% more CPU per put (session 15). The
+//! state machine applies a batch command by command, each at its own revision, exactly as
+//! if they had come one by one (`capstan_raft::state_machine`).
 //!
 //! A follower's batcher forwards its batch to the leader in one `Propose` call instead,
 //! whose commands join the leader's queue (`forward`): a gRPC call per batch rather than

@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -49,16 +50,14 @@ type WatcherStream = Abortable<Pin<Box<dyn Stream<Item = pb::WatchResponse> + Se
 struct StreamWatchers {
     registered: HashMap<i64, Registered>,
     next_auto_id: i64,
-    /// Tells registrations apart, so a watcher that ends never removes a newer one that
-    /// took its ID.
-    next_serial: u64,
 }
 
 struct Registered {
-    serial: u64,
     abort: AbortHandle,
-    /// The newest revision the watcher has delivered everything up to.
-    delivered: i64,
+    /// The newest revision the watcher has delivered everything up to, which the watcher
+    /// updates without the lock. Also tells registrations apart, so a watcher that ends
+    /// never removes a newer one that took its ID.
+    delivered: Arc<AtomicI64>,
 }
 
 /// What a stream's reader hands its response stream.
@@ -197,7 +196,8 @@ async fn handle_request(
         Some(RequestUnion::ProgressRequest(_)) => {
             // Every watcher of the stream has delivered all events up to this revision.
             let current = plane.store.revision();
-            let delivered = lock(watchers).registered.values().map(|registered| registered.delivered).min();
+            let delivered =
+                lock(watchers).registered.values().map(|registered| registered.delivered.load(Ordering::Relaxed)).min();
             let revision = delivered.unwrap_or(current).min(current);
             Outgoing::Response(pb::WatchResponse { header: plane.header(revision), watch_id: -1, ..Default::default() })
         }
@@ -271,7 +271,8 @@ fn create_watcher(
     let live = plane.events.subscribe();
     let current = plane.store.revision();
     let start = if create.start_revision > 0 { create.start_revision } else { current + 1 };
-    let (id, serial) = {
+    let delivered = Arc::new(AtomicI64::new(start - 1));
+    let id = {
         let mut state = lock(watchers);
         let id = if create.watch_id != 0 {
             if state.registered.contains_key(&create.watch_id) {
@@ -286,10 +287,8 @@ fn create_watcher(
             state.next_auto_id += 1;
             state.next_auto_id - 1
         };
-        let serial = state.next_serial;
-        state.next_serial += 1;
-        state.registered.insert(id, Registered { serial, abort, delivered: start - 1 });
-        (id, serial)
+        state.registered.insert(id, Registered { abort, delivered: delivered.clone() });
+        id
     };
     let watcher = Watcher {
         id,
@@ -301,7 +300,7 @@ fn create_watcher(
         progress_notify: create.progress_notify,
     };
     plane.metrics.watchers.inc();
-    let registration = Registration { plane: plane.clone(), watchers: watchers.clone(), id, serial };
+    let registration = Registration { plane: plane.clone(), watchers: watchers.clone(), id, delivered };
     let interval = plane.config.watch_progress_notify_interval;
     let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     // A stream its client does not read is not polled; ticks missed meanwhile are one.
@@ -327,24 +326,15 @@ struct Registration {
     plane: Arc<Plane>,
     watchers: Arc<Mutex<StreamWatchers>>,
     id: i64,
-    serial: u64,
-}
-
-impl Registration {
-    fn delivered(&self, revision: i64) {
-        if let Some(registered) = lock(&self.watchers).registered.get_mut(&self.id) {
-            if registered.serial == self.serial {
-                registered.delivered = revision;
-            }
-        }
-    }
+    delivered: Arc<AtomicI64>,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         self.plane.metrics.watchers.dec();
         let mut state = lock(&self.watchers);
-        if state.registered.get(&self.id).is_some_and(|registered| registered.serial == self.serial) {
+        if state.registered.get(&self.id).is_some_and(|registered| Arc::ptr_eq(&registered.delivered, &self.delivered))
+        {
             state.registered.remove(&self.id);
         }
     }
@@ -454,9 +444,7 @@ impl WatcherFollower {
                     self.plane.metrics.slow_watchers.inc();
                     self.catching_up = true;
                 }
-                Err(broadcast::error::RecvError::Closed) => {
-                    return Err(Stop::Failed("etcdserver: server stopped".into()))
-                }
+                Err(broadcast::error::RecvError::Closed) => return Err(Stop::Failed(status::STOPPED.into())),
             }
         }
     }
@@ -465,7 +453,7 @@ impl WatcherFollower {
     /// carries them, if there are any. The stream sends it at once, in the same poll.
     fn delivered(&mut self, events: Vec<mvccpb::Event>, revision: i64) -> Option<pb::WatchResponse> {
         self.next = revision + 1;
-        self.registration.delivered(revision);
+        self.registration.delivered.store(revision, Ordering::Relaxed);
         if events.is_empty() {
             return None;
         }

@@ -16,6 +16,7 @@ mod lease;
 mod maintenance;
 mod membership;
 pub mod metrics;
+mod socket;
 pub mod status;
 
 pub use membership::check_peer_url;
@@ -643,10 +644,13 @@ pub async fn run(
         let _ = peers_stopped.await;
     };
     let mut peer_task = match peer_tls {
-        Some(tls) => tokio::spawn(
-            peer_router.serve_with_incoming_shutdown(crate::tls::incoming(peer_listener, tls, "peer"), peers_stopped),
+        Some(tls) => tokio::spawn(peer_router.serve_with_incoming_shutdown(
+            socket::coalesced(crate::tls::incoming(peer_listener, tls, "peer")),
+            peers_stopped,
+        )),
+        None => tokio::spawn(
+            peer_router.serve_with_incoming_shutdown(socket::coalesced(socket::incoming(peer_listener)), peers_stopped),
         ),
-        None => tokio::spawn(peer_router.serve_with_incoming_shutdown(incoming(peer_listener), peers_stopped)),
     };
     // Stopping ends long-lived streams and lets requests in flight finish, for at most a
     // grace period.
@@ -762,12 +766,6 @@ async fn log_leadership(raft: Raft, leader_changes: prometheus_client::metrics::
     }
 }
 
-/// Accepted connections with Nagle's algorithm off: requests and answers are small and
-/// latency-bound, and Nagle plus delayed ACKs would hold each for up to 40 ms.
-fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
-}
-
 async fn serve(
     plane: Arc<Plane>,
     listener: tokio::net::TcpListener,
@@ -793,8 +791,11 @@ async fn serve(
         .add_service(limited!(MaintenanceServer::new(maintenance::MaintenanceService(plane.clone()))))
         .add_service(limited!(AuthServer::new(auth::AuthService(plane))));
     let served = match tls {
-        Some(tls) => router.serve_with_incoming_shutdown(crate::tls::incoming(listener, tls, "client"), shutdown).await,
-        None => router.serve_with_incoming_shutdown(incoming(listener), shutdown).await,
+        Some(tls) => {
+            let incoming = socket::coalesced(crate::tls::incoming(listener, tls, "client"));
+            router.serve_with_incoming_shutdown(incoming, shutdown).await
+        }
+        None => router.serve_with_incoming_shutdown(socket::coalesced(socket::incoming(listener)), shutdown).await,
     };
     served.context("gRPC server failed")
 }

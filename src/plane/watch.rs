@@ -39,6 +39,10 @@ use super::{status, Plane};
 const STREAM_OUTGOING_MAX: usize = 64;
 /// Events read from history per page while a watcher catches up.
 const HISTORY_PAGE_EVENTS: usize = 1000;
+/// A response joins queued revisions' events (see `WatcherFollower::join_queued`) while
+/// they come to less than this; one revision always goes whole. Well under the 4 MiB
+/// that gRPC clients take by default.
+const JOINED_EVENT_BYTES_MAX: usize = 256 << 10;
 
 pub struct WatchService(pub Arc<Plane>);
 
@@ -240,6 +244,11 @@ impl Watcher {
     }
 }
 
+/// About how many bytes `event` takes in a response: its keys and values.
+fn event_bytes(event: &mvccpb::Event) -> usize {
+    [&event.kv, &event.prev_kv].into_iter().flatten().map(|kv| kv.key.len() + kv.value.len()).sum()
+}
+
 /// Registers a watcher and returns its `created` answer and its responses; an `Err` is
 /// the response that refuses it.
 fn create_watcher(
@@ -432,8 +441,8 @@ impl WatcherFollower {
             match batch {
                 Ok(batch) if batch.revision < self.next => {}
                 Ok(batch) if batch.revision == self.next => {
-                    let events = self.watcher.select(&batch.events);
-                    if let Some(response) = self.delivered(events, batch.revision) {
+                    let (events, revision) = self.join_queued(self.watcher.select(&batch.events), batch.revision);
+                    if let Some(response) = self.delivered(events, revision) {
                         self.sent_since_progress = true;
                         return Ok(response);
                     }
@@ -447,6 +456,39 @@ impl WatcherFollower {
                 Err(broadcast::error::RecvError::Closed) => return Err(Stop::Failed(status::STOPPED.into())),
             }
         }
+    }
+
+    /// `events`, selected up to `revision`, joined by what this watcher selects from the
+    /// revisions right after it already queued on the event channel, up to
+    /// [`JOINED_EVENT_BYTES_MAX`]; and the revision they reach. A Raft entry applies many
+    /// revisions at once, so a busy watcher would otherwise send a response per revision,
+    /// each with its own header and frame. etcd, too, sends a watcher that catches up
+    /// the events of many revisions in one response. A gap or a lag in the channel ends
+    /// the join and sends the watcher to history for what follows.
+    fn join_queued(&mut self, mut events: Vec<mvccpb::Event>, mut revision: i64) -> (Vec<mvccpb::Event>, i64) {
+        let mut bytes: usize = events.iter().map(event_bytes).sum();
+        while bytes < JOINED_EVENT_BYTES_MAX {
+            match self.live.try_recv() {
+                Ok(batch) if batch.revision <= revision => {}
+                Ok(batch) if batch.revision == revision + 1 => {
+                    let selected = self.watcher.select(&batch.events);
+                    bytes += selected.iter().map(event_bytes).sum::<usize>();
+                    events.extend(selected);
+                    revision = batch.revision;
+                }
+                Ok(_) => {
+                    self.catching_up = true;
+                    break;
+                }
+                Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                    self.plane.metrics.slow_watchers.inc();
+                    self.catching_up = true;
+                    break;
+                }
+                Err(broadcast::error::TryRecvError::Empty | broadcast::error::TryRecvError::Closed) => break,
+            }
+        }
+        (events, revision)
     }
 
     /// Records `events` (possibly none) as delivered up to `revision`; the response that

@@ -449,10 +449,7 @@ impl WatcherFollower {
                 }
                 // A gap: a revision reached the store but not this receiver; read it.
                 Ok(_) => self.catching_up = true,
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    self.plane.metrics.slow_watchers.inc();
-                    self.catching_up = true;
-                }
+                Err(broadcast::error::RecvError::Lagged(_)) => self.lagged(),
                 Err(broadcast::error::RecvError::Closed) => return Err(Stop::Failed(status::STOPPED.into())),
             }
         }
@@ -481,14 +478,20 @@ impl WatcherFollower {
                     break;
                 }
                 Err(broadcast::error::TryRecvError::Lagged(_)) => {
-                    self.plane.metrics.slow_watchers.inc();
-                    self.catching_up = true;
+                    self.lagged();
                     break;
                 }
                 Err(broadcast::error::TryRecvError::Empty | broadcast::error::TryRecvError::Closed) => break,
             }
         }
         (events, revision)
+    }
+
+    /// The event channel dropped revisions before this watcher read them: it counts as a
+    /// slow watcher and reads them from history.
+    fn lagged(&mut self) {
+        self.plane.metrics.slow_watchers.inc();
+        self.catching_up = true;
     }
 
     /// Records `events` (possibly none) as delivered up to `revision`; the response that

@@ -6,6 +6,7 @@
 //! - [`dev`]: the embedded local cluster (`capstan dev`).
 //! - [`bench`]: load over the etcd v3 API, for Capstan and etcd alike (`capstan bench`).
 //! - [`cli`]: command-line parsing shared by `main`.
+//! - [`socket`]: the TCP connections under the plane's gRPC servers and the bench's clients.
 //!
 //! Invariant: `ctl` and `bench` reach planes only over the network API, through the `etcd-client`
 //! crate, exactly as a user's program would.
@@ -16,6 +17,7 @@ pub mod ctl;
 pub mod dev;
 pub mod http;
 pub mod plane;
+pub mod socket;
 pub mod tls;
 
 /// Resolves when the process receives Ctrl-C or SIGTERM.

@@ -152,7 +152,7 @@ pub fn incoming(
                     continue;
                 }
             };
-            // Requests and answers are small and latency-bound (see plane::socket::incoming).
+            // Requests and answers are small and latency-bound (see socket::incoming).
             let _ = stream.set_nodelay(true);
             let (acceptor, handshaken) = (acceptor.clone(), handshaken.clone());
             tokio::spawn(async move {

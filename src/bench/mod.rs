@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use etcd_client::{Client, Compare, CompareOp, GetOptions, KvClient, Txn, TxnOp};
+use tonic::transport::Endpoint;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -172,15 +173,30 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--clients` connections, each to one endpoint, round-robin.
+/// `--clients` connections, each to one endpoint, round-robin. Each is a tonic channel
+/// over a coalescing connection (`crate::socket`): the bench shares the machine with the
+/// servers it measures, and a system call per request would cost it CPU they could use.
 async fn connect(args: &BenchArgs, endpoints: &[String]) -> anyhow::Result<Vec<Client>> {
-    let options = args.credentials.credentials().connect_options(REQUEST_TIMEOUT)?;
+    let credentials = args.credentials.credentials();
+    let options = credentials.connect_options(REQUEST_TIMEOUT)?;
+    let tls = credentials.tls_options()?;
     let mut connections = Vec::new();
     for index in 0..args.clients.max(1) {
-        let endpoint = &endpoints[index % endpoints.len()];
-        let client = Client::connect([endpoint.as_str()], Some(options.clone()))
+        let url = &endpoints[index % endpoints.len()];
+        let mut endpoint = Endpoint::from_shared(url.clone())
+            .with_context(|| format!("bad endpoint {url}"))?
+            .connect_timeout(REQUEST_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT);
+        if let Some(tls) = &tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
+        let channel = endpoint
+            .connect_with_connector(crate::socket::Connector)
             .await
-            .with_context(|| format!("cannot connect to {endpoint}"))?;
+            .with_context(|| format!("cannot connect to {url}"))?;
+        let client = Client::from_channel(etcd_client::Channel::Tonic(channel), Some(options.clone()))
+            .await
+            .with_context(|| format!("cannot connect to {url}"))?;
         connections.push(client);
     }
     Ok(connections)

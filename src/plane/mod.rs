@@ -16,7 +16,6 @@ mod lease;
 mod maintenance;
 mod membership;
 pub mod metrics;
-mod socket;
 pub mod status;
 
 pub use membership::check_peer_url;
@@ -33,6 +32,7 @@ use openraft::error::{CheckIsLeaderError, RaftError};
 use prost::Message;
 use tonic::Status;
 
+use crate::socket;
 use capstan_proto::etcdserverpb as pb;
 use capstan_proto::raftpb::Command;
 use capstan_raft::network::{PeerChannels, PeerFaults};

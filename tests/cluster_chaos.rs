@@ -215,6 +215,35 @@ struct History {
     leader_regressions: Vec<((u64, u64), (u64, u64))>,
 }
 
+impl History {
+    /// Plane `index` reported `seen` as its (term, leader).
+    fn saw_leader(&mut self, index: usize, seen: (u64, u64)) {
+        if self.leaders.len() <= index {
+            self.leaders.resize(index + 1, (0, 0));
+        }
+        let last = self.leaders[index];
+        if seen < last {
+            self.leader_regressions.push((last, seen));
+        }
+        self.leaders[index] = seen;
+    }
+}
+
+/// The leader check itself: a second leader of a term, with a greater member ID, is an
+/// advance; a plane going back to a smaller one, or to an older term, is caught.
+#[test]
+fn a_plane_going_back_to_an_older_leader_is_caught() {
+    let mut history = History::default();
+    history.saw_leader(1, (6, 10));
+    history.saw_leader(0, (6, 20));
+    history.saw_leader(1, (6, 20));
+    history.saw_leader(1, (7, 10));
+    assert!(history.leader_regressions.is_empty(), "{:?}", history.leader_regressions);
+    history.saw_leader(1, (7, 5));
+    history.saw_leader(0, (5, 30));
+    assert_eq!(history.leader_regressions, [((7, 10), (7, 5)), ((6, 20), (5, 30))]);
+}
+
 fn parse_value(raw: &[u8]) -> u64 {
     std::str::from_utf8(raw).unwrap().parse().unwrap()
 }
@@ -298,14 +327,7 @@ async fn watch_leaders(
             let mut client = client.clone();
             if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_millis(200), client.status()).await {
                 if status.leader() != 0 {
-                    let seen = (status.raft_term(), status.leader());
-                    let mut history = history.lock().unwrap();
-                    history.leaders.resize(clients.len(), (0, 0));
-                    let last = history.leaders[index];
-                    if seen < last {
-                        history.leader_regressions.push((last, seen));
-                    }
-                    history.leaders[index] = seen;
+                    history.lock().unwrap().saw_leader(index, (status.raft_term(), status.leader()));
                 }
             }
         }

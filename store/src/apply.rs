@@ -7,7 +7,8 @@
 //!
 //! A command may read keys written a moment before, by itself (a txn) or by an earlier
 //! command of the same write; those writes sit in `pending` until the batch commits, and
-//! every read of the newest state looks there first.
+//! every read of the newest state looks there first, then among the newest versions kept
+//! in memory (`newest.rs`), and only then in the database.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -118,7 +119,7 @@ impl Store {
             applied.push(Applied { response, events, revision: apply.revision_now() });
         }
         let new_revision = apply.revision_now();
-        let Apply { mut batch, auth, .. } = apply;
+        let Apply { mut batch, auth, pending, .. } = apply;
         assert!(new_revision >= revision, "revision went down from {revision} to {new_revision}");
         let metas = cf(self.db(), codec::CF_META);
         if new_revision > revision {
@@ -135,6 +136,11 @@ impl Store {
         self.db().write(batch)?;
         self.inner.revision.store(new_revision, Ordering::Release);
         drop(write);
+        let mut newest = self.newest_versions();
+        for (key, version) in pending {
+            newest.record(key, version);
+        }
+        drop(newest);
         if let Some(auth) = auth {
             self.set_auth(auth);
         }
@@ -325,16 +331,15 @@ impl Apply<'_> {
         }
     }
 
-    /// The newest version of `key`, counting this write's own.
-    fn newest(&self, key: &[u8]) -> Result<Option<Version>> {
-        if let Some(version) = self.pending.get(key) {
-            return Ok(Some(version.clone()));
-        }
-        self.reader.version_at(key, self.revision)
-    }
-
+    /// The newest live version of `key`, counting this write's own: from `pending`, else
+    /// from the newest versions kept in memory, else from the database.
     fn newest_live(&self, key: &[u8]) -> Result<Option<Version>> {
-        Ok(self.newest(key)?.filter(|version| !version.tombstone))
+        let known = self.pending.get(key).cloned().or_else(|| self.store.newest_versions().get(key).cloned());
+        let newest = match known {
+            Some(version) => Some(version),
+            None => self.reader.version_at(key, self.revision)?,
+        };
+        Ok(newest.filter(|version| !version.tombstone))
     }
 
     fn check_put(&self, request: &pb::PutRequest) -> Result<()> {
@@ -566,6 +571,12 @@ impl Apply<'_> {
 impl LiveKeys for Apply<'_> {
     /// The newest state: committed keys merged with this write's pending ones.
     fn scan(&self, range: &KeyRange, visit: &mut dyn FnMut(Vec<u8>, Version) -> Result<bool>) -> Result<()> {
+        if range.end.is_empty() {
+            if let Some(version) = self.newest_live(range.key)? {
+                visit(range.key.to_vec(), version)?;
+            }
+            return Ok(());
+        }
         let in_range: Vec<(&Vec<u8>, &Version)> = self.pending.iter().filter(|(key, _)| range.contains(key)).collect();
         let mut pending = in_range.into_iter().peekable();
         let mut stopped = false;

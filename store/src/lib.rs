@@ -17,6 +17,7 @@ mod apply;
 mod auth;
 pub mod codec;
 mod error;
+mod newest;
 mod read;
 mod snapshot;
 
@@ -75,6 +76,8 @@ struct Inner {
     auth: RwLock<Arc<AuthState>>,
     /// `size_bytes` and when it was read, for `size_bytes_recent`.
     size: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
+    /// The newest versions of the keys written lately; only the apply path uses it.
+    newest: std::sync::Mutex<newest::NewestVersions>,
 }
 
 /// How old `Store::size_bytes_recent` may be.
@@ -181,6 +184,7 @@ impl Store {
                 compacted: AtomicI64::new(compacted),
                 auth: RwLock::new(Arc::new(auth)),
                 size: std::sync::Mutex::new(None),
+                newest: std::sync::Mutex::default(),
             }),
         };
         if let Some(until) = scheduled {
@@ -212,6 +216,10 @@ impl Store {
     /// Users, roles and permissions as of the newest applied command.
     pub fn auth(&self) -> Arc<AuthState> {
         self.inner.auth.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    fn newest_versions(&self) -> std::sync::MutexGuard<'_, newest::NewestVersions> {
+        self.inner.newest.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn set_auth(&self, auth: AuthState) {

@@ -137,8 +137,10 @@ impl Store {
         self.reload_counters()
     }
 
-    /// Deletes every key of every store family (the importing marker is put back).
+    /// Deletes every key of every store family (the importing marker is put back), and
+    /// forgets the newest versions kept in memory.
     fn clear(&self) -> Result<()> {
+        self.newest_versions().clear();
         let db = self.db();
         for family in STORE_COLUMN_FAMILIES {
             let reader = Reader::latest(db);

@@ -73,6 +73,29 @@ fn a_store_copied_through_a_snapshot_is_the_same_store() {
 }
 
 #[test]
+fn an_import_forgets_the_versions_the_store_wrote_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = populated(&dir.path().join("source"));
+    let file = dir.path().join("snap");
+    source.export(&file, &[]).unwrap();
+    let target = Store::open(&dir.path().join("target"), &[]).unwrap();
+    for round in 0..5 {
+        apply(&target, put("key/03", &format!("target's {round}"), 0));
+    }
+    target.import(&file).unwrap();
+
+    // The next put of the key replaces the imported version, not the one the target wrote.
+    let next = || {
+        let request =
+            pb::PutRequest { key: "key/03".into(), value: "next".into(), prev_kv: true, ..Default::default() };
+        Command { request: Some(command::Request::Put(request)), caller: None }
+    };
+    let response = |store: &Store| store.apply(&next(), &[]).unwrap().response.unwrap();
+    assert_eq!(format!("{:?}", response(&target)), format!("{:?}", response(&source)));
+    assert_eq!(everything(&target), everything(&source));
+}
+
+#[test]
 fn a_damaged_snapshot_is_refused_and_the_store_left_alone() {
     let dir = tempfile::tempdir().unwrap();
     let source = populated(&dir.path().join("source"));

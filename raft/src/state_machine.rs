@@ -40,17 +40,22 @@ pub struct RevisionEvents {
     pub events: Vec<mvccpb::Event>,
 }
 
-/// Batches of up to this many entries are applied on the async worker itself.
-const APPLY_INLINE_ENTRIES_MAX: usize = 8;
+/// Entries of up to this many commands in all, each bounded work, are applied on the async
+/// worker itself.
+const APPLY_INLINE_COMMANDS_MAX: usize = 32;
 
-/// Whether applying `entry` is bounded work: one key written, or only meta.
-fn is_small(entry: &Entry) -> bool {
+/// How many commands applying `entry` takes when each is bounded work (one key written, or
+/// only meta); `None` when its work can grow with the store (deletes, txns, compaction,
+/// revokes).
+fn small_commands(entry: &Entry) -> Option<usize> {
     use raftpb::command::Request;
+    let small = |command: &raftpb::Command| matches!(command.request, Some(Request::Put(_) | Request::LeaseGrant(_)));
     match &entry.payload {
-        EntryPayload::Normal(command) => {
-            matches!(command.request, Some(Request::Put(_)) | Some(Request::LeaseGrant(_)))
+        EntryPayload::Normal(raftpb::Command { request: Some(Request::Batch(batch)), .. }) => {
+            batch.commands.iter().all(small).then_some(batch.commands.len())
         }
-        EntryPayload::Blank | EntryPayload::Membership(_) => true,
+        EntryPayload::Normal(command) => small(command).then_some(1),
+        EntryPayload::Blank | EntryPayload::Membership(_) => Some(1),
     }
 }
 
@@ -309,15 +314,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .await
                 .map_err(|error| sm_error(ErrorVerb::Write, std::io::Error::other(error)))?;
         }
-        // A few small entries apply faster here than the hand-off to a blocking thread takes
-        // (each is one unsynced RocksDB batch); many, or any whose work grows with the
-        // store (deletes, txns, compaction, revokes), go to a blocking thread.
+        // A few small commands apply faster here than the hand-off to a blocking thread and
+        // back takes (each put is one lookup, mostly in memory, and the entries one unsynced
+        // RocksDB batch each); more, or any whose work grows with the store, go to a
+        // blocking thread.
         let apply_all = |this: &StateMachine, entries: Vec<Entry>| {
             crate::metrics::timed(&this.metrics.apply_seconds, || {
                 entries.into_iter().map(|entry| this.apply_entry(entry)).collect()
             })
         };
-        if entries.len() <= APPLY_INLINE_ENTRIES_MAX && entries.iter().all(is_small) {
+        let commands = entries.iter().try_fold(0, |sum, entry| Some(sum + small_commands(entry)?));
+        if commands.is_some_and(|commands| commands <= APPLY_INLINE_COMMANDS_MAX) {
             return apply_all(self, entries);
         }
         let this = self.clone();

@@ -2,6 +2,9 @@
 
 use clap::Parser;
 
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> std::process::ExitCode {
     let args = std::env::args_os().map(|arg| arg.to_string_lossy().into_owned()).collect();
     let cli = capstan::cli::Cli::parse_from(capstan::ctl::route_object_get(args));

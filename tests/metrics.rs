@@ -66,6 +66,7 @@ async fn every_family_is_served_and_moves_with_work() {
         "capstan_raft_proposals_failed_total",
         "capstan_raft_proposals_pending",
         "capstan_raft_wal_fsync_duration_seconds_count",
+        "capstan_raft_snapshots_built_total",
         "capstan_raft_snapshots_sent_total",
         "capstan_raft_snapshots_received_total",
         "capstan_store_db_size_bytes",
@@ -179,6 +180,62 @@ async fn every_family_is_served_and_moves_with_work() {
     assert_eq!(get(address, "/readyz"), (503, "not ready: no leader\n".to_string()));
     assert_eq!(get(address, "/livez"), (200, "ok\n".to_string()));
     assert_eq!(value(&scrape(address), "capstan_raft_has_leader"), 0.0);
+}
+
+/// Each plane's count of snapshots built.
+fn snapshots_built(cluster: &Cluster) -> Vec<f64> {
+    cluster.metrics.iter().map(|address| value(&scrape(*address), "capstan_raft_snapshots_built_total")).collect()
+}
+
+/// Waits until every plane has built more snapshots than `before` says.
+async fn each_builds_more_than(cluster: &Cluster, before: &[f64], what: &str) -> Vec<f64> {
+    let more = async {
+        loop {
+            let built = snapshots_built(cluster);
+            if built.iter().zip(before).all(|(now, before)| now > before) {
+                return built;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), more).await.unwrap_or_else(|_| panic!("{what}"))
+}
+
+/// `count` values of 64 KiB under `prefix`, as many bytes of store and of log.
+async fn put_large(client: &mut etcd_client::Client, prefix: &str, count: usize) {
+    let large = "x".repeat(64 * 1024);
+    for i in 0..count {
+        client.put(format!("{prefix}/{i}"), large.as_str(), None).await.unwrap();
+    }
+}
+
+/// `--snapshot-count` entries are not enough for a new snapshot of a large store: a plane
+/// also waits until it has logged as many bytes as its last snapshot took, so snapshots
+/// cost in proportion to what is written, not to the store's size at every few writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_store_is_snapshotted_again_only_after_as_many_bytes_of_log() {
+    let cluster = Cluster::start_with(3, &["--snapshot-count", "10"]);
+    let endpoint = cluster.planes[0].endpoint();
+    let mut client = etcd_client::Client::connect([endpoint.as_str()], None).await.unwrap();
+    // 2 MiB: snapshots are built as the store grows.
+    put_large(&mut client, "large", 32).await;
+    let loaded = each_builds_more_than(&cluster, &[0.0; 3], "each plane snapshots the new store").await;
+
+    // 200 small writes are 20 times --snapshot-count entries but a few KiB of log: at most
+    // one snapshot (one the load asked for) is built meanwhile.
+    for i in 0..200 {
+        client.put(format!("small/{i}"), "v", None).await.unwrap();
+    }
+    let after_small = snapshots_built(&cluster);
+    let more: Vec<f64> = loaded.iter().zip(&after_small).map(|(loaded, after)| after - loaded).collect();
+    assert!(
+        more.iter().all(|more| *more <= 1.0),
+        "built after the load {loaded:?}, after the small writes {after_small:?}"
+    );
+
+    // More bytes of log than the store held: each plane snapshots again.
+    put_large(&mut client, "more", 40).await;
+    each_builds_more_than(&cluster, &after_small, "each plane snapshots again").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

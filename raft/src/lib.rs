@@ -17,6 +17,7 @@ pub mod log_store;
 pub mod metrics;
 pub mod network;
 pub mod service;
+pub mod snapshot_schedule;
 pub mod state_machine;
 pub mod types;
 
@@ -29,6 +30,8 @@ use prost::Message;
 use tokio::sync::broadcast;
 
 use capstan_store::Store;
+
+use snapshot_schedule::SnapshotSchedule;
 
 pub use error::RaftError;
 pub use metrics::StorageMetrics;
@@ -57,7 +60,8 @@ pub struct RaftConfig {
     /// `--election-timeout`: each plane waits between this and about twice this
     /// ([`RaftConfig::openraft_election_timeouts`]).
     pub election_timeout_ms: u64,
-    /// Build a snapshot after this many entries since the last one.
+    /// Build a snapshot after at least this many entries since the last one (and as many
+    /// log bytes as the last one took: [`snapshot_schedule`]).
     pub snapshot_entries: u64,
     /// Entries kept behind a snapshot for followers that are a little behind.
     pub log_entries_kept: u64,
@@ -184,14 +188,21 @@ pub async fn start(
 ) -> Result<PlaneRaft, RaftError> {
     check_identity(&store, identity)?;
     let (events, _) = broadcast::channel(EVENT_CHANNEL_REVISIONS);
-    let log_store =
-        log_store::LogStore::new(store.db().clone(), identity.node_id, metrics.wal_fsync_seconds.clone(), sync_faults)?;
+    let (snapshots, snapshots_due) = SnapshotSchedule::new(config.snapshot_entries);
+    let log_store = log_store::LogStore::new(
+        store.db().clone(),
+        identity.node_id,
+        metrics.wal_fsync_seconds.clone(),
+        snapshots.clone(),
+        sync_faults,
+    )?;
     let state_machine = StateMachine::new(
         store.clone(),
         data_dir.join("snapshots"),
         events.clone(),
         metrics.clone(),
         log_store.durability(),
+        snapshots,
     )?;
     let (election_timeout_min, election_timeout_max) = config.openraft_election_timeouts();
     let raft_config = openraft::Config {
@@ -199,7 +210,8 @@ pub async fn start(
         heartbeat_interval: config.heartbeat_interval_ms,
         election_timeout_min,
         election_timeout_max,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_entries),
+        // The schedule (`snapshot_schedule`) decides when.
+        snapshot_policy: openraft::SnapshotPolicy::Never,
         max_in_snapshot_log_to_keep: config.log_entries_kept,
         snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
         ..Default::default()
@@ -213,6 +225,7 @@ pub async fn start(
         log_store.durability(),
     );
     let raft = Raft::new(identity.node_id, Arc::new(raft_config), network, log_store, state_machine).await?;
+    tokio::spawn(snapshot_schedule::snapshot_when_due(raft.clone(), snapshots_due));
     if !identity.initial_members.is_empty() && !raft.is_initialized().await? {
         let stagger = config.longest_election_wait() * BOOTSTRAP_STAGGER_ELECTIONS;
         tokio::spawn(bootstrap(raft.clone(), identity.initial_members.clone(), identity.node_id, stagger));

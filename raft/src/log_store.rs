@@ -28,6 +28,7 @@ use tokio::sync::watch;
 use capstan_proto::raftpb;
 
 use crate::error::DecodeError;
+use crate::snapshot_schedule::SnapshotSchedule;
 use crate::types::{self, Entry, NodeId, StorageError, TypeConfig};
 
 pub const CF_RAFT_LOG: &str = "raft_log";
@@ -105,6 +106,8 @@ pub struct LogStore {
     /// Written appends, in log order, for the sync thread: a callback to call once synced,
     /// or `None` for a leader's append openraft was told of already.
     unsynced: tokio::sync::mpsc::Sender<Option<LogFlushed<TypeConfig>>>,
+    /// Told of every append, to decide when the next snapshot is due.
+    snapshots: Arc<SnapshotSchedule>,
 }
 
 /// The sync thread: waits for appends, syncs the WAL once for all that are queued, then
@@ -175,12 +178,13 @@ pub(crate) fn synced() -> WriteOptions {
 }
 
 impl LogStore {
-    /// The log of member `node_id` in `db`, timing each WAL sync into `fsync_seconds`;
-    /// `faults` runs before each sync (tests only).
+    /// The log of member `node_id` in `db`, timing each WAL sync into `fsync_seconds` and
+    /// telling `snapshots` of each append; `faults` runs before each sync (tests only).
     pub fn new(
         db: Arc<DB>,
         node_id: NodeId,
         fsync_seconds: prometheus_client::metrics::histogram::Histogram,
+        snapshots: Arc<SnapshotSchedule>,
         faults: Option<Arc<dyn SyncFaults>>,
     ) -> Result<LogStore, StorageError> {
         // Whatever an earlier run wrote and did not sync is made durable now, so the log
@@ -193,7 +197,7 @@ impl LogStore {
             synced: watch::Sender::new(Ok(None)),
             leading: Mutex::new(None),
         });
-        let store = LogStore { db: db.clone(), shared: shared.clone(), unsynced };
+        let store = LogStore { db: db.clone(), shared: shared.clone(), unsynced, snapshots };
         let last = store.last_log_id()?;
         shared.written().last = last;
         // openraft resumes leading at once if the vote saved last is this plane's own.
@@ -342,13 +346,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             last = Some(entry.log_id);
             batch.put_cf(family, index_key(entry.log_id.index), types::entry_into_pb(entry).encode_to_vec());
         }
+        let bytes = batch.size_in_bytes() as u64;
         // Written now (readable at once, as openraft requires), synced by the sync thread.
         if let Err(error) = self.db.write(batch) {
             callback.log_io_completed(Err(std::io::Error::other(error.to_string())));
             return Err(write_error(error));
         }
-        if last.is_some() {
-            self.shared.written().last = last;
+        if let Some(last) = last {
+            self.shared.written().last = Some(last);
+            self.snapshots.appended(last.index, bytes);
         }
         let waiting = if own_term {
             callback.log_io_completed(Ok(()));

@@ -10,6 +10,7 @@ pub struct StorageMetrics {
     pub wal_fsync_seconds: Histogram,
     /// One apply of a batch of committed entries to the store.
     pub apply_seconds: Histogram,
+    pub snapshots_built: Counter,
     pub snapshots_sent: Counter,
     pub snapshots_received: Counter,
 }
@@ -19,6 +20,7 @@ impl Default for StorageMetrics {
         StorageMetrics {
             wal_fsync_seconds: Histogram::new(duration_buckets()),
             apply_seconds: Histogram::new(duration_buckets()),
+            snapshots_built: Counter::default(),
             snapshots_sent: Counter::default(),
             snapshots_received: Counter::default(),
         }

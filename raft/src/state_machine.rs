@@ -21,6 +21,7 @@ use capstan_store::{Applied, Store};
 
 use crate::error::DecodeError;
 use crate::log_store::Durability;
+use crate::snapshot_schedule::SnapshotSchedule;
 use crate::types::{self, Entry, NodeId, PeerNode, Response, StorageError, TypeConfig};
 
 const META_APPLIED: &[u8] = b"raft/applied";
@@ -68,6 +69,8 @@ pub struct StateMachine {
     metrics: crate::StorageMetrics,
     /// How far the log is durable: an entry is applied only once it is.
     durability: Durability,
+    /// Told of each snapshot taken, to decide when the next is due.
+    snapshots: Arc<SnapshotSchedule>,
 }
 
 /// Fills a new plane's store from a backup (a snapshot file `capstan ctl snapshot save`
@@ -95,9 +98,17 @@ impl StateMachine {
         events: broadcast::Sender<Arc<RevisionEvents>>,
         metrics: crate::StorageMetrics,
         durability: Durability,
-    ) -> std::io::Result<StateMachine> {
-        std::fs::create_dir_all(&snapshot_dir)?;
-        Ok(StateMachine { store, snapshot_dir, events, metrics, durability })
+        snapshots: Arc<SnapshotSchedule>,
+    ) -> Result<StateMachine, StorageError> {
+        std::fs::create_dir_all(&snapshot_dir).map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
+        let machine = StateMachine { store, snapshot_dir, events, metrics, durability, snapshots };
+        if let Some(meta) = machine.current_snapshot_meta()? {
+            let bytes = std::fs::metadata(machine.snapshot_path())
+                .map_err(|error| snapshot_error(ErrorVerb::Read, error))?
+                .len();
+            machine.snapshots.taken(meta.last_log_id.map_or(0, |id| id.index), bytes);
+        }
+        Ok(machine)
     }
 
     fn read_applied(&self) -> Result<AppliedState, StorageError> {
@@ -277,12 +288,15 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             };
             let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id };
             this.keep_snapshot(&building, &meta).map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
+            this.snapshots.taken(last_log_id.map_or(0, |id| id.index), exported.bytes);
+            this.metrics.snapshots_built.inc();
             tracing::info!(snapshot = %meta.snapshot_id, bytes = exported.bytes, "built snapshot");
             Ok(meta)
         })
         .await
         .map_err(|error| snapshot_error(ErrorVerb::Write, error))
         .and_then(|meta| meta)
+        .inspect_err(|_| self.snapshots.failed())
         .and_then(|meta| {
             let file =
                 std::fs::File::open(self.snapshot_path()).map_err(|error| snapshot_error(ErrorVerb::Read, error))?;
@@ -358,7 +372,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         tokio::task::spawn_blocking(move || {
             let received = this.snapshot_dir.join(RECEIVING_FILE);
             this.store.import(&received).map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
+            let bytes = std::fs::metadata(&received).map_err(|error| snapshot_error(ErrorVerb::Read, error))?.len();
             this.keep_snapshot(&received, &meta).map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
+            this.snapshots.taken(meta.last_log_id.map_or(0, |id| id.index), bytes);
             this.metrics.snapshots_received.inc();
             tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
             Ok(())
@@ -401,8 +417,16 @@ mod tests {
             let store = Store::open(&self.0.join("db"), &[]).unwrap();
             // These tests apply entries directly, which does not ask how far the log is durable.
             let durability = Durability(tokio::sync::watch::channel(Ok(None)).1);
-            StateMachine::new(store, self.0.join("snapshots"), broadcast::channel(16).0, Default::default(), durability)
-                .unwrap()
+            let (snapshots, _) = SnapshotSchedule::new(1);
+            StateMachine::new(
+                store,
+                self.0.join("snapshots"),
+                broadcast::channel(16).0,
+                Default::default(),
+                durability,
+                snapshots,
+            )
+            .unwrap()
         }
     }
 

@@ -115,6 +115,7 @@ impl PlaneMetrics {
         );
         let storage = &self.storage;
         raft.register_with_unit("wal_fsync_duration", "One WAL sync", Unit::Seconds, storage.wal_fsync_seconds.clone());
+        raft.register("snapshots_built", "Snapshots this plane built of its store", storage.snapshots_built.clone());
         raft.register("snapshots_sent", "Snapshots sent whole to peers", storage.snapshots_sent.clone());
         raft.register("snapshots_received", "Snapshots received and installed", storage.snapshots_received.clone());
         let store = registry.sub_registry_with_prefix("store");

@@ -19,10 +19,8 @@ use crate::types::Raft;
 /// Where the log stands against the last snapshot.
 #[derive(Debug, Default)]
 struct State {
-    /// Log bytes appended since the plane started.
-    log_bytes: u64,
-    /// `log_bytes` when the last snapshot was taken.
-    log_bytes_at_snapshot: u64,
+    /// Log bytes appended since the last snapshot was taken (or the plane started).
+    bytes_since: u64,
     /// The last snapshot's log index (0: none yet).
     snapshot_index: u64,
     /// The last snapshot's size.
@@ -56,10 +54,9 @@ impl SnapshotSchedule {
     /// The log now ends at `last_index`, after an append of `bytes`.
     pub fn appended(&self, last_index: u64, bytes: u64) {
         let mut state = self.state();
-        state.log_bytes += bytes;
+        state.bytes_since += bytes;
         let entries_since = last_index.saturating_sub(state.snapshot_index);
-        let bytes_since = state.log_bytes - state.log_bytes_at_snapshot;
-        if !state.requested && entries_since >= self.entries_min && bytes_since >= state.snapshot_bytes {
+        if !state.requested && entries_since >= self.entries_min && state.bytes_since >= state.snapshot_bytes {
             state.requested = true;
             // The channel holds one request; a full channel already has it.
             let _ = self.due.try_send(());
@@ -68,11 +65,7 @@ impl SnapshotSchedule {
 
     /// A snapshot up to `index` of `bytes` was built or installed (or found on opening).
     pub fn taken(&self, index: u64, bytes: u64) {
-        let mut state = self.state();
-        state.log_bytes_at_snapshot = state.log_bytes;
-        state.snapshot_index = index;
-        state.snapshot_bytes = bytes;
-        state.requested = false;
+        *self.state() = State { snapshot_index: index, snapshot_bytes: bytes, ..State::default() };
     }
 
     /// Building the snapshot asked for failed; the next append may ask again.

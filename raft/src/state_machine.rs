@@ -103,10 +103,7 @@ impl StateMachine {
         std::fs::create_dir_all(&snapshot_dir).map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
         let machine = StateMachine { store, snapshot_dir, events, metrics, durability, snapshots };
         if let Some(meta) = machine.current_snapshot_meta()? {
-            let bytes = std::fs::metadata(machine.snapshot_path())
-                .map_err(|error| snapshot_error(ErrorVerb::Read, error))?
-                .len();
-            machine.snapshots.taken(meta.last_log_id.map_or(0, |id| id.index), bytes);
+            machine.schedule_after(&meta).map_err(|error| snapshot_error(ErrorVerb::Read, error))?;
         }
         Ok(machine)
     }
@@ -229,7 +226,8 @@ impl StateMachine {
     }
 
     /// Makes `data` the current snapshot with `meta`: data first, then meta, each renamed
-    /// into place, so a crash leaves the old pair or a new data file the old meta ignores.
+    /// into place, so a crash leaves the old pair or a new data file the old meta ignores;
+    /// then the schedule counts from it.
     fn keep_snapshot(&self, data: &Path, meta: &SnapshotMeta<NodeId, PeerNode>) -> std::io::Result<()> {
         let encoded = raftpb::SnapshotMeta {
             last_log_id: meta.last_log_id.as_ref().map(types::log_id_to_pb),
@@ -239,7 +237,15 @@ impl StateMachine {
         let meta_tmp = self.snapshot_dir.join("current.meta.tmp");
         std::fs::write(&meta_tmp, encoded.encode_to_vec())?;
         std::fs::rename(data, self.snapshot_path())?;
-        std::fs::rename(meta_tmp, self.snapshot_meta_path())
+        std::fs::rename(meta_tmp, self.snapshot_meta_path())?;
+        self.schedule_after(meta)
+    }
+
+    /// Tells the schedule that `meta` is the current snapshot, with its size on disk.
+    fn schedule_after(&self, meta: &SnapshotMeta<NodeId, PeerNode>) -> std::io::Result<()> {
+        let bytes = std::fs::metadata(self.snapshot_path())?.len();
+        self.snapshots.taken(meta.last_log_id.map_or(0, |id| id.index), bytes);
+        Ok(())
     }
 
     fn current_snapshot_meta(&self) -> Result<Option<SnapshotMeta<NodeId, PeerNode>>, StorageError> {
@@ -288,7 +294,6 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             };
             let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id };
             this.keep_snapshot(&building, &meta).map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
-            this.snapshots.taken(last_log_id.map_or(0, |id| id.index), exported.bytes);
             this.metrics.snapshots_built.inc();
             tracing::info!(snapshot = %meta.snapshot_id, bytes = exported.bytes, "built snapshot");
             Ok(meta)
@@ -372,9 +377,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         tokio::task::spawn_blocking(move || {
             let received = this.snapshot_dir.join(RECEIVING_FILE);
             this.store.import(&received).map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
-            let bytes = std::fs::metadata(&received).map_err(|error| snapshot_error(ErrorVerb::Read, error))?.len();
             this.keep_snapshot(&received, &meta).map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
-            this.snapshots.taken(meta.last_log_id.map_or(0, |id| id.index), bytes);
             this.metrics.snapshots_received.inc();
             tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
             Ok(())

@@ -1,7 +1,8 @@
 //! Node agents (`capstan agent`) on real planes: pods run as processes to their end,
 //! fail with their exit code or a clear message, crash-loop with back-off, stop with
 //! SIGTERM on deletion, serve their logs; a killed agent's pods are replaced on another
-//! node; agents keep their nodes Ready through a plane leader's failover.
+//! node; an agent puts back its lost node lease key; agents keep their nodes Ready through
+//! a plane leader's failover.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 use capstan_client::{Listed, Objects};
 use capstan_proto::objects::{condition, Object, Pod, PodPhase, NODE_READY};
 use common::{ctl, leader_index, wait_for, AgentProcess, Cluster, PlaneProcess, CONVERGE_TIMEOUT};
-use etcd_client::WatchOptions;
+use etcd_client::{EventType, WatchOptions};
 
 async fn objects_at(endpoints: &[String]) -> Objects {
     Objects::new(capstan_client::connect(endpoints, Duration::from_secs(10)).await.expect("connect"))
@@ -311,6 +312,60 @@ fn left_running(data_dir: &std::path::Path) -> Vec<u32> {
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .is_ok_and(|stat| stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+}
+
+/// Waits for the next put of `key` under `lease` after `revision`.
+async fn put_back(objects: &Objects, key: &str, lease: i64, revision: i64) {
+    let options = WatchOptions::new().with_start_revision(revision + 1);
+    let mut stream = objects.client().watch_client().watch(key, Some(options)).await.unwrap();
+    let put_back = async {
+        loop {
+            let message = stream.message().await.unwrap().expect("watch open");
+            let mut events = message.events().iter();
+            if events.any(|e| e.event_type() == EventType::Put && e.kv().is_some_and(|kv| kv.lease() == lease)) {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(CONVERGE_TIMEOUT, put_back).await.expect("the agent puts its node lease key back");
+}
+
+/// The node's lease key is the agent's to keep: deleted, or left on another lease that
+/// then goes away, it is put back under the agent's own lease at the next renewal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_puts_its_lost_node_lease_key_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let plane = PlaneProcess::start(&dir.path().join("plane"), &[]);
+    let endpoint = plane.client_addr.to_string();
+    let lease = ["--node-lease-ttl-secs", "10", "--node-lease-renew-secs", "1"];
+    let _agent = AgentProcess::start("keeper", &endpoint, &dir.path().join("keeper"), &lease);
+    let objects = objects_at(std::slice::from_ref(&endpoint)).await;
+    let key = "/registry/leases/nodes/keeper";
+    let mut kv = objects.client().kv_client();
+    let held = loop {
+        let response = kv.get(key, None).await.unwrap();
+        if let Some(held) = response.kvs().first().map(|kv| kv.lease()) {
+            break held;
+        }
+        // The agent registers its node before it takes the lease.
+        let options = WatchOptions::new().with_start_revision(response.header().unwrap().revision() + 1);
+        let mut stream = objects.client().watch_client().watch(key, Some(options)).await.unwrap();
+        stream.message().await.unwrap();
+    };
+    assert_ne!(held, 0);
+
+    let deleted = kv.delete(key, None).await.unwrap().header().unwrap().revision();
+    put_back(&objects, key, held, deleted).await;
+
+    let other = objects.client().lease_client().grant(60, None).await.unwrap().id();
+    let options = etcd_client::PutOptions::new().with_lease(other);
+    let moved = kv.put(key, "someone else", Some(options)).await.unwrap().header().unwrap().revision();
+    objects.client().lease_client().revoke(other).await.unwrap();
+    // The agent may put the key back before the revoke (its renewal saw the other lease)
+    // or after it (the revoke deleted the key); either way it ends under its own lease.
+    put_back(&objects, key, held, moved).await;
+    let now = kv.get(key, None).await.unwrap();
+    assert_eq!(now.kvs()[0].lease(), held, "the key stays under the agent's lease");
 }
 
 /// Kill -9 the planes' Raft leader while agents heartbeat: their leases live on through

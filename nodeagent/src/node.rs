@@ -107,9 +107,10 @@ pub async fn register(objects: &Objects, config: &AgentConfig) -> Result<(), Cli
         .await
 }
 
-/// Keeps the node's lease alive until `stop`; a lease that expired (the planes were out
-/// of reach longer than its TTL) is replaced by a new one, and the node's status is
-/// posted again, since the node-lifecycle controller will have marked it NotReady.
+/// Keeps the node's lease alive until `stop`. A lease that expired (the planes were out
+/// of reach longer than its TTL) is replaced by a new one and the node's status is posted
+/// again, since the node-lifecycle controller will have marked it NotReady; a key lost
+/// while the lease lived on is put back ([`keep_key`]).
 pub async fn heartbeat(objects: Objects, config: AgentConfig, mut stop: tokio::sync::watch::Receiver<bool>) {
     let key = format!("{NODE_LEASE_PREFIX}{}", config.name);
     let mut lease: Option<i64> = None;
@@ -127,20 +128,26 @@ pub async fn heartbeat(objects: Objects, config: AgentConfig, mut stop: tokio::s
             }
         }
         let started = std::time::Instant::now();
-        let result = match lease {
-            Some(id) => capstan_client::renew_lease(objects.client(), id, config.renew_interval).await,
-            None => Ok(0),
+        let renewed = match lease {
+            Some(id) => capstan_client::renew_lease(objects.client(), id, config.renew_interval)
+                .await
+                .map(|ttl| (ttl > 0).then_some(id)),
+            None => Ok(None),
         };
-        match (&result, lease) {
+        match (&renewed, lease) {
             (Ok(_), Some(_)) => config.metrics.heartbeat_seconds.observe(started.elapsed().as_secs_f64()),
             (Err(_), _) => {
                 config.metrics.heartbeat_failures.inc();
             }
             _ => {}
         }
-        match result {
-            Ok(ttl) if ttl > 0 => {}
-            Ok(_) => match acquire(&objects, &key, &config).await {
+        match renewed {
+            Ok(Some(id)) => {
+                if let Err(error) = keep_key(&objects, &key, id, &config).await {
+                    tracing::warn!(%error, "cannot check the node lease key; retrying");
+                }
+            }
+            Ok(None) => match acquire(&objects, &key, &config).await {
                 Ok(id) => {
                     tracing::info!(node = %config.name, lease = format!("{id:x}"), "node lease held");
                     lease = Some(id);
@@ -161,10 +168,33 @@ pub async fn heartbeat(objects: Objects, config: AgentConfig, mut stop: tokio::s
     }
 }
 
+/// Grants a lease and puts the node's key under it. When the put fails the lease is
+/// revoked, so a put that reaches the store later (its answer was lost, not the write)
+/// cannot leave the key on a lease nobody renews.
 async fn acquire(objects: &Objects, key: &str, config: &AgentConfig) -> Result<i64, etcd_client::Error> {
     let id = objects.client().lease_client().grant(config.lease_ttl.as_secs().max(1) as i64, None).await?.id();
-    objects.client().kv_client().put(key, config.name.as_str(), Some(PutOptions::new().with_lease(id))).await?;
+    if let Err(error) = put_key(objects, key, id, config).await {
+        let _ = objects.client().lease_client().revoke(id).await;
+        return Err(error);
+    }
     Ok(id)
+}
+
+/// A renewed lease is not enough: the key may have been deleted, or be held under
+/// another lease that will expire. Like the kubelet, which writes its Lease object on
+/// every renewal, the agent puts the key back under its own lease when it is not there.
+async fn keep_key(objects: &Objects, key: &str, lease: i64, config: &AgentConfig) -> Result<(), etcd_client::Error> {
+    let current = objects.client().kv_client().get(key, None).await?;
+    if current.kvs().first().is_some_and(|kv| kv.lease() == lease) {
+        return Ok(());
+    }
+    tracing::warn!(node = %config.name, lease = format!("{lease:x}"), "the node lease key was lost; putting it back");
+    put_key(objects, key, lease, config).await
+}
+
+async fn put_key(objects: &Objects, key: &str, lease: i64, config: &AgentConfig) -> Result<(), etcd_client::Error> {
+    let options = PutOptions::new().with_lease(lease);
+    objects.client().kv_client().put(key, config.name.as_str(), Some(options)).await.map(drop)
 }
 
 /// Posts the conditions when they differ from what the store has (or the node is gone,

@@ -15,7 +15,10 @@
 //!
 //! A follower's batcher forwards its batch to the leader in one `Propose` call instead,
 //! whose commands join the leader's queue (`forward`): a gRPC call per batch rather than
-//! per command, which the leader would otherwise pay for two thirds of the writes.
+//! per command, which the leader would otherwise pay for two thirds of the writes. A
+//! follower keeps two calls out at once: with one, the commands that queued while a call
+//! was out (to the leader, through its batch in flight, and back) waited for its answer
+//! before they even reached the leader's queue; put 4:16 ran 6% slower (session 21).
 //!
 //! The leader's lessor learns each lease grant and revoke here, when the entry is applied,
 //! whichever plane the client asked and even if it stopped waiting.
@@ -42,6 +45,8 @@ pub const QUEUE_MAX: usize = 4096;
 /// Commands and encoded bytes in one batch, at most.
 const BATCH_COMMANDS_MAX: usize = 512;
 const BATCH_BYTES_MAX: usize = 4 << 20;
+/// Forwarded batches a follower has out to the leader at once, at most.
+const FORWARDS_IN_FLIGHT_MAX: usize = 2;
 
 /// Where a read-index round's outcome goes.
 pub type ReadWaiter = oneshot::Sender<Result<u64, Status>>;
@@ -81,9 +86,18 @@ pub struct Proposal {
 }
 
 /// Runs for the plane's life, turning queued proposals into Raft entries, one batch at a
-/// time (a write ends with the batcher, so none outlives the plane).
+/// time on the leader; a follower keeps up to `FORWARDS_IN_FLIGHT_MAX` batches out to the
+/// leader (a write ends with the batcher, so none outlives the plane).
 pub async fn run(plane: Arc<Plane>, mut queue: mpsc::Receiver<Proposal>) {
+    let mut forwards = tokio::task::JoinSet::new();
     while let Some(first) = queue.recv().await {
+        while forwards.try_join_next().is_some() {}
+        let leading = plane.is_leader();
+        if !leading {
+            while forwards.len() >= FORWARDS_IN_FLIGHT_MAX {
+                forwards.join_next().await;
+            }
+        }
         let mut bytes = first.command.encoded_len();
         let mut batch = vec![first];
         while batch.len() < BATCH_COMMANDS_MAX && bytes < BATCH_BYTES_MAX {
@@ -91,16 +105,12 @@ pub async fn run(plane: Arc<Plane>, mut queue: mpsc::Receiver<Proposal>) {
             bytes += next.command.encoded_len();
             batch.push(next);
         }
-        write(&plane, batch).await;
-    }
-}
-
-/// Proposes `batch` as one entry, or forwards it to the leader, and answers each proposal.
-async fn write(plane: &Plane, batch: Vec<Proposal>) {
-    if plane.is_leader() {
-        propose(plane, batch).await
-    } else {
-        forward(plane, batch).await
+        if leading {
+            propose(&plane, batch).await;
+        } else {
+            let plane = plane.clone();
+            forwards.spawn(async move { forward(&plane, batch).await });
+        }
     }
 }
 

@@ -64,6 +64,7 @@ async fn every_family_is_served_and_moves_with_work() {
         "capstan_raft_applied_index",
         "capstan_raft_proposals_committed_total",
         "capstan_raft_proposals_failed_total",
+        "capstan_raft_proposals_answered_on_apply_total",
         "capstan_raft_proposals_pending",
         "capstan_raft_wal_fsync_duration_seconds_count",
         "capstan_raft_snapshots_built_total",
@@ -265,4 +266,41 @@ async fn an_agent_serves_its_pods_by_phase_and_its_heartbeats() {
     let samples = tokio::time::timeout(Duration::from_secs(60), seen).await.expect("the agent's pod and heartbeat");
     assert_eq!(value(&samples, "capstan_agent_heartbeat_failures_total"), 0.0);
     assert_eq!(get(address, "/livez"), (200, "ok\n".to_string()));
+}
+
+/// A plane answers its clients' key writes as it applies them (`capstan_raft::own_proposals`)
+/// rather than only when its batcher's answer comes: the leader every write, since its
+/// apply comes before the batcher learns of it; a follower most, since it applies a write
+/// as soon as it learns of the commit, while the leader's answer is still on its way. The
+/// answers are the ones the leader gives: each put's revision is where its value is, and
+/// its previous value is the one it replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planes_answer_key_writes_as_they_apply_them() {
+    const ANSWERED: &str = "capstan_raft_proposals_answered_on_apply_total";
+    const PUTS: usize = 100;
+    let cluster = Cluster::start(3);
+    let leader = leader_index(&cluster).await;
+    let follower = (leader + 1) % 3;
+    let mut answered = Vec::new();
+    for (index, prefix) in [(leader, "leader"), (follower, "follower")] {
+        let endpoint = cluster.planes[index].endpoint();
+        let mut client = etcd_client::Client::connect([endpoint.as_str()], None).await.unwrap();
+        let before = value(&scrape(cluster.metrics[index]), ANSWERED);
+        for round in ["first", "second"] {
+            for i in 0..PUTS / 2 {
+                let key = format!("{prefix}/{i}");
+                let options = etcd_client::PutOptions::new().with_prev_key();
+                let put = client.put(key.as_str(), round, Some(options)).await.unwrap();
+                let revision = put.header().unwrap().revision();
+                let previous = put.prev_key().map(|kv| kv.value_str().unwrap().to_string());
+                assert_eq!(previous.as_deref(), (round == "second").then_some("first"), "{key}");
+                let got = client.get(key.as_str(), None).await.unwrap();
+                assert_eq!(got.kvs()[0].mod_revision(), revision, "{key} is at the revision its put answered");
+                assert_eq!(got.kvs()[0].value_str().unwrap(), round);
+            }
+        }
+        answered.push(value(&scrape(cluster.metrics[index]), ANSWERED) - before);
+    }
+    assert_eq!(answered[0], PUTS as f64, "the leader answers every write as it applies it");
+    assert!(answered[1] >= 1.0, "the follower answered none of {PUTS} writes as it applied them");
 }

@@ -204,6 +204,7 @@ async fn peers_of_another_cluster_and_made_up_proposals_are_refused() {
     let batch = raftpb::Command {
         request: Some(raftpb::command::Request::Batch(raftpb::CommandBatch { commands: Vec::new() })),
         caller: None,
+        origin: 0,
     };
     let propose = |cluster: u64| {
         let mut request = tonic::Request::new(raftpb::ProposeRequest { commands: vec![batch.clone()] });

@@ -16,6 +16,7 @@ pub mod error;
 pub mod log_store;
 pub mod metrics;
 pub mod network;
+pub mod own_proposals;
 pub mod service;
 pub mod snapshot_schedule;
 pub mod state_machine;
@@ -35,6 +36,7 @@ use snapshot_schedule::SnapshotSchedule;
 
 pub use error::RaftError;
 pub use metrics::StorageMetrics;
+pub use own_proposals::OwnProposals;
 pub use service::PeerService;
 pub use state_machine::{RevisionEvents, StateMachine};
 pub use types::{cluster_id, member_id, new_member_id, NodeId, PeerNode, Raft, Response, TypeConfig};
@@ -125,6 +127,8 @@ pub struct PlaneRaft {
     pub raft: Raft,
     pub store: Store,
     pub events: broadcast::Sender<Arc<RevisionEvents>>,
+    /// Where the plane's proposers wait to be answered by this plane's own apply.
+    pub own_proposals: Arc<OwnProposals>,
     /// The channels to peers, for anything else the plane sends them.
     pub peer_channels: network::PeerChannels,
 }
@@ -196,6 +200,7 @@ pub async fn start(
         snapshots.clone(),
         sync_faults,
     )?;
+    let own_proposals = Arc::new(OwnProposals::random()?);
     let state_machine = StateMachine::new(
         store.clone(),
         data_dir.join("snapshots"),
@@ -203,6 +208,7 @@ pub async fn start(
         metrics.clone(),
         log_store.durability(),
         snapshots,
+        own_proposals.clone(),
     )?;
     let (election_timeout_min, election_timeout_max) = config.openraft_election_timeouts();
     let raft_config = openraft::Config {
@@ -230,7 +236,7 @@ pub async fn start(
         let stagger = config.longest_election_wait() * BOOTSTRAP_STAGGER_ELECTIONS;
         tokio::spawn(bootstrap(raft.clone(), identity.initial_members.clone(), identity.node_id, stagger));
     }
-    Ok(PlaneRaft { raft, store, events, peer_channels })
+    Ok(PlaneRaft { raft, store, events, own_proposals, peer_channels })
 }
 
 /// Bootstraps a new cluster. One member is enough, as openraft advises: `initialize` on

@@ -21,6 +21,7 @@ use capstan_store::{Applied, Store};
 
 use crate::error::DecodeError;
 use crate::log_store::Durability;
+use crate::own_proposals::OwnProposals;
 use crate::snapshot_schedule::SnapshotSchedule;
 use crate::types::{self, Entry, NodeId, PeerNode, Response, StorageError, TypeConfig};
 
@@ -71,6 +72,8 @@ pub struct StateMachine {
     durability: Durability,
     /// Told of each snapshot taken, to decide when the next is due.
     snapshots: Arc<SnapshotSchedule>,
+    /// This plane's clients waiting on the commands they proposed.
+    own: Arc<OwnProposals>,
 }
 
 /// Fills a new plane's store from a backup (a snapshot file `capstan ctl snapshot save`
@@ -99,9 +102,10 @@ impl StateMachine {
         metrics: crate::StorageMetrics,
         durability: Durability,
         snapshots: Arc<SnapshotSchedule>,
+        own: Arc<OwnProposals>,
     ) -> Result<StateMachine, StorageError> {
         std::fs::create_dir_all(&snapshot_dir).map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
-        let machine = StateMachine { store, snapshot_dir, events, metrics, durability, snapshots };
+        let machine = StateMachine { store, snapshot_dir, events, metrics, durability, snapshots, own };
         if let Some(meta) = machine.current_snapshot_meta()? {
             machine.schedule_after(&meta).map_err(|error| snapshot_error(ErrorVerb::Read, error))?;
         }
@@ -156,14 +160,22 @@ impl StateMachine {
         meta: &[(&[u8], Vec<u8>)],
     ) -> Result<(capstan_store::Result<capstan_store::CommandResponse>, i64), StorageError> {
         let applied = self.store.apply(command, meta).map_err(|error| sm_error(ErrorVerb::Write, error))?;
-        Ok(self.publish(applied))
+        Ok(self.publish(command, applied))
     }
 
-    /// Publishes the events of an applied command; returns its response and revision.
-    fn publish(&self, applied: Applied) -> (capstan_store::Result<capstan_store::CommandResponse>, i64) {
+    /// Publishes the events of an applied command and answers its proposer if it waits on
+    /// this plane; returns its response and revision.
+    fn publish(
+        &self,
+        command: &raftpb::Command,
+        applied: Applied,
+    ) -> (capstan_store::Result<capstan_store::CommandResponse>, i64) {
         if !applied.events.is_empty() {
             // No receivers is fine: nobody watches.
             let _ = self.events.send(Arc::new(RevisionEvents { revision: applied.revision, events: applied.events }));
+        }
+        if let Ok(response) = &applied.response {
+            self.own.applied(command.origin, response);
         }
         (applied.response, applied.revision)
     }
@@ -197,8 +209,8 @@ impl StateMachine {
         };
         let applied =
             self.store.apply_all(&commands[start..], meta_at).map_err(|error| sm_error(ErrorVerb::Write, error))?;
-        for applied in applied {
-            let (result, after) = self.publish(applied);
+        for (command, applied) in commands[start..].iter().zip(applied) {
+            let (result, after) = self.publish(command, applied);
             results.push(result);
             revision = after;
         }
@@ -403,7 +415,7 @@ mod tests {
 
     fn put(key: &str, value: &str) -> raftpb::Command {
         let put = pb::PutRequest { key: key.into(), value: value.into(), ..Default::default() };
-        raftpb::Command { request: Some(raftpb::command::Request::Put(put)), caller: None }
+        raftpb::Command { request: Some(raftpb::command::Request::Put(put)), caller: None, origin: 0 }
     }
 
     /// A store in a fresh directory under the system's temp dir, removed when dropped.
@@ -417,6 +429,10 @@ mod tests {
         }
 
         fn machine(&self) -> StateMachine {
+            self.machine_answering(Arc::new(OwnProposals::new(1)))
+        }
+
+        fn machine_answering(&self, own: Arc<OwnProposals>) -> StateMachine {
             let store = Store::open(&self.0.join("db"), &[]).unwrap();
             // These tests apply entries directly, which does not ask how far the log is durable.
             let durability = Durability(tokio::sync::watch::channel(Ok(None)).1);
@@ -428,6 +444,7 @@ mod tests {
                 Default::default(),
                 durability,
                 snapshots,
+                own,
             )
             .unwrap()
         }
@@ -448,6 +465,7 @@ mod tests {
             payload: EntryPayload::Normal(raftpb::Command {
                 request: Some(raftpb::command::Request::Batch(raftpb::CommandBatch { commands })),
                 caller: None,
+                origin: 0,
             }),
         };
 
@@ -475,5 +493,47 @@ mod tests {
         assert_eq!(machine.read_applied().unwrap().0, Some(log_id));
         let hash = |machine: &StateMachine| machine.store.reader().hash_kv(0).unwrap();
         assert_eq!(hash(&machine), hash(&whole_machine), "resumed and whole batches leave the same store");
+    }
+
+    #[test]
+    fn a_command_this_plane_proposed_is_answered_as_it_applies() {
+        let scratch = Scratch::new("own");
+        let own = Arc::new(OwnProposals::new(1 << 20));
+        let machine = scratch.machine_answering(own.clone());
+        let mut alone = own.register();
+        let mut batched = own.register();
+        let mut refused = own.register();
+        let tagged = |mut command: raftpb::Command, origin: u64| {
+            command.origin = origin;
+            command
+        };
+        let entry = |index: u64, command: raftpb::Command| RaftEntry::<TypeConfig> {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(command),
+        };
+
+        machine.apply_entry(entry(1, tagged(put("a", "1"), alone.origin()))).unwrap();
+        let answered = alone.applied.try_recv().expect("a lone command is answered as it applies");
+        let capstan_store::CommandResponse::Put(put_response) = answered else { panic!("{answered:?}") };
+        assert_eq!(put_response.header.unwrap().revision, 2);
+
+        // A lease grant of an ID already granted is refused: refusals are not passed on.
+        let grant = |id: i64| raftpb::Command {
+            request: Some(raftpb::command::Request::LeaseGrant(pb::LeaseGrantRequest { ttl: 10, id })),
+            caller: None,
+            origin: 0,
+        };
+        let batch =
+            vec![put("b", "2"), tagged(put("c", "3"), batched.origin()), grant(5), tagged(grant(5), refused.origin())];
+        let command = raftpb::Command {
+            request: Some(raftpb::command::Request::Batch(raftpb::CommandBatch { commands: batch })),
+            caller: None,
+            origin: 0,
+        };
+        let response = machine.apply_entry(entry(2, command)).unwrap();
+        assert!(response.batch[3].is_err(), "{:?}", response.batch[3]);
+        let answered = batched.applied.try_recv().expect("a batched command is answered as it applies");
+        assert_eq!(Some(&answered), response.batch[1].as_ref().ok());
+        assert!(refused.applied.try_recv().is_err(), "a refusal waits for the batcher's answer");
     }
 }

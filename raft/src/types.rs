@@ -260,6 +260,7 @@ mod tests {
                 payload: EntryPayload::Normal(raftpb::Command {
                     request: Some(raftpb::command::Request::Compaction(Default::default())),
                     caller: None,
+                    origin: 0,
                 }),
             },
         ];

@@ -225,7 +225,8 @@ impl Plane {
         caller: &Caller,
         request: command::Request,
     ) -> Result<CommandResponse, Status> {
-        let command = Command { request: Some(request), caller: Some(raftpb::Caller { user: caller.user.clone() }) };
+        let command =
+            Command { request: Some(request), caller: Some(raftpb::Caller { user: caller.user.clone() }), origin: 0 };
         self.propose(command).await.inspect_err(|refused| {
             if is_refusal(refused) {
                 audit_refused(caller, &refused.message());
@@ -477,7 +478,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = capstan_store::Store::open(dir.path(), &[]).unwrap();
         let apply = |request: command::Request| {
-            let applied = store.apply(&Command { request: Some(request), caller: None }, &[]).unwrap();
+            let applied = store.apply(&Command { request: Some(request), caller: None, origin: 0 }, &[]).unwrap();
             applied.response.unwrap();
         };
         let add = |name: &str| {

@@ -105,7 +105,9 @@ pub async fn run(plane: Arc<Plane>, mode: AutoCompaction) {
             continue;
         }
         let compact = pb::CompactionRequest { revision: target, physical: false };
-        match plane.propose_local(Command { request: Some(command::Request::Compaction(compact)), caller: None }).await
+        match plane
+            .propose_local(Command { request: Some(command::Request::Compaction(compact)), caller: None, origin: 0 })
+            .await
         {
             Ok(_) => tracing::info!(revision = target, ?mode, "auto-compacted"),
             Err(error) => tracing::warn!(revision = target, %error, "auto-compaction failed; will retry"),

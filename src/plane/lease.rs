@@ -109,8 +109,11 @@ pub async fn run_expiry(plane: Arc<Plane>) {
         for id in expired {
             // Proposed here and never forwarded: a deposed leader's deadlines are stale, and
             // Raft commits its proposal only if it still leads.
-            let revoke =
-                Command { request: Some(command::Request::LeaseRevoke(pb::LeaseRevokeRequest { id })), caller: None };
+            let revoke = Command {
+                request: Some(command::Request::LeaseRevoke(pb::LeaseRevokeRequest { id })),
+                caller: None,
+                origin: 0,
+            };
             match plane.propose_local(revoke).await {
                 Ok(_) => {
                     plane.metrics.leases_expired.inc();

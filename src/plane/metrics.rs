@@ -35,6 +35,7 @@ pub struct PlaneMetrics {
     pub grpc: GrpcMetrics,
     pub leader_changes: Counter,
     pub proposals_committed: Counter,
+    pub proposals_answered_on_apply: Counter,
     pub proposals_failed: Counter,
     pub proposals_pending: Gauge,
     pub watchers: Gauge,
@@ -78,6 +79,7 @@ impl Default for PlaneMetrics {
             grpc,
             leader_changes: Counter::default(),
             proposals_committed: Counter::default(),
+            proposals_answered_on_apply: Counter::default(),
             proposals_failed: Counter::default(),
             proposals_pending: Gauge::default(),
             watchers: Gauge::default(),
@@ -108,6 +110,11 @@ impl PlaneMetrics {
         raft.register("applied_index", "The index of the last entry applied to the store", state.applied_index.clone());
         raft.register("proposals_committed", "Client writes committed", self.proposals_committed.clone());
         raft.register("proposals_failed", "Client writes Raft refused or lost", self.proposals_failed.clone());
+        raft.register(
+            "proposals_answered_on_apply",
+            "Client writes this plane answered as it applied them, before the batcher's answer came",
+            self.proposals_answered_on_apply.clone(),
+        );
         raft.register(
             "proposals_pending",
             "Client writes proposed and not yet answered",

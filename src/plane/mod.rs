@@ -34,7 +34,7 @@ use tonic::Status;
 
 use crate::socket;
 use capstan_proto::etcdserverpb as pb;
-use capstan_proto::raftpb::Command;
+use capstan_proto::raftpb::{command, Command};
 use capstan_raft::network::{PeerChannels, PeerFaults};
 use capstan_raft::{NodeId, PeerNode, PlaneIdentity, Raft, RaftConfig, RevisionEvents};
 use capstan_store::{CommandResponse, Store};
@@ -225,6 +225,8 @@ pub struct Plane {
     lessor: lease::Lessor,
     /// Commands for the batcher to propose (on the leader).
     proposals: tokio::sync::mpsc::Sender<batch::Proposal>,
+    /// Key writes of this plane's clients, answered as this plane applies them.
+    own_proposals: Arc<capstan_raft::OwnProposals>,
     /// Linearizable reads waiting for a read-index round.
     reads: tokio::sync::mpsc::Sender<batch::ReadWaiter>,
     forwarder: forward::Forwarder,
@@ -259,13 +261,38 @@ impl Plane {
 
     /// Replicates `command` (through the leader, from a follower) and returns what applying
     /// it produced.
+    ///
+    /// A key write is answered by whichever comes first: this plane applying it, or the
+    /// batcher's answer (the leader's, on a follower), which also carries refusals
+    /// ([`capstan_raft::own_proposals`]). Lease grants and revokes wait for the batcher,
+    /// which tells the leader's lessor of them before it answers.
     async fn propose(&self, command: Command) -> Result<CommandResponse, Status> {
         let size = command.encoded_len();
         if size > REQUEST_BYTES_MAX {
             return Err(status::request_too_large());
         }
-        self.with_leader(|| async { self.enqueue(command.clone(), true).await?.await.map_err(|_| status::stopped())? })
-            .await
+        let key_write = matches!(
+            command.request,
+            Some(command::Request::Put(_) | command::Request::DeleteRange(_) | command::Request::Txn(_))
+        );
+        self.with_leader(|| async {
+            let mut command = command.clone();
+            let own = key_write.then(|| self.own_proposals.register());
+            if let Some(own) = &own {
+                command.origin = own.origin();
+            }
+            let answered = self.enqueue(command, true).await?;
+            let Some(mut own) = own else { return answered.await.map_err(|_| status::stopped())? };
+            tokio::select! {
+                biased;
+                Ok(response) = &mut own.applied => {
+                    self.metrics.proposals_answered_on_apply.inc();
+                    Ok(response)
+                }
+                outcome = answered => outcome.map_err(|_| status::stopped())?,
+            }
+        })
+        .await
     }
 
     /// Runs `attempt` against the current leader until it succeeds or fails for a reason
@@ -332,7 +359,7 @@ impl Plane {
         command: Command,
         forwardable: bool,
     ) -> Result<tokio::sync::oneshot::Receiver<Result<CommandResponse, Status>>, Status> {
-        if let Some(capstan_proto::raftpb::command::Request::Batch(_)) = command.request {
+        if let Some(command::Request::Batch(_)) = command.request {
             return Err(Status::invalid_argument("capstan: batches are made by the leader, not proposed"));
         }
         let (answer, answered) = tokio::sync::oneshot::channel();
@@ -588,6 +615,7 @@ pub async fn run(
         cluster_id: identity.cluster_id,
         lessor: lease::Lessor::new(&config.raft),
         proposals,
+        own_proposals: started.own_proposals,
         reads,
         config,
         alarms: Mutex::new(Alarms::default()),

@@ -20,6 +20,7 @@ fn put(key: String) -> Command {
             ..Default::default()
         })),
         caller: None,
+        origin: 0,
     }
 }
 

@@ -458,7 +458,7 @@ mod tests {
     use crate::{codec, Store};
 
     fn apply(store: &Store, request: Request) {
-        store.apply(&Command { request: Some(request), caller: None }, &[]).unwrap().response.unwrap();
+        store.apply(&Command { request: Some(request), caller: None, origin: 0 }, &[]).unwrap().response.unwrap();
     }
 
     fn put(store: &Store, key: &str, value: &str) {

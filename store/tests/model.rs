@@ -444,7 +444,7 @@ fn to_command(op: &Op, model: &Model) -> Command {
         Op::Revoke { lease } => Request::LeaseRevoke(pb::LeaseRevokeRequest { id: LEASES[*lease] }),
         Op::Range { .. } | Op::Restart => unreachable!("not a command"),
     };
-    Command { request: Some(request), caller: None }
+    Command { request: Some(request), caller: None, origin: 0 }
 }
 
 fn strip_header(response: &mut CommandResponse) {

@@ -6,8 +6,9 @@ use capstan_proto::raftpb::{command, Command};
 use capstan_store::{Store, StoreError};
 
 fn apply(store: &Store, request: command::Request) {
-    let applied =
-        store.apply(&Command { request: Some(request), caller: None }, &[(b"caller/marker", b"m".to_vec())]).unwrap();
+    let applied = store
+        .apply(&Command { request: Some(request), caller: None, origin: 0 }, &[(b"caller/marker", b"m".to_vec())])
+        .unwrap();
     applied.response.unwrap();
 }
 
@@ -88,7 +89,7 @@ fn an_import_forgets_the_versions_the_store_wrote_before() {
     let next = || {
         let request =
             pb::PutRequest { key: "key/03".into(), value: "next".into(), prev_kv: true, ..Default::default() };
-        Command { request: Some(command::Request::Put(request)), caller: None }
+        Command { request: Some(command::Request::Put(request)), caller: None, origin: 0 }
     };
     let response = |store: &Store| store.apply(&next(), &[]).unwrap().response.unwrap();
     assert_eq!(response(&target), response(&source));

@@ -586,20 +586,28 @@ impl capstan_raft::log_store::SyncFaults for SyncGate {
     }
 }
 
-/// A cluster whose leader's WAL syncs are held back while a write it took is durable on
-/// both followers (each syncs before saying it has an entry).
-struct StalledLeader {
+/// Whose WAL syncs a `Stalled` cluster holds back.
+#[derive(Clone, Copy, Debug)]
+enum Held {
+    Leader,
+    Followers,
+}
+
+/// A cluster that holds back the WAL syncs of its leader (or of both followers) while a
+/// write the leader took is in the other planes' logs.
+struct Stalled {
     _dir: tempfile::TempDir,
     planes: Vec<InProcessPlane>,
     clients: Vec<Client>,
     gates: Vec<Arc<SyncGate>>,
     leader: usize,
+    held: Vec<usize>,
     /// The held write, not answered yet.
     put: tokio::task::JoinHandle<Result<etcd_client::PutResponse, etcd_client::Error>>,
 }
 
-impl StalledLeader {
-    async fn start() -> StalledLeader {
+impl Stalled {
+    async fn start(held: Held) -> Stalled {
         let dir = tempfile::tempdir().unwrap();
         let gates: Vec<Arc<SyncGate>> = (0..3).map(|_| Arc::default()).collect();
         let mut configs = cluster_configs(dir.path(), 3);
@@ -620,25 +628,33 @@ impl StalledLeader {
         let before = statuses().await;
         let leader = before.iter().position(|status| status.leader() == status.header().unwrap().member_id()).unwrap();
         let written = before[leader].raft_index();
-
-        gates[leader].hold(true);
+        let followers: Vec<usize> = (0..3).filter(|index| *index != leader).collect();
+        let held = match held {
+            Held::Leader => vec![leader],
+            Held::Followers => followers.clone(),
+        };
+        for index in &held {
+            gates[*index].hold(true);
+        }
         let put = tokio::spawn({
             let mut client = clients[leader].clone();
             async move { client.put("durable", "1", None).await }
         });
         loop {
             let now = statuses().await;
-            if (0..3).filter(|index| *index != leader).all(|index| now[index].raft_index() > written) {
+            if followers.iter().all(|index| now[*index].raft_index() > written) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await; // polling the followers' logs
         }
-        StalledLeader { _dir: dir, planes, clients, gates, leader, put }
+        Stalled { _dir: dir, planes, clients, gates, leader, held, put }
     }
 
-    /// Lets the leader's syncs go on; the held write's revision, once answered.
+    /// Lets the held syncs go on; the held write's revision, once answered.
     async fn resume(&mut self) -> i64 {
-        self.gates[self.leader].hold(false);
+        for index in &self.held {
+            self.gates[*index].hold(false);
+        }
         let answered = tokio::time::timeout(SETTLE_TIMEOUT, &mut self.put).await.expect("the write is answered");
         answered.unwrap().unwrap().header().unwrap().revision()
     }
@@ -650,22 +666,36 @@ impl StalledLeader {
     }
 }
 
-/// The leader tells openraft of its own appends before they are durable, so that they go
-/// to the followers while its fsync runs. With the leader's syncs held back, a write that
-/// both followers have made durable is still neither applied anywhere nor answered: the
-/// leader's copy is not durable, so a majority's disks do not hold it yet. Once the syncs
-/// go on, the write is answered and every plane applies it.
+/// Planes tell openraft of their appends before they are durable: a leader, so that they
+/// go to the followers while its fsync runs; a follower, so that it applies what the same
+/// AppendEntries says is committed while it syncs. With the leader's syncs held back, a
+/// write that both followers have made durable is still neither applied anywhere nor
+/// answered: the leader's copy is not durable, so a majority's disks do not hold it yet.
 #[test]
 fn nothing_is_applied_before_the_leaders_own_copy_is_durable() {
+    nothing_is_applied_while_held(Held::Leader);
+}
+
+/// With both followers' syncs held back, a write the leader has made durable and both
+/// followers have in their logs is neither applied anywhere nor answered: a follower
+/// answers an AppendEntries only once its copy is durable.
+#[test]
+fn nothing_is_applied_before_a_followers_copy_is_durable() {
+    nothing_is_applied_while_held(Held::Followers);
+}
+
+/// While the syncs of `held` are held back, for many heartbeats, the write is neither
+/// answered nor applied on any plane; once they go on, it is answered and every plane
+/// applies it.
+fn nothing_is_applied_while_held(held: Held) {
     alone(async {
-        let mut stalled = StalledLeader::start().await;
-        // For many heartbeats after the followers have it, nothing shows the write.
+        let mut stalled = Stalled::start(held).await;
         let watching = Instant::now();
         while watching.elapsed() < Duration::from_millis(1_000) {
-            assert!(!stalled.put.is_finished(), "a write was answered before the leader's copy was durable");
+            assert!(!stalled.put.is_finished(), "a write was answered before a majority's copies were durable");
             for (index, client) in stalled.clients.iter().enumerate() {
                 let got = client.clone().get("durable", Some(GetOptions::new().with_serializable())).await.unwrap();
-                assert!(got.kvs().is_empty(), "plane {index} applied a write before the leader's copy was durable");
+                assert!(got.kvs().is_empty(), "plane {index} applied a write while the syncs of {held:?} were held");
             }
             tokio::time::sleep(Duration::from_millis(50)).await; // watching for what must not happen
         }
@@ -698,7 +728,7 @@ fn nothing_is_applied_before_the_leaders_own_copy_is_durable() {
 #[test]
 fn reads_taken_during_a_leader_disk_stall_are_answered_once_it_ends() {
     alone(async {
-        let mut stalled = StalledLeader::start().await;
+        let mut stalled = Stalled::start(Held::Leader).await;
         let follower = (stalled.leader + 1) % 3;
         let reads: Vec<_> = [stalled.leader, follower]
             .into_iter()

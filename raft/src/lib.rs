@@ -131,6 +131,8 @@ pub struct PlaneRaft {
     pub own_proposals: Arc<OwnProposals>,
     /// The channels to peers, for anything else the plane sends them.
     pub peer_channels: network::PeerChannels,
+    /// The plane's side of the Raft transport, to serve on its peer address.
+    pub peer_service: PeerService,
 }
 
 /// Opens (creating if new) the plane's database in `data_dir`.
@@ -195,7 +197,6 @@ pub async fn start(
     let (snapshots, snapshots_due) = SnapshotSchedule::new(config.snapshot_entries);
     let log_store = log_store::LogStore::new(
         store.db().clone(),
-        identity.node_id,
         metrics.wal_fsync_seconds.clone(),
         snapshots.clone(),
         sync_faults,
@@ -227,16 +228,19 @@ pub async fn start(
         identity.cluster_id,
         identity.node_id,
         peer_channels.clone(),
-        metrics.snapshots_sent.clone(),
+        metrics,
         log_store.durability(),
+        log_store.appends(),
     );
+    let log_store_durability = log_store.durability();
     let raft = Raft::new(identity.node_id, Arc::new(raft_config), network, log_store, state_machine).await?;
     tokio::spawn(snapshot_schedule::snapshot_when_due(raft.clone(), snapshots_due));
     if !identity.initial_members.is_empty() && !raft.is_initialized().await? {
         let stagger = config.longest_election_wait() * BOOTSTRAP_STAGGER_ELECTIONS;
         tokio::spawn(bootstrap(raft.clone(), identity.initial_members.clone(), identity.node_id, stagger));
     }
-    Ok(PlaneRaft { raft, store, events, own_proposals, peer_channels })
+    let peer_service = PeerService::new(raft.clone(), identity.cluster_id, identity.node_id, log_store_durability);
+    Ok(PlaneRaft { raft, store, events, own_proposals, peer_channels, peer_service })
 }
 
 /// Bootstraps a new cluster. One member is enough, as openraft advises: `initialize` on

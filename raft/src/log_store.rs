@@ -6,21 +6,23 @@
 //! one WAL fsync covers every append queued meanwhile. Votes are synced before
 //! `save_vote` returns.
 //!
-//! A follower's append is reported to openraft only once it is durable, since openraft
-//! then acknowledges it to the leader. The leader's own appends in its term are reported at
-//! once, so that openraft sends them to the followers while the leader's fsync runs (the
-//! Raft thesis, §10.2.1); openraft then counts the leader in the quorum early, and two
+//! Appends are reported to openraft at once, before they are durable. openraft 0.9 waits
+//! for that report before it does anything else, so a leader sends its entries to the
+//! followers while its own fsync runs (the Raft thesis, §10.2.1), and a follower applies
+//! what the same AppendEntries tells it is committed while it syncs. openraft then counts
+//! the leader in the quorum early and a follower's entries as durable early, and three
 //! guards keep that from showing: the state machine applies an entry only once this log is
-//! durable up to it ([`Durability::until`]), and no AppendEntries tells a follower of a
-//! commit beyond it (`network`). So whatever a client or follower learns is committed
-//! is on the disks of a true majority. Membership changes always take the synced path.
+//! durable up to it ([`Durability::until`]), no AppendEntries tells a follower of a commit
+//! beyond it (`network`), and a follower answers an AppendEntries only once it is durable
+//! up to its last entry (`service`). So whatever a client or peer learns is committed, or
+//! held by a follower, is on its disks. Membership changes always take the synced path.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
-use openraft::{EntryPayload, ErrorSubject, ErrorVerb, LeaderId, LogId, RaftLogReader, StorageIOError, Vote};
+use openraft::{EntryPayload, ErrorSubject, ErrorVerb, LogId, RaftLogReader, StorageIOError, Vote};
 use prost::Message;
 use rocksdb::{WriteBatch, WriteOptions, DB};
 use tokio::sync::watch;
@@ -73,6 +75,19 @@ impl Durability {
     }
 }
 
+/// How far the log is written (durable or not), for a leader's peer clients to see its
+/// appends as they happen; clones follow the same log.
+#[derive(Clone, Debug)]
+pub struct Appends(watch::Receiver<Option<u64>>);
+
+impl Appends {
+    /// Whether the log's last entry is past `index` (`None`: the log's start), or gets
+    /// there within `within`.
+    pub async fn past(&mut self, index: Option<u64>, within: std::time::Duration) -> bool {
+        tokio::time::timeout(within, self.0.wait_for(|last| *last > index)).await.is_ok_and(|seen| seen.is_ok())
+    }
+}
+
 /// What has been written to the log, for the sync thread to publish once synced.
 #[derive(Clone, Copy, Default)]
 struct Written {
@@ -85,16 +100,30 @@ struct Written {
 
 /// The log's state shared by every clone of the store and the sync thread.
 struct Shared {
-    node_id: NodeId,
     written: Mutex<Written>,
+    /// The index of the last entry written, as `written` has it.
+    appended: watch::Sender<Option<u64>>,
+    /// The commit openraft reported last, written with the next append rather than on its
+    /// own: a write per commit delays the apply that follows it, and losing the newest
+    /// commit only means a restarted plane applies a little less before it hears from the
+    /// leader.
+    committed: Mutex<Option<LogId<NodeId>>>,
     synced: watch::Sender<Synced>,
-    /// This plane's leadership, while the last vote saved is its own and committed.
-    leading: Mutex<Option<LeaderId<NodeId>>>,
 }
 
 impl Shared {
     fn written(&self) -> std::sync::MutexGuard<'_, Written> {
         self.written.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn committed(&self) -> std::sync::MutexGuard<'_, Option<LogId<NodeId>>> {
+        self.committed.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records `last` as the last entry written.
+    fn wrote(&self, written: &mut Written, last: Option<LogId<NodeId>>) {
+        written.last = last;
+        self.appended.send_replace(last.map(|id| id.index));
     }
 }
 
@@ -178,11 +207,10 @@ pub(crate) fn synced() -> WriteOptions {
 }
 
 impl LogStore {
-    /// The log of member `node_id` in `db`, timing each WAL sync into `fsync_seconds` and
+    /// The log in `db`, timing each WAL sync into `fsync_seconds` and
     /// telling `snapshots` of each append; `faults` runs before each sync (tests only).
     pub fn new(
         db: Arc<DB>,
-        node_id: NodeId,
         fsync_seconds: prometheus_client::metrics::histogram::Histogram,
         snapshots: Arc<SnapshotSchedule>,
         faults: Option<Arc<dyn SyncFaults>>,
@@ -192,18 +220,14 @@ impl LogStore {
         db.flush_wal(true).map_err(write_error)?;
         let (unsynced, queue) = tokio::sync::mpsc::channel(SYNC_QUEUE_MAX);
         let shared = Arc::new(Shared {
-            node_id,
             written: Mutex::default(),
+            appended: watch::Sender::new(None),
+            committed: Mutex::default(),
             synced: watch::Sender::new(Ok(None)),
-            leading: Mutex::new(None),
         });
         let store = LogStore { db: db.clone(), shared: shared.clone(), unsynced, snapshots };
         let last = store.last_log_id()?;
-        shared.written().last = last;
-        // openraft resumes leading at once if the vote saved last is this plane's own.
-        if let Some(vote) = store.meta::<raftpb::Vote>(META_VOTE)? {
-            store.set_leading(&types::vote_from_pb(&vote));
-        }
+        shared.wrote(&mut shared.written(), last);
         shared.synced.send_modify(|synced| *synced = Ok(last));
         let sync_db = Arc::downgrade(&db);
         std::thread::Builder::new()
@@ -213,18 +237,14 @@ impl LogStore {
         Ok(store)
     }
 
-    /// Notes whether `vote`, the vote saved last, makes this plane the leader. openraft
-    /// saves its own committed vote as it becomes leader, and any later vote (of a higher
-    /// term) before it takes entries from another leader.
-    fn set_leading(&self, vote: &Vote<NodeId>) {
-        let leading = vote.committed && vote.leader_id.voted_for() == Some(self.shared.node_id);
-        *self.shared.leading.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) =
-            leading.then_some(vote.leader_id);
-    }
-
     /// How far this log is durable.
     pub fn durability(&self) -> Durability {
         Durability(self.shared.synced.subscribe())
+    }
+
+    /// How far this log is written.
+    pub fn appends(&self) -> Appends {
+        Appends(self.shared.appended.subscribe())
     }
 
     /// The last entry's log ID, or the last purged one when the log is empty.
@@ -308,7 +328,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
         self.put_meta(META_VOTE, &types::vote_to_pb(vote))
             .map_err(|_| io_error(ErrorSubject::Vote, ErrorVerb::Write, std::io::Error::other("vote not saved")))?;
-        self.set_leading(vote);
         Ok(())
     }
 
@@ -317,11 +336,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError> {
-        if let Some(committed) = committed {
-            // Not synced: losing it only means replaying a little more of the log.
-            self.db
-                .put_cf(self.family(CF_RAFT_META), META_COMMITTED, types::log_id_to_pb(&committed).encode_to_vec())
-                .map_err(write_error)?;
+        if committed.is_some() {
+            *self.shared.committed() = committed;
         }
         Ok(())
     }
@@ -335,14 +351,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let leading = *self.shared.leading.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut batch = WriteBatch::default();
+        if let Some(committed) = self.shared.committed().take() {
+            batch.put_cf(self.family(CF_RAFT_META), META_COMMITTED, types::log_id_to_pb(&committed).encode_to_vec());
+        }
         let family = self.family(CF_RAFT_LOG);
         let mut last = None;
-        let mut own_term = true;
+        let mut membership = false;
         for entry in entries {
-            own_term &=
-                Some(entry.log_id.leader_id) == leading && !matches!(entry.payload, EntryPayload::Membership(_));
+            membership |= matches!(entry.payload, EntryPayload::Membership(_));
             last = Some(entry.log_id);
             batch.put_cf(family, index_key(entry.log_id.index), types::entry_into_pb(entry).encode_to_vec());
         }
@@ -353,14 +370,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             return Err(write_error(error));
         }
         if let Some(last) = last {
-            self.shared.written().last = Some(last);
+            self.shared.wrote(&mut self.shared.written(), Some(last));
             self.snapshots.appended(last.index, bytes);
         }
-        let waiting = if own_term {
+        let waiting = if membership {
+            Some(callback)
+        } else {
             callback.log_io_completed(Ok(()));
             None
-        } else {
-            Some(callback)
         };
         self.unsynced
             .send(waiting)
@@ -377,7 +394,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // A synced write: everything before it is durable too.
         self.db.write_opt(batch, &synced()).map_err(write_error)?;
         let last = self.last_log_id()?;
-        *written = Written { last, truncations: written.truncations + 1 };
+        written.truncations += 1;
+        self.shared.wrote(&mut written, last);
         self.shared.synced.send_if_modified(|synced| match synced {
             Ok(upto) if *upto != last => {
                 *upto = last;

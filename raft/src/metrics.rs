@@ -1,5 +1,5 @@
-//! What the Raft storage measures for the plane's metrics endpoint: WAL syncs, applies
-//! and snapshots. The plane registers these handles; they are shared, cheap clones.
+//! What the Raft storage and transport measure for the plane's metrics endpoint: WAL
+//! syncs, applies, snapshots and folded commit notices. The plane registers these handles; they are shared, cheap clones.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -13,6 +13,9 @@ pub struct StorageMetrics {
     pub snapshots_built: Counter,
     pub snapshots_sent: Counter,
     pub snapshots_received: Counter,
+    /// A commit-only AppendEntries to a follower left unsent, the next one carrying the
+    /// commit instead (`network`).
+    pub commit_notices_folded: Counter,
 }
 
 impl Default for StorageMetrics {
@@ -23,6 +26,7 @@ impl Default for StorageMetrics {
             snapshots_built: Counter::default(),
             snapshots_sent: Counter::default(),
             snapshots_received: Counter::default(),
+            commit_notices_folded: Counter::default(),
         }
     }
 }

@@ -12,6 +12,18 @@
 //! doubles back after calls that took well under their time, so that a follower catching up
 //! on a slow or busy machine is sent what it can take in time instead of the same too-large
 //! batch forever.
+//!
+//! openraft 0.9 has one AppendEntries in flight per follower, and sends a follower one
+//! without entries whenever the commit index moves with nothing else queued for it. At
+//! one write in flight that commit notice went out on every commit, and the next write's
+//! entries waited for its answer. So a notice waits up to `COMMIT_NOTICE_WAIT` for the
+//! leader's next append and is then answered here unsent ("folded"): the entries' own
+//! AppendEntries, which openraft sends right after, carries the commit and serves as the
+//! heartbeat. A follower of an idle leader learns of a commit that much later. A client
+//! answers its first call for real, always: openraft's read-index round makes a client per
+//! heartbeat, and that heartbeat's answer is what confirms the leadership. And a client
+//! folds a notice only if it sent the AppendEntries before it, so a follower hears from
+//! its leader at least every other heartbeat whatever the log does.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,11 +41,14 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use capstan_proto::raftpb::{self, raft_peer_client::RaftPeerClient};
 
-use crate::log_store::Durability;
+use crate::log_store::{Appends, Durability};
 use crate::types::{self, NodeId, PeerNode, TypeConfig};
+use crate::StorageMetrics;
 
 /// The largest peer message a plane sends or accepts.
 pub const PEER_MESSAGE_BYTES_MAX: usize = 16 << 20;
+/// How long a commit notice waits for the leader's next append to carry it instead.
+const COMMIT_NOTICE_WAIT: Duration = Duration::from_millis(2);
 /// The entries a peer's first AppendEntries carries at most (etcd's raft sends 1 MiB).
 const APPEND_BYTES_FIRST: usize = 1 << 20;
 /// The entries any AppendEntries carries at most: the largest message, less room for the
@@ -141,8 +156,12 @@ pub struct GrpcNetwork {
     channels: PeerChannels,
     /// Counts every snapshot sent whole to a peer.
     snapshots_sent: Counter,
+    /// Counts the commit notices folded into the next AppendEntries.
+    notices_folded: Counter,
     /// How far the plane's own log is durable.
     durability: Durability,
+    /// How far it is written.
+    appends: Appends,
     /// Each peer's append budget, kept across the replication streams of successive
     /// terms: a new leader term starting at 1 MiB again would clog a narrow link anew,
     /// the follower behind it would miss heartbeats and campaign, and so on.
@@ -154,10 +173,20 @@ impl GrpcNetwork {
         cluster_id: u64,
         id: NodeId,
         channels: PeerChannels,
-        snapshots_sent: Counter,
+        metrics: &StorageMetrics,
         durability: Durability,
+        appends: Appends,
     ) -> GrpcNetwork {
-        GrpcNetwork { cluster_id, id, channels, snapshots_sent, durability, append_budgets: Arc::default() }
+        GrpcNetwork {
+            cluster_id,
+            id,
+            channels,
+            snapshots_sent: metrics.snapshots_sent.clone(),
+            notices_folded: metrics.commit_notices_folded.clone(),
+            durability,
+            appends,
+            append_budgets: Arc::default(),
+        }
     }
 }
 
@@ -178,8 +207,12 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
             node: node.clone(),
             client: client.map_err(|error| error.to_string()),
             snapshots_sent: self.snapshots_sent.clone(),
+            notices_folded: self.notices_folded.clone(),
             durability: self.durability.clone(),
+            appends: self.appends.clone(),
             append_budget: lock(&self.append_budgets).entry(target).or_default().clone(),
+            answered: false,
+            folded: false,
         }
     }
 }
@@ -194,8 +227,14 @@ pub struct PeerClient {
     /// The client, or why the peer's URL cannot be used.
     client: Result<RaftPeerClient<Channel>, String>,
     snapshots_sent: Counter,
+    notices_folded: Counter,
     durability: Durability,
+    appends: Appends,
     append_budget: Arc<Mutex<AppendBudget>>,
+    /// Whether a call of this client has been answered.
+    answered: bool,
+    /// Whether its last AppendEntries was a commit notice folded into the next.
+    folded: bool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -279,6 +318,15 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId>>> {
         let started = std::time::Instant::now();
+        if rpc.entries.is_empty() && self.answered && !self.folded {
+            let matching = rpc.prev_log_id.map(|id| id.index);
+            if self.appends.past(matching, COMMIT_NOTICE_WAIT).await {
+                self.folded = true;
+                self.notices_folded.inc();
+                return Ok(AppendEntriesResponse::Success);
+            }
+        }
+        self.folded = false;
         let mut client = self.client()?;
         // openraft counts the leader's own appends as durable before they are (see
         // `log_store`); a follower hears of a commit only once the leader's copy is.
@@ -325,6 +373,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             }
             response => response?,
         };
+        self.answered = true;
         let response = types::append_response_from_pb(response).map_err(|error| self.unreachable(error))?;
         Ok(match response {
             AppendEntriesResponse::Success if !sent_all => {

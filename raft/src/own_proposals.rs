@@ -2,9 +2,11 @@
 //!
 //! A follower forwards its clients' writes to the leader, which answers once it has applied
 //! them. But the follower learns of the commit from the leader as well (the AppendEntries
-//! that follows it) and applies the same commands itself, usually before the leader's
-//! answer has come back: session 11 timed it at about 80 µs sooner at one write in flight.
-//! So a proposer registers here, its command carries the origin it is given through Raft,
+//! that follows it) and applies the same commands itself, at times before the leader's
+//! answer has come back: when the commit rides on the next entries' AppendEntries, sent
+//! as the leader answers. (One write at a time it seldom does: the leader holds a commit
+//! notice back for its next append, `network`, and the answer comes first.) So a proposer
+//! registers here, its command carries the origin it is given through Raft,
 //! and whichever comes first answers the client: this plane's own apply, or the answer
 //! the batcher has (the leader's, for a follower). On the leader the apply also answers a
 //! task hand-off sooner than the batcher does.

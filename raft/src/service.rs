@@ -3,23 +3,27 @@
 //! decode, are refused with a clear status; nothing a peer sends can panic the plane.
 
 use openraft::error::{InstallSnapshotError, RaftError};
-use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest};
 use tonic::{Request, Response, Status};
 
 use capstan_proto::raftpb::{self, raft_peer_server::RaftPeer};
 
 use crate::error::DecodeError;
+use crate::log_store::Durability;
 use crate::types::{self, NodeId, Raft};
 
 pub struct PeerService {
     raft: Raft,
     cluster_id: u64,
     member_id: NodeId,
+    /// How far the plane's log is durable: openraft hears of appends before they are
+    /// (`log_store`), and a follower's answer must not claim entries before they are.
+    durability: Durability,
 }
 
 impl PeerService {
-    pub fn new(raft: Raft, cluster_id: u64, member_id: NodeId) -> PeerService {
-        PeerService { raft, cluster_id, member_id }
+    pub fn new(raft: Raft, cluster_id: u64, member_id: NodeId, durability: Durability) -> PeerService {
+        PeerService { raft, cluster_id, member_id, durability }
     }
 
     /// Refuses a request of another cluster, or one meant for another member: a peer
@@ -72,13 +76,24 @@ impl RaftPeer for PeerService {
             request.vote.as_ref().map(types::vote_from_pb).ok_or(DecodeError::Missing("vote")).map_err(malformed)?;
         let entries =
             request.entries.into_iter().map(types::entry_from_pb).collect::<Result<Vec<_>, _>>().map_err(malformed)?;
+        let prev_log_id = request.prev_log_id.as_ref().map(types::log_id_from_pb);
+        // A success says the log matches the leader's up to the last entry sent (or up to
+        // `prev_log_id`, if none were), which the leader may count toward a commit.
+        let matching = entries.last().map(|entry| entry.log_id).or(prev_log_id);
         let rpc = AppendEntriesRequest {
             vote,
-            prev_log_id: request.prev_log_id.as_ref().map(types::log_id_from_pb),
+            prev_log_id,
             entries,
             leader_commit: request.leader_commit.as_ref().map(types::log_id_from_pb),
         };
         let response = self.raft.append_entries(rpc).await.map_err(raft_status)?;
+        if let (AppendEntriesResponse::Success, Some(matching)) = (&response, matching) {
+            self.durability
+                .clone()
+                .until(matching.index)
+                .await
+                .map_err(|error| Status::unavailable(format!("the log is not durable: {error}")))?;
+        }
         Ok(Response::new(types::append_response_to_pb(&response)))
     }
 

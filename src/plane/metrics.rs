@@ -125,6 +125,11 @@ impl PlaneMetrics {
         raft.register("snapshots_built", "Snapshots this plane built of its store", storage.snapshots_built.clone());
         raft.register("snapshots_sent", "Snapshots sent whole to peers", storage.snapshots_sent.clone());
         raft.register("snapshots_received", "Snapshots received and installed", storage.snapshots_received.clone());
+        raft.register(
+            "commit_notices_folded",
+            "Commit-only AppendEntries to followers left unsent, the next AppendEntries carrying the commit",
+            storage.commit_notices_folded.clone(),
+        );
         let store = registry.sub_registry_with_prefix("store");
         store.register_with_unit("db_size", "Bytes on disk and in memtables", Unit::Bytes, state.db_size.clone());
         store.register("key_versions", "Stored key versions (RocksDB's estimate)", state.key_versions.clone());

@@ -652,11 +652,10 @@ pub async fn run(
     if let Some(config) = plane.config.scheduler.clone() {
         background.spawn(run_scheduler(plane.clone(), config));
     }
-    let peer_service = capstan_raft::PeerService::new(plane.raft.clone(), plane.cluster_id, plane.node_id);
     let (stop_peers, peers_stopped) = tokio::sync::oneshot::channel::<()>();
     let peer_router = tonic::transport::Server::builder()
         .add_service(
-            capstan_proto::raftpb::raft_peer_server::RaftPeerServer::new(peer_service)
+            capstan_proto::raftpb::raft_peer_server::RaftPeerServer::new(started.peer_service)
                 .max_decoding_message_size(capstan_raft::network::PEER_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(capstan_raft::network::PEER_MESSAGE_BYTES_MAX),
         )

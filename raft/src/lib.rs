@@ -232,14 +232,15 @@ pub async fn start(
         log_store.durability(),
         log_store.appends(),
     );
-    let log_store_durability = log_store.durability();
+    let (log_store_durability, log_store_appends) = (log_store.durability(), log_store.appends());
     let raft = Raft::new(identity.node_id, Arc::new(raft_config), network, log_store, state_machine).await?;
     tokio::spawn(snapshot_schedule::snapshot_when_due(raft.clone(), snapshots_due));
     if !identity.initial_members.is_empty() && !raft.is_initialized().await? {
         let stagger = config.longest_election_wait() * BOOTSTRAP_STAGGER_ELECTIONS;
         tokio::spawn(bootstrap(raft.clone(), identity.initial_members.clone(), identity.node_id, stagger));
     }
-    let peer_service = PeerService::new(raft.clone(), identity.cluster_id, identity.node_id, log_store_durability);
+    let peer_service =
+        PeerService::new(raft.clone(), identity.cluster_id, identity.node_id, log_store_durability, log_store_appends);
     Ok(PlaneRaft { raft, store, events, own_proposals, peer_channels, peer_service })
 }
 

@@ -75,21 +75,29 @@ impl Durability {
     }
 }
 
-/// How far the log is written (durable or not), for a leader's peer clients to see its
-/// appends as they happen; clones follow the same log.
+/// How far the log is written (durable or not) and how often it was truncated, for a
+/// leader's peer clients to see its appends as they happen and for a follower's answers;
+/// clones follow the same log.
 #[derive(Clone, Debug)]
-pub struct Appends(watch::Receiver<Option<u64>>);
+pub struct Appends(watch::Receiver<Written>);
 
 impl Appends {
     /// Whether the log's last entry is past `index` (`None`: the log's start), or gets
     /// there within `within`.
     pub async fn past(&mut self, index: Option<u64>, within: std::time::Duration) -> bool {
-        tokio::time::timeout(within, self.0.wait_for(|last| *last > index)).await.is_ok_and(|seen| seen.is_ok())
+        let past = |written: &Written| written.last.map(|id| id.index) > index;
+        tokio::time::timeout(within, self.0.wait_for(past)).await.is_ok_and(|seen| seen.is_ok())
+    }
+
+    /// How many truncations the log has seen: entries written after one count and found
+    /// durable while the count is the same are still the entries written.
+    pub fn truncations(&self) -> u64 {
+        self.0.borrow().truncations
     }
 }
 
 /// What has been written to the log, for the sync thread to publish once synced.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Debug, Default)]
 struct Written {
     /// The last entry written.
     last: Option<LogId<NodeId>>,
@@ -101,8 +109,8 @@ struct Written {
 /// The log's state shared by every clone of the store and the sync thread.
 struct Shared {
     written: Mutex<Written>,
-    /// The index of the last entry written, as `written` has it.
-    appended: watch::Sender<Option<u64>>,
+    /// `written`, for those who wait on it.
+    appended: watch::Sender<Written>,
     /// The commit openraft reported last, written with the next append rather than on its
     /// own: a write per commit delays the apply that follows it, and losing the newest
     /// commit only means a restarted plane applies a little less before it hears from the
@@ -123,7 +131,7 @@ impl Shared {
     /// Records `last` as the last entry written.
     fn wrote(&self, written: &mut Written, last: Option<LogId<NodeId>>) {
         written.last = last;
-        self.appended.send_replace(last.map(|id| id.index));
+        self.appended.send_replace(*written);
     }
 }
 
@@ -221,7 +229,7 @@ impl LogStore {
         let (unsynced, queue) = tokio::sync::mpsc::channel(SYNC_QUEUE_MAX);
         let shared = Arc::new(Shared {
             written: Mutex::default(),
-            appended: watch::Sender::new(None),
+            appended: watch::Sender::new(Written::default()),
             committed: Mutex::default(),
             synced: watch::Sender::new(Ok(None)),
         });

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 use capstan_proto::raftpb::{self, raft_peer_server::RaftPeer};
 
 use crate::error::DecodeError;
-use crate::log_store::Durability;
+use crate::log_store::{Appends, Durability};
 use crate::types::{self, NodeId, Raft};
 
 pub struct PeerService {
@@ -19,11 +19,20 @@ pub struct PeerService {
     /// How far the plane's log is durable: openraft hears of appends before they are
     /// (`log_store`), and a follower's answer must not claim entries before they are.
     durability: Durability,
+    /// How often the log was truncated, so that an answer does not claim entries that
+    /// another leader's replaced at the same index before the sync.
+    appends: Appends,
 }
 
 impl PeerService {
-    pub fn new(raft: Raft, cluster_id: u64, member_id: NodeId, durability: Durability) -> PeerService {
-        PeerService { raft, cluster_id, member_id, durability }
+    pub fn new(
+        raft: Raft,
+        cluster_id: u64,
+        member_id: NodeId,
+        durability: Durability,
+        appends: Appends,
+    ) -> PeerService {
+        PeerService { raft, cluster_id, member_id, durability, appends }
     }
 
     /// Refuses a request of another cluster, or one meant for another member: a peer
@@ -86,6 +95,7 @@ impl RaftPeer for PeerService {
             entries,
             leader_commit: request.leader_commit.as_ref().map(types::log_id_from_pb),
         };
+        let truncations = self.appends.truncations();
         let response = self.raft.append_entries(rpc).await.map_err(raft_status)?;
         if let (AppendEntriesResponse::Success, Some(matching)) = (&response, matching) {
             self.durability
@@ -93,6 +103,11 @@ impl RaftPeer for PeerService {
                 .until(matching.index)
                 .await
                 .map_err(|error| Status::unavailable(format!("the log is not durable: {error}")))?;
+            // Durable up to the index, but a truncation meanwhile (this request's own, or a
+            // newer leader's) may have put other entries there: the leader sends it again.
+            if self.appends.truncations() != truncations {
+                return Err(Status::unavailable("the log was truncated while this append was synced; send it again"));
+            }
         }
         Ok(Response::new(types::append_response_to_pb(&response)))
     }

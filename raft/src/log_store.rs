@@ -14,7 +14,7 @@
 //! guards keep that from showing: the state machine applies an entry only once this log is
 //! durable up to it ([`Durability::until`]), no AppendEntries tells a follower of a commit
 //! beyond it (`network`), and a follower answers an AppendEntries only once it is durable
-//! up to its last entry (`service`). So whatever a client or peer learns is committed, or
+//! up to its last entry with no truncation since (`service`). So whatever a client or peer learns is committed, or
 //! held by a follower, is on its disks. Membership changes always take the synced path.
 
 use std::fmt::Debug;

@@ -16,7 +16,7 @@ use openraft::{
 use prost::Message;
 use tokio::sync::broadcast;
 
-use capstan_proto::{mvccpb, raftpb};
+use capstan_proto::{etcdserverpb, mvccpb, raftpb};
 use capstan_store::{Applied, Store};
 
 use crate::error::DecodeError;
@@ -42,23 +42,44 @@ pub struct RevisionEvents {
     pub events: Vec<mvccpb::Event>,
 }
 
-/// Entries of up to this many commands in all, each bounded work, are applied on the async
-/// worker itself.
+/// Entries touching up to this many keys in all, each command bounded work, are applied on
+/// the async worker itself.
 const APPLY_INLINE_COMMANDS_MAX: usize = 32;
 
-/// How many commands applying `entry` takes when each is bounded work (one key written, or
-/// only meta); `None` when its work can grow with the store (deletes, txns, compaction,
-/// revokes).
+/// How many keys applying `entry` touches when each of its commands is bounded work (it
+/// names single keys, or only meta); `None` when its work can grow with the store (range
+/// deletes, txns with ranges, compaction, revokes).
 fn small_commands(entry: &Entry) -> Option<usize> {
     use raftpb::command::Request;
-    let small = |command: &raftpb::Command| matches!(command.request, Some(Request::Put(_) | Request::LeaseGrant(_)));
+    let keys = |command: &raftpb::Command| match &command.request {
+        Some(Request::Put(_) | Request::LeaseGrant(_)) => Some(1),
+        Some(Request::DeleteRange(delete)) if delete.range_end.is_empty() => Some(1),
+        Some(Request::Txn(txn)) => txn_keys(txn),
+        _ => None,
+    };
     match &entry.payload {
         EntryPayload::Normal(raftpb::Command { request: Some(Request::Batch(batch)), .. }) => {
-            batch.commands.iter().all(small).then_some(batch.commands.len())
+            batch.commands.iter().try_fold(0, |sum, command| Some(sum + keys(command)?))
         }
-        EntryPayload::Normal(command) => small(command).then_some(1),
+        EntryPayload::Normal(command) => keys(command),
         EntryPayload::Blank | EntryPayload::Membership(_) => Some(1),
     }
+}
+
+/// How many keys a txn touches at most when every compare and every operation names one
+/// key (a compare-and-put, say); `None` when one names a range.
+fn txn_keys(txn: &etcdserverpb::TxnRequest) -> Option<usize> {
+    use etcdserverpb::request_op::Request;
+    let compares = txn.compare.iter().all(|compare| compare.range_end.is_empty()).then_some(txn.compare.len())?;
+    let op_keys = |op: &etcdserverpb::RequestOp| match &op.request {
+        Some(Request::RequestPut(_)) => Some(1),
+        Some(Request::RequestRange(range)) if range.range_end.is_empty() => Some(1),
+        Some(Request::RequestDeleteRange(delete)) if delete.range_end.is_empty() => Some(1),
+        Some(Request::RequestTxn(txn)) => txn_keys(txn),
+        _ => None,
+    };
+    let branch = |ops: &[etcdserverpb::RequestOp]| ops.iter().try_fold(0, |sum, op| Some(sum + op_keys(op)?));
+    Some(compares + branch(&txn.success)?.max(branch(&txn.failure)?))
 }
 
 /// The state machine: the store plus where its snapshots live.
@@ -454,6 +475,65 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
         }
+    }
+
+    #[test]
+    fn only_commands_naming_single_keys_count_as_small() {
+        use pb::request_op::Request as Op;
+        let entry = |command: raftpb::Command| RaftEntry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+            payload: EntryPayload::Normal(command),
+        };
+        let txn = |txn: pb::TxnRequest| raftpb::Command {
+            request: Some(raftpb::command::Request::Txn(txn)),
+            caller: None,
+            origin: 0,
+        };
+        let compare =
+            |range_end: &str| pb::Compare { key: "k".into(), range_end: range_end.into(), ..Default::default() };
+        let op = |request: Op| pb::RequestOp { request: Some(request) };
+        let get = |range_end: &str| {
+            op(Op::RequestRange(pb::RangeRequest {
+                key: "k".into(),
+                range_end: range_end.into(),
+                ..Default::default()
+            }))
+        };
+        let put_op = || op(Op::RequestPut(pb::PutRequest { key: "k".into(), ..Default::default() }));
+        let compare_and_put =
+            pb::TxnRequest { compare: vec![compare("")], success: vec![put_op()], failure: vec![get("")] };
+
+        assert_eq!(small_commands(&entry(put("k", "v"))), Some(1));
+        assert_eq!(small_commands(&entry(txn(compare_and_put.clone()))), Some(2));
+        let nested = pb::TxnRequest {
+            success: vec![put_op(), op(Op::RequestTxn(compare_and_put.clone()))],
+            ..Default::default()
+        };
+        assert_eq!(small_commands(&entry(txn(nested))), Some(3));
+        let batch = raftpb::CommandBatch { commands: vec![put("a", "v"), txn(compare_and_put.clone())] };
+        let batch = raftpb::Command { request: Some(raftpb::command::Request::Batch(batch)), caller: None, origin: 0 };
+        assert_eq!(small_commands(&entry(batch)), Some(3));
+
+        // A range anywhere (a compare, a read, a delete, deep in a nested txn) can touch
+        // any number of keys.
+        let ranged_compare =
+            pb::TxnRequest { compare: vec![compare("l")], success: vec![put_op()], ..Default::default() };
+        assert_eq!(small_commands(&entry(txn(ranged_compare))), None);
+        let ranged_read = pb::TxnRequest { failure: vec![get("l")], ..compare_and_put.clone() };
+        assert_eq!(small_commands(&entry(txn(ranged_read.clone()))), None);
+        let deep = pb::TxnRequest { success: vec![op(Op::RequestTxn(ranged_read))], ..Default::default() };
+        assert_eq!(small_commands(&entry(txn(deep))), None);
+        let delete = |range_end: &str| raftpb::Command {
+            request: Some(raftpb::command::Request::DeleteRange(pb::DeleteRangeRequest {
+                key: "k".into(),
+                range_end: range_end.into(),
+                ..Default::default()
+            })),
+            caller: None,
+            origin: 0,
+        };
+        assert_eq!(small_commands(&entry(delete(""))), Some(1));
+        assert_eq!(small_commands(&entry(delete("l"))), None);
     }
 
     #[test]

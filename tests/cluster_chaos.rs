@@ -628,6 +628,15 @@ impl Stalled {
         let before = statuses().await;
         let leader = before.iter().position(|status| status.leader() == status.header().unwrap().member_id()).unwrap();
         let written = before[leader].raft_index();
+        // Each plane applies only what its log has made durable: once all have applied the
+        // first write, none is still syncing it. (A follower whose gate closed on an
+        // unsynced entry would never answer for it, and so never be sent the held write.)
+        let applied = async {
+            while !statuses().await.iter().all(|status| status.raft_applied_index() >= written) {
+                tokio::time::sleep(Duration::from_millis(10)).await; // polling the planes' applies
+            }
+        };
+        tokio::time::timeout(SETTLE_TIMEOUT, applied).await.expect("every plane applies the first write");
         let followers: Vec<usize> = (0..3).filter(|index| *index != leader).collect();
         let held = match held {
             Held::Leader => vec![leader],
@@ -640,13 +649,16 @@ impl Stalled {
             let mut client = clients[leader].clone();
             async move { client.put("durable", "1", None).await }
         });
-        loop {
-            let now = statuses().await;
-            if followers.iter().all(|index| now[*index].raft_index() > written) {
-                break;
+        let appended = async {
+            loop {
+                let now = statuses().await;
+                if followers.iter().all(|index| now[*index].raft_index() > written) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await; // polling the followers' logs
             }
-            tokio::time::sleep(Duration::from_millis(10)).await; // polling the followers' logs
-        }
+        };
+        tokio::time::timeout(SETTLE_TIMEOUT, appended).await.expect("both followers append the held write");
         Stalled { _dir: dir, planes, clients, gates, leader, held, put }
     }
 

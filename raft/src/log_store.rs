@@ -14,8 +14,9 @@
 //! guards keep that from showing: the state machine applies an entry only once this log is
 //! durable up to it ([`Durability::until`]), no AppendEntries tells a follower of a commit
 //! beyond it (`network`), and a follower answers an AppendEntries only once it is durable
-//! up to its last entry with no truncation since (`service`). So whatever a client or peer learns is committed, or
-//! held by a follower, is on its disks. Membership changes always take the synced path.
+//! up to its last entry with no truncation since (`service`). So whatever a client or peer
+//! learns is committed, or held by a follower, is on its disks. Membership changes always
+//! take the synced path.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -108,9 +109,10 @@ struct Written {
 
 /// The log's state shared by every clone of the store and the sync thread.
 struct Shared {
-    written: Mutex<Written>,
-    /// `written`, for those who wait on it.
-    appended: watch::Sender<Written>,
+    /// Held by the sync thread from its check of the truncation count to its publishing,
+    /// and by a truncation through its write, so that a sync never publishes entries a
+    /// truncation removed; watched by `Appends`.
+    written: watch::Sender<Written>,
     /// The commit openraft reported last, written with the next append rather than on its
     /// own: a write per commit delays the apply that follows it, and losing the newest
     /// commit only means a restarted plane applies a little less before it hears from the
@@ -120,18 +122,8 @@ struct Shared {
 }
 
 impl Shared {
-    fn written(&self) -> std::sync::MutexGuard<'_, Written> {
-        self.written.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     fn committed(&self) -> std::sync::MutexGuard<'_, Option<LogId<NodeId>>> {
         self.committed.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Records `last` as the last entry written.
-    fn wrote(&self, written: &mut Written, last: Option<LogId<NodeId>>) {
-        written.last = last;
-        self.appended.send_replace(*written);
     }
 }
 
@@ -167,14 +159,14 @@ fn sync_appends(
             faults.before_sync();
         }
         // Everything written by now is covered by the sync below.
-        let written = *shared.written();
+        let written = *shared.written.borrow();
         let synced = match db.upgrade() {
             Some(db) => crate::metrics::timed(&fsync_seconds, || db.flush_wal(true)).map_err(|error| error.to_string()),
             None => Err("the database is closed".to_string()),
         };
         match &synced {
             Ok(()) => {
-                let current = shared.written();
+                let current = shared.written.borrow();
                 if current.truncations == written.truncations {
                     shared.synced.send_if_modified(|synced| match synced {
                         Ok(upto) if *upto < written.last => {
@@ -228,14 +220,13 @@ impl LogStore {
         db.flush_wal(true).map_err(write_error)?;
         let (unsynced, queue) = tokio::sync::mpsc::channel(SYNC_QUEUE_MAX);
         let shared = Arc::new(Shared {
-            written: Mutex::default(),
-            appended: watch::Sender::new(Written::default()),
+            written: watch::Sender::new(Written::default()),
             committed: Mutex::default(),
             synced: watch::Sender::new(Ok(None)),
         });
         let store = LogStore { db: db.clone(), shared: shared.clone(), unsynced, snapshots };
         let last = store.last_log_id()?;
-        shared.wrote(&mut shared.written(), last);
+        shared.written.send_modify(|written| written.last = last);
         shared.synced.send_modify(|synced| *synced = Ok(last));
         let sync_db = Arc::downgrade(&db);
         std::thread::Builder::new()
@@ -252,7 +243,7 @@ impl LogStore {
 
     /// How far this log is written.
     pub fn appends(&self) -> Appends {
-        Appends(self.shared.appended.subscribe())
+        Appends(self.shared.written.subscribe())
     }
 
     /// The last entry's log ID, or the last purged one when the log is empty.
@@ -378,7 +369,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             return Err(write_error(error));
         }
         if let Some(last) = last {
-            self.shared.wrote(&mut self.shared.written(), Some(last));
+            self.shared.written.send_modify(|written| written.last = Some(last));
             self.snapshots.appended(last.index, bytes);
         }
         let waiting = if membership {
@@ -398,20 +389,28 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(family, index_key(log_id.index), index_key(u64::MAX));
         batch.delete_cf(family, index_key(u64::MAX));
-        let mut written = self.shared.written();
-        // A synced write: everything before it is durable too.
-        self.db.write_opt(batch, &synced()).map_err(write_error)?;
-        let last = self.last_log_id()?;
-        written.truncations += 1;
-        self.shared.wrote(&mut written, last);
-        self.shared.synced.send_if_modified(|synced| match synced {
-            Ok(upto) if *upto != last => {
-                *upto = last;
-                true
-            }
-            _ => false,
+        let mut truncated = Ok(());
+        self.shared.written.send_if_modified(|written| {
+            // A synced write: everything before it is durable too.
+            let last = self.db.write_opt(batch, &synced()).map_err(write_error).and_then(|()| self.last_log_id());
+            let last = match last {
+                Ok(last) => last,
+                Err(error) => {
+                    truncated = Err(error);
+                    return false;
+                }
+            };
+            *written = Written { last, truncations: written.truncations + 1 };
+            self.shared.synced.send_if_modified(|synced| match synced {
+                Ok(upto) if *upto != last => {
+                    *upto = last;
+                    true
+                }
+                _ => false,
+            });
+            true
         });
-        Ok(())
+        truncated
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {

@@ -1,5 +1,6 @@
 //! What the Raft storage and transport measure for the plane's metrics endpoint: WAL
-//! syncs, applies, snapshots and folded commit notices. The plane registers these handles; they are shared, cheap clones.
+//! syncs, applies, snapshots and folded commit notices. The plane registers these handles;
+//! they are shared, cheap clones.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};

@@ -20,7 +20,8 @@
 //! was out (to the leader, through its batch in flight, and back) waited for its answer
 //! before they even reached the leader's queue; put 4:16 ran 6% slower (session 21).
 //! The batcher's answer to a key write is the client's fallback: the plane that took the
-//! write usually answers it sooner, as it applies it (`Plane::propose`).
+//! write answers it as it applies it if that comes first (`Plane::propose`), which on the
+//! leader it always does.
 //!
 //! The leader's lessor learns each lease grant and revoke here, when the entry is applied,
 //! whichever plane the client asked and even if it stopped waiting.

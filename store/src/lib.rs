@@ -99,7 +99,7 @@ const WAL_BYTES_MAX: u64 = 128 << 20;
 /// reused file overwrites blocks already there: 104–125 µs against 149–160 µs per
 /// `fdatasync` of 300 bytes here. Recovery tells a reused file's new records from the
 /// older ones past them (RocksDB's recyclable record format), in the default
-/// point-in-time recovery mode.
+/// point-in-time recovery mode. The cost: up to this many obsolete files stay on disk.
 const WAL_FILES_REUSED: usize = 4;
 
 /// One column family's options; `cache` is shared by all of them.

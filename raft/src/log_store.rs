@@ -207,6 +207,20 @@ pub(crate) fn synced() -> WriteOptions {
 }
 
 impl LogStore {
+    /// The entries at `indexes`, read by key, or `None` if one is missing (the caller then
+    /// scans, as for any range).
+    fn entries_by_key(&self, indexes: std::ops::Range<u64>) -> Result<Option<Vec<Entry>>, StorageError> {
+        let keys: Vec<[u8; 8]> = indexes.map(index_key).collect();
+        let mut entries = Vec::with_capacity(keys.len());
+        for value in self.db.batched_multi_get_cf(self.family(CF_RAFT_LOG), &keys, true) {
+            match value.map_err(read_error)? {
+                Some(value) => entries.push(decode_entry(&value)?),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(entries))
+    }
+
     /// The log in `db`, timing each WAL sync into `fsync_seconds` and
     /// telling `snapshots` of each append; `faults` runs before each sync (tests only).
     pub fn new(
@@ -277,6 +291,13 @@ impl LogStore {
     }
 }
 
+/// Entries read back one key each, at most; larger ranges are scanned. What openraft reads
+/// (to replicate, to apply) is nearly always the newest entries, still in the memtable,
+/// where a point read finds each at once; an iterator first opens and seeks every SST file
+/// of the log (a dozen L0 files on a busy plane: at put 8:64 after 20 s of writes, 2.8%
+/// of the planes' CPU went to those seeks, against 0.9% on a fresh plane).
+const POINT_READS_MAX: u64 = 64;
+
 fn index_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
@@ -296,6 +317,16 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&index) => index + 1,
             Bound::Unbounded => 0,
         };
+        let end = match range.end_bound() {
+            Bound::Included(&index) => index.checked_add(1),
+            Bound::Excluded(&index) => Some(index),
+            Bound::Unbounded => None,
+        };
+        if let Some(end) = end.filter(|&end| end.saturating_sub(start) <= POINT_READS_MAX) {
+            if let Some(entries) = self.entries_by_key(start..end)? {
+                return Ok(entries);
+            }
+        }
         let mut iter = self.db.raw_iterator_cf(self.family(CF_RAFT_LOG));
         iter.seek(index_key(start));
         let mut entries = Vec::new();
@@ -418,5 +449,51 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.db
             .delete_range_cf(self.family(CF_RAFT_LOG), index_key(0), index_key(log_id.index + 1))
             .map_err(write_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, Entry as RaftEntry};
+
+    fn entry(index: u64) -> Entry {
+        RaftEntry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Blank }
+    }
+
+    fn indexes(entries: &[Entry]) -> Vec<u64> {
+        entries.iter().map(|entry| entry.log_id.index).collect()
+    }
+
+    /// Reads by key (short ranges) and scans (long or open ones, or where a key is missing)
+    /// return the same entries: the contiguous run from the range's first stored index.
+    #[tokio::test]
+    async fn ranges_read_by_key_and_by_scan_agree() {
+        let dir = std::env::temp_dir().join(format!("capstan-log-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = capstan_store::Store::open(&dir, &[CF_RAFT_LOG, CF_RAFT_META]).unwrap();
+        let db = store.db().clone();
+        let fsync_seconds = prometheus_client::metrics::histogram::Histogram::new(crate::metrics::duration_buckets());
+        let mut log = LogStore::new(db.clone(), fsync_seconds, SnapshotSchedule::new(1).0, None).unwrap();
+        let mut batch = WriteBatch::default();
+        for index in 1..=200 {
+            batch.put_cf(log.family(CF_RAFT_LOG), index_key(index), types::entry_into_pb(entry(index)).encode_to_vec());
+        }
+        db.write(batch).unwrap();
+
+        assert_eq!(indexes(&log.try_get_log_entries(10..20).await.unwrap()), (10..20).collect::<Vec<_>>());
+        assert_eq!(indexes(&log.try_get_log_entries(10..=20).await.unwrap()), (10..=20).collect::<Vec<_>>());
+        assert_eq!(indexes(&log.try_get_log_entries(1..=200).await.unwrap()), (1..=200).collect::<Vec<_>>());
+        assert_eq!(indexes(&log.try_get_log_entries(190..).await.unwrap()), (190..=200).collect::<Vec<_>>());
+        // Past the end: what is there.
+        assert_eq!(indexes(&log.try_get_log_entries(195..205).await.unwrap()), (195..=200).collect::<Vec<_>>());
+        assert!(log.try_get_log_entries(201..210).await.unwrap().is_empty());
+
+        log.purge(LogId::new(CommittedLeaderId::new(1, 1), 30)).await.unwrap();
+        assert_eq!(indexes(&log.try_get_log_entries(25..35).await.unwrap()), (31..35).collect::<Vec<_>>());
+        assert_eq!(indexes(&log.try_get_log_entries(31..41).await.unwrap()), (31..41).collect::<Vec<_>>());
+
+        drop((log, store, db));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

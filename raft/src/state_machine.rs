@@ -7,7 +7,7 @@
 //! protobuf `SnapshotMeta`.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -95,6 +95,10 @@ pub struct StateMachine {
     snapshots: Arc<SnapshotSchedule>,
     /// This plane's clients waiting on the commands they proposed.
     own: Arc<OwnProposals>,
+    /// How far into a batch entry the store got before this process started (a crash cut
+    /// it short) or as of the snapshot installed last: read from the store then, and not
+    /// on every batch, since a batch this process applies is never left half done.
+    cut_short: Arc<Mutex<Option<raftpb::BatchProgress>>>,
 }
 
 /// Fills a new plane's store from a backup (a snapshot file `capstan ctl snapshot save`
@@ -126,7 +130,17 @@ impl StateMachine {
         own: Arc<OwnProposals>,
     ) -> Result<StateMachine, StorageError> {
         std::fs::create_dir_all(&snapshot_dir).map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
-        let machine = StateMachine { store, snapshot_dir, events, metrics, durability, snapshots, own };
+        let machine = StateMachine {
+            store,
+            snapshot_dir,
+            events,
+            metrics,
+            durability,
+            snapshots,
+            own,
+            cut_short: Arc::default(),
+        };
+        machine.read_batch_progress()?;
         if let Some(meta) = machine.current_snapshot_meta()? {
             machine.schedule_after(&meta).map_err(|error| snapshot_error(ErrorVerb::Read, error))?;
         }
@@ -238,16 +252,24 @@ impl StateMachine {
         Ok(Response { result: None, batch: results, revision })
     }
 
-    /// The last command of batch entry `entry` applied before a restart, if any.
+    /// The last command of batch entry `entry` applied before a restart (or in the snapshot
+    /// installed last), if any.
     fn batch_progress(&self, entry: &raftpb::LogId) -> Result<Option<u64>, StorageError> {
-        let Some(raw) =
-            self.store.reader().meta(META_BATCH_PROGRESS).map_err(|error| sm_error(ErrorVerb::Read, error))?
-        else {
-            return Ok(None);
-        };
-        let progress = raftpb::BatchProgress::decode(raw.as_slice())
+        let mut cut_short = self.cut_short.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        Ok(cut_short
+            .take_if(|progress| progress.entry.as_ref() == Some(entry))
+            .map(|progress| progress.applied_commands))
+    }
+
+    /// Reads the store's batch progress into `cut_short`.
+    fn read_batch_progress(&self) -> Result<(), StorageError> {
+        let raw = self.store.reader().meta(META_BATCH_PROGRESS).map_err(|error| sm_error(ErrorVerb::Read, error))?;
+        let progress = raw
+            .map(|raw| raftpb::BatchProgress::decode(raw.as_slice()))
+            .transpose()
             .map_err(|error| sm_error(ErrorVerb::Read, DecodeError::from(error)))?;
-        Ok((progress.entry.as_ref() == Some(entry)).then_some(progress.applied_commands))
+        *self.cut_short.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = progress;
+        Ok(())
     }
 
     fn snapshot_path(&self) -> PathBuf {
@@ -410,6 +432,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         tokio::task::spawn_blocking(move || {
             let received = this.snapshot_dir.join(RECEIVING_FILE);
             this.store.import(&received).map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
+            this.read_batch_progress()?;
             this.keep_snapshot(&received, &meta).map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
             this.metrics.snapshots_received.inc();
             tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
@@ -566,6 +589,8 @@ mod tests {
             machine.apply_command(&commands[0], &[(META_BATCH_PROGRESS, progress.encode_to_vec())]).unwrap();
         assert!(first.is_ok());
         assert_eq!(machine.read_applied().unwrap().0, None, "a partial batch is not applied");
+        drop(machine);
+        let machine = resumed.machine();
         let response = machine.apply_entry(entry(commands)).unwrap();
         assert!(response.batch[0].is_err(), "the command applied before the crash has no client any more");
         assert!(response.batch[1..].iter().all(|result| result.is_ok()));

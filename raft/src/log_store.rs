@@ -207,20 +207,6 @@ pub(crate) fn synced() -> WriteOptions {
 }
 
 impl LogStore {
-    /// The entries at `indexes`, read by key, or `None` if one is missing (the caller then
-    /// scans, as for any range).
-    fn entries_by_key(&self, indexes: std::ops::Range<u64>) -> Result<Option<Vec<Entry>>, StorageError> {
-        let keys: Vec<[u8; 8]> = indexes.map(index_key).collect();
-        let mut entries = Vec::with_capacity(keys.len());
-        for value in self.db.batched_multi_get_cf(self.family(CF_RAFT_LOG), &keys, true) {
-            match value.map_err(read_error)? {
-                Some(value) => entries.push(decode_entry(&value)?),
-                None => return Ok(None),
-            }
-        }
-        Ok(Some(entries))
-    }
-
     /// The log in `db`, timing each WAL sync into `fsync_seconds` and
     /// telling `snapshots` of each append; `faults` runs before each sync (tests only).
     pub fn new(
@@ -288,6 +274,20 @@ impl LogStore {
             Some(raw) => Ok(Some(decode_entry(raw)?.log_id)),
             None => Ok(None),
         }
+    }
+
+    /// The entries at `indexes`, read by key, or `None` if one is missing (the caller then
+    /// scans, as for any range).
+    fn entries_by_key(&self, indexes: std::ops::Range<u64>) -> Result<Option<Vec<Entry>>, StorageError> {
+        let keys: Vec<[u8; 8]> = indexes.map(index_key).collect();
+        let mut entries = Vec::with_capacity(keys.len());
+        for value in self.db.batched_multi_get_cf(self.family(CF_RAFT_LOG), &keys, true) {
+            match value.map_err(read_error)? {
+                Some(value) => entries.push(decode_entry(&value)?),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(entries))
     }
 }
 

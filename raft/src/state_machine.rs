@@ -147,18 +147,18 @@ impl StateMachine {
         Ok(machine)
     }
 
+    /// The meta value `name` of the store, decoded.
+    fn read_meta<M: Message + Default>(&self, name: &[u8]) -> Result<Option<M>, StorageError> {
+        let raw = self.store.reader().meta(name).map_err(|error| sm_error(ErrorVerb::Read, error))?;
+        raw.map(|raw| M::decode(raw.as_slice()))
+            .transpose()
+            .map_err(|error| sm_error(ErrorVerb::Read, DecodeError::from(error)))
+    }
+
     fn read_applied(&self) -> Result<AppliedState, StorageError> {
-        let reader = self.store.reader();
-        let decode = |name: &[u8]| reader.meta(name).map_err(|error| sm_error(ErrorVerb::Read, error));
-        let applied = decode(META_APPLIED)?
-            .map(|raw| raftpb::LogId::decode(raw.as_slice()))
-            .transpose()
-            .map_err(|error| sm_error(ErrorVerb::Read, DecodeError::from(error)))?
-            .map(|id| types::log_id_from_pb(&id));
-        let membership = decode(META_MEMBERSHIP)?
-            .map(|raw| raftpb::StoredMembership::decode(raw.as_slice()))
-            .transpose()
-            .map_err(|error| sm_error(ErrorVerb::Read, DecodeError::from(error)))?
+        let applied = self.read_meta::<raftpb::LogId>(META_APPLIED)?.map(|id| types::log_id_from_pb(&id));
+        let membership = self
+            .read_meta::<raftpb::StoredMembership>(META_MEMBERSHIP)?
             .map(types::stored_membership_from_pb)
             .unwrap_or_default();
         Ok((applied, membership))
@@ -222,7 +222,7 @@ impl StateMachine {
     /// carries the progress) is therefore resumed, never applied twice.
     fn apply_batch(&self, log_id: &LogId<NodeId>, commands: Vec<raftpb::Command>) -> Result<Response, StorageError> {
         let entry_id = types::log_id_to_pb(log_id);
-        let start = self.batch_progress(&entry_id)?.map_or(0, |done| done as usize + 1).min(commands.len());
+        let start = self.batch_progress(&entry_id).map_or(0, |done| done as usize + 1).min(commands.len());
         // Applied before a restart; their clients are gone with the old process.
         let mut results: Vec<_> = (0..start).map(|_| Err(capstan_store::StoreError::BatchNotUnrolled)).collect();
         let mut revision = self.store.revision();
@@ -254,20 +254,14 @@ impl StateMachine {
 
     /// The last command of batch entry `entry` applied before a restart (or in the snapshot
     /// installed last), if any.
-    fn batch_progress(&self, entry: &raftpb::LogId) -> Result<Option<u64>, StorageError> {
+    fn batch_progress(&self, entry: &raftpb::LogId) -> Option<u64> {
         let mut cut_short = self.cut_short.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        Ok(cut_short
-            .take_if(|progress| progress.entry.as_ref() == Some(entry))
-            .map(|progress| progress.applied_commands))
+        cut_short.take_if(|progress| progress.entry.as_ref() == Some(entry)).map(|progress| progress.applied_commands)
     }
 
     /// Reads the store's batch progress into `cut_short`.
     fn read_batch_progress(&self) -> Result<(), StorageError> {
-        let raw = self.store.reader().meta(META_BATCH_PROGRESS).map_err(|error| sm_error(ErrorVerb::Read, error))?;
-        let progress = raw
-            .map(|raw| raftpb::BatchProgress::decode(raw.as_slice()))
-            .transpose()
-            .map_err(|error| sm_error(ErrorVerb::Read, DecodeError::from(error)))?;
+        let progress = self.read_meta(META_BATCH_PROGRESS)?;
         *self.cut_short.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = progress;
         Ok(())
     }

@@ -202,6 +202,23 @@ impl Browser {
         }
     }
 
+    /// What `read` reads of the first element matching `css`, once there is one; looked up
+    /// again if the page re-rendered it in between (a stale element).
+    async fn read_first<T>(
+        &self,
+        css: &str,
+        read: impl AsyncFn(&fantoccini::elements::Element) -> Result<T, fantoccini::error::CmdError>,
+    ) -> T {
+        loop {
+            let found = self.wait_for(css, 1).await;
+            match read(&found[0]).await {
+                Ok(value) => return value,
+                Err(error) if error.is_stale_element_reference() => continue,
+                Err(error) => panic!("cannot read {css}: {error}"),
+            }
+        }
+    }
+
     async fn screenshot(&self, name: &str) {
         let png = self.client.screenshot().await.expect("a screenshot");
         std::fs::write(output_dir().join(format!("{name}.png")), png).unwrap();
@@ -271,16 +288,18 @@ async fn a_browser_sees_the_cluster_and_a_node_die() {
     let (applied, out, err) = common::ctl(&endpoints.join(","), &["apply", "-f", "-"], WEB);
     assert!(applied, "{out}{err}");
     browser.client.goto(&format!("{dashboard}#/pods")).await.unwrap();
-    let running = browser.wait_for(r#"tr.pod[data-phase="Running"]"#, 1).await;
-    let node = running[0].attr("data-node").await.unwrap().expect("a running pod's node");
-    let pod = running[0].attr("data-name").await.unwrap().expect("a running pod's name");
+    let running = r#"tr.pod[data-phase="Running"]"#;
+    let (node, pod) =
+        browser.read_first(running, async |row| Ok((row.attr("data-node").await?, row.attr("data-name").await?))).await;
+    let node = node.expect("a running pod's node");
+    let pod = pod.expect("a running pod's name");
     browser.screenshot("pods").await;
     // Its page shows the tail of its log, from its node's agent.
     browser.client.goto(&format!("{dashboard}#/pods/{pod}")).await.unwrap();
     let deadline = std::time::Instant::now() + common::CONVERGE_TIMEOUT;
     loop {
-        let log = browser.wait_for("pre.log", 1).await;
-        if log[0].text().await.unwrap().contains("hello from web") {
+        let log = browser.read_first("pre.log", async |log| log.text().await).await;
+        if log.contains("hello from web") {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "the log tail never showed the pod's output");

@@ -138,6 +138,71 @@ async fn send_raw_put(endpoint: &str, body: Vec<u8>) -> tonic::Status {
     result.expect_err("garbage must be refused")
 }
 
+/// The status a plane answers a unary gRPC call to `path` with (a `RangeRequest` for
+/// key `k`), sent over HTTP/2 with `headers` and nothing else of a gRPC client's, so
+/// that no client-side deadline stands in for the server's.
+async fn bare_grpc_status(plane: &PlaneProcess, path: &str, headers: &[(&str, &str)]) -> (String, String) {
+    let tcp = tokio::net::TcpStream::connect(plane.client_addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut request = tonic::codegen::http::Request::post(format!("http://{}{path}", plane.client_addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let mut client = client.ready().await.unwrap();
+    let (answer, mut body) = client.send_request(request.body(()).unwrap(), false).unwrap();
+    // One uncompressed message of 3 bytes: field 1 (key), length 1, "k".
+    body.send_data(bytes::Bytes::from_static(b"\0\0\0\0\x03\x0a\x01k"), true).unwrap();
+    let answer = answer.await.unwrap();
+    // An error comes trailers-only: its status is in the headers, its message
+    // percent-encoded.
+    let header = |name: &str| answer.headers().get(name).map_or(&b""[..], |value| value.as_bytes()).to_vec();
+    let encoded = header("grpc-message");
+    let mut message = Vec::new();
+    let mut bytes = encoded.iter();
+    while let Some(&byte) = bytes.next() {
+        match byte {
+            b'%' => {
+                let hex: String = bytes.by_ref().take(2).map(|&digit| digit as char).collect();
+                message.push(u8::from_str_radix(&hex, 16).unwrap());
+            }
+            _ => message.push(byte),
+        }
+    }
+    (String::from_utf8(header("grpc-status")).unwrap(), String::from_utf8(message).unwrap())
+}
+
+/// What reaches no handler is answered by the gRPC server itself, as etcd's is: a service
+/// it does not have, a malformed `grpc-timeout`, and a request whose deadline passes
+/// before its answer (a linearizable read on a plane that has no leader and would wait
+/// for one until its own, longer, timeout).
+#[tokio::test]
+async fn unknown_services_and_passed_deadlines_are_answered_by_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let (client_addr, peer_addr) = (free_addr(), free_addr());
+    // Its two peers never start, so it never has a leader.
+    let cluster = format!("test-plane=http://{peer_addr},b=http://{},c=http://{}", free_addr(), free_addr());
+    let mut plane =
+        PlaneProcess::spawn(&dir.path().join("plane"), client_addr, peer_addr, &["--initial-cluster", &cluster]);
+    plane.wait_for_logs(&["plane serving"]);
+
+    let (code, message) = bounded(bare_grpc_status(&plane, "/etcdserverpb.Nope/Range", &[])).await;
+    assert_eq!(code, (tonic::Code::Unimplemented as i32).to_string(), "{message}");
+    assert!(message.contains("unknown service etcdserverpb.Nope"), "{message}");
+
+    let soon = [("grpc-timeout", "soon")];
+    let (code, message) = bounded(bare_grpc_status(&plane, "/etcdserverpb.KV/Range", &soon)).await;
+    assert_eq!(code, (tonic::Code::InvalidArgument as i32).to_string(), "{message}");
+    assert!(message.contains("malformed grpc-timeout"), "{message}");
+
+    let hurried = [("grpc-timeout", "200m")];
+    let (code, message) = bounded(bare_grpc_status(&plane, "/etcdserverpb.KV/Range", &hurried)).await;
+    assert_eq!(code, (tonic::Code::DeadlineExceeded as i32).to_string(), "{message}");
+    assert!(message.contains("grpc-timeout passed"), "{message}");
+}
+
 #[tokio::test]
 async fn malformed_protobuf_is_an_error_not_a_crash() {
     let dir = tempfile::tempdir().unwrap();

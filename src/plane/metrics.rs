@@ -6,7 +6,8 @@
 //! plane's state (leader, term, indexes, revisions, sizes, leases) are read when scraped.
 //! Names follow Prometheus' conventions: `capstan_` prefix, `_seconds`, `_bytes`, `_total`.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use axum::extract::State;
@@ -60,23 +61,13 @@ struct StateGauges {
     leases_active: Gauge,
 }
 
-#[derive(Clone)]
-pub struct GrpcMetrics {
-    requests: Family<Labels<3>, Counter>,
-    seconds: Family<Labels<2>, Histogram>,
-}
-
 impl Default for PlaneMetrics {
     fn default() -> PlaneMetrics {
-        let grpc = GrpcMetrics {
-            requests: Family::default(),
-            seconds: Family::new_with_constructor(|| Histogram::new(capstan_raft::metrics::duration_buckets())),
-        };
         let mut metrics = PlaneMetrics {
             registry: Arc::new(Registry::default()),
             storage: capstan_raft::StorageMetrics::default(),
             scheduler: capstan_scheduler::Metrics::default(),
-            grpc,
+            grpc: GrpcMetrics::default(),
             leader_changes: Counter::default(),
             proposals_committed: Counter::default(),
             proposals_answered_on_apply: Counter::default(),
@@ -142,12 +133,12 @@ impl PlaneMetrics {
             storage.apply_seconds.clone(),
         );
         let grpc = registry.sub_registry_with_prefix("grpc");
-        grpc.register("requests", "gRPC requests by service, method and status code", self.grpc.requests.clone());
+        grpc.register("requests", "gRPC requests by service, method and status code", self.grpc.0.requests.clone());
         grpc.register_with_unit(
             "request_duration",
             "gRPC request latency (to the first answer of a stream)",
             Unit::Seconds,
-            self.grpc.seconds.clone(),
+            self.grpc.0.seconds.clone(),
         );
         let watch = registry.sub_registry_with_prefix("watch");
         watch.register("watchers", "Watchers open on this plane", self.watchers.clone());
@@ -162,10 +153,6 @@ impl PlaneMetrics {
         lease.register("expired", "Leases this plane revoked as expired (while leading)", self.leases_expired.clone());
         self.scheduler.register(registry.sub_registry_with_prefix("scheduler"));
         registry
-    }
-
-    pub fn grpc_layer(&self) -> GrpcMetricsLayer {
-        GrpcMetricsLayer(self.grpc.clone())
     }
 
     /// Sets the state gauges from `plane`, for a scrape.
@@ -260,70 +247,108 @@ const GRPC_CODE_NAMES: [&str; 17] = [
     "Unauthenticated",
 ];
 
-/// Counts and times every gRPC request by service, method and status code.
+/// Counts and times gRPC requests by service, method and status code.
 #[derive(Clone)]
-pub struct GrpcMetricsLayer(GrpcMetrics);
+pub struct GrpcMetrics(Arc<GrpcFamilies>);
 
-impl<S> tower::Layer<S> for GrpcMetricsLayer {
-    type Service = GrpcMetricsService<S>;
-
-    fn layer(&self, inner: S) -> GrpcMetricsService<S> {
-        GrpcMetricsService { inner, metrics: self.0.clone() }
-    }
+struct GrpcFamilies {
+    requests: Family<Labels<3>, Counter>,
+    seconds: Family<Labels<2>, Histogram>,
+    /// By path, the handles of each method that has answered, so that a request finds them
+    /// without building and hashing its labels. Only methods a service has (an unknown
+    /// path is answered `UNIMPLEMENTED` and not kept), so clients cannot grow it.
+    methods: RwLock<HashMap<String, Arc<MethodMetrics>>>,
 }
 
-#[derive(Clone)]
-pub struct GrpcMetricsService<S> {
-    inner: S,
+/// One method's labels, latency histogram and counter of answers with status OK.
+struct MethodMetrics {
+    labels: Labels<2>,
+    seconds: Histogram,
+    ok: Counter,
+}
+
+/// The time one gRPC request has taken so far, and where its answer is counted.
+pub struct Timing {
+    started: Instant,
     metrics: GrpcMetrics,
+    /// The method's handles, unless it has not answered before.
+    method: Option<Arc<MethodMetrics>>,
+    path: String,
 }
 
-impl<S, B, R> tower::Service<http::Request<B>> for GrpcMetricsService<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+/// The labels of the method `path` names (`/etcdserverpb.KV/Range` → service
+/// `etcdserverpb.KV`, method `Range`).
+fn method_labels(path: &str) -> Labels<2> {
+    let mut parts = path.trim_start_matches('/').splitn(2, '/');
+    let service = parts.next().unwrap_or_default().to_string();
+    let method = parts.next().unwrap_or_default().to_string();
+    [("grpc_service", service), ("grpc_method", method)]
+}
 
-    fn poll_ready(&mut self, context: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(context)
+impl Default for GrpcMetrics {
+    fn default() -> GrpcMetrics {
+        GrpcMetrics(Arc::new(GrpcFamilies {
+            requests: Family::default(),
+            seconds: Family::new_with_constructor(|| Histogram::new(capstan_raft::metrics::duration_buckets())),
+            methods: RwLock::default(),
+        }))
+    }
+}
+
+impl GrpcMetrics {
+    /// Starts timing a request for `path`.
+    pub fn start(&self, path: &str) -> Timing {
+        let method = self.0.methods.read().unwrap_or_else(|poisoned| poisoned.into_inner()).get(path).cloned();
+        // The path is kept only until its method is known.
+        let path = if method.is_some() { String::new() } else { path.to_string() };
+        Timing { started: Instant::now(), metrics: self.clone(), method, path }
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        // `/etcdserverpb.KV/Range` → service `etcdserverpb.KV`, method `Range`.
-        let mut parts = request.uri().path().trim_start_matches('/').splitn(2, '/');
-        let service = parts.next().unwrap_or_default().to_string();
-        let method = parts.next().unwrap_or_default().to_string();
-        let started = Instant::now();
-        let answer = self.inner.call(request);
-        let metrics = self.metrics.clone();
-        Box::pin(async move {
-            let response = answer.await;
-            // An error status comes in the headers (a trailers-only answer); a success's
-            // status is in trailers the layer does not wait for.
-            let code = match &response {
-                Ok(response) => response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|value| value.to_str().ok()?.parse::<i32>().ok())
-                    .map_or(tonic::Code::Ok, tonic::Code::from),
-                Err(_) => tonic::Code::Unknown,
-            };
-            let elapsed = started.elapsed().as_secs_f64();
+    /// Counts one answer of the method `labels` names.
+    fn count(&self, labels: &Labels<2>, code: tonic::Code, elapsed: f64) {
+        self.0.seconds.get_or_create(labels).observe(elapsed);
+        let code = GRPC_CODE_NAMES.get(code as usize).unwrap_or(&"Unknown").to_string();
+        let [service, method] = labels.clone();
+        self.0.requests.get_or_create(&[service, method, ("grpc_code", code)]).inc();
+    }
+
+    /// Keeps the handles of the method `path` names.
+    fn keep(&self, path: String) {
+        let labels = method_labels(&path);
+        let seconds = self.0.seconds.get_or_create(&labels).clone();
+        let [service, method] = labels.clone();
+        let ok = self.0.requests.get_or_create(&[service, method, ("grpc_code", "OK".to_string())]).clone();
+        let kept = Arc::new(MethodMetrics { labels, seconds, ok });
+        self.0.methods.write().unwrap_or_else(|poisoned| poisoned.into_inner()).entry(path).or_insert(kept);
+    }
+}
+
+impl Timing {
+    /// Counts and times the request by its answer's status: an error status comes in the
+    /// answer's headers (a trailers-only answer); a success's is in trailers not waited for.
+    pub fn finish<B>(self, answer: &http::Response<B>) {
+        let code = answer
+            .headers()
+            .get("grpc-status")
+            .and_then(|value| value.to_str().ok()?.parse::<i32>().ok())
+            .map_or(tonic::Code::Ok, tonic::Code::from);
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let Timing { metrics, method, path, .. } = self;
+        match method {
             // Paths no service serves are one label, so clients cannot grow the families.
-            let (service, method) = if code == tonic::Code::Unimplemented {
-                ("unknown".to_string(), "unknown".to_string())
-            } else {
-                (service, method)
-            };
-            let call = [("grpc_service", service), ("grpc_method", method)];
-            metrics.seconds.get_or_create(&call).observe(elapsed);
-            let [service, method] = call;
-            let code = ("grpc_code", GRPC_CODE_NAMES.get(code as usize).unwrap_or(&"Unknown").to_string());
-            metrics.requests.get_or_create(&[service, method, code]).inc();
-            response
-        })
+            _ if code == tonic::Code::Unimplemented => {
+                let unknown = [("grpc_service", "unknown".to_string()), ("grpc_method", "unknown".to_string())];
+                metrics.count(&unknown, code, elapsed);
+            }
+            Some(method) if code == tonic::Code::Ok => {
+                method.seconds.observe(elapsed);
+                method.ok.inc();
+            }
+            Some(method) => metrics.count(&method.labels, code, elapsed),
+            None => {
+                metrics.count(&method_labels(&path), code, elapsed);
+                metrics.keep(path);
+            }
+        }
     }
 }

@@ -11,6 +11,7 @@ mod batch;
 pub mod compaction;
 mod dashboard;
 mod forward;
+mod grpc;
 mod kv;
 mod lease;
 mod maintenance;
@@ -50,6 +51,8 @@ pub const QUOTA_BYTES_DEFAULT: u64 = 2 << 30;
 pub const SHUTDOWN_GRACE_MS: u64 = 3_000;
 /// How long a write or read-index waits for Raft before the client gets a timeout.
 pub const PROPOSE_TIMEOUT_MS: u64 = 7_000;
+/// Clients' connections are pinged after this long without a frame, so that dead ones end.
+const CLIENT_KEEPALIVE_MS: u64 = 10_000;
 
 /// Everything a plane is started with.
 #[derive(Clone, Debug)]
@@ -653,31 +656,36 @@ pub async fn run(
         background.spawn(run_scheduler(plane.clone(), config));
     }
     let (stop_peers, peers_stopped) = tokio::sync::oneshot::channel::<()>();
-    let peer_router = tonic::transport::Server::builder()
-        .add_service(
+    let peer_routes = grpc::Routes::default()
+        .add(
             capstan_proto::raftpb::raft_peer_server::RaftPeerServer::new(started.peer_service)
                 .max_decoding_message_size(capstan_raft::network::PEER_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(capstan_raft::network::PEER_MESSAGE_BYTES_MAX),
         )
-        .add_service(
+        .add(
             // Forwarded proposals come a batch at a time.
             capstan_proto::raftpb::plane_peer_server::PlanePeerServer::new(forward::PlanePeerService(plane.clone()))
                 .max_decoding_message_size(capstan_raft::network::PEER_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(usize::MAX),
         );
-    // Graceful, so that the connection tasks the server spawns end with it and drop their
-    // hold on the plane.
+    // Graceful, so that the connections end with the server and drop their hold on the
+    // plane.
     let peers_stopped = async {
         let _ = peers_stopped.await;
     };
     let mut peer_task = match peer_tls {
-        Some(tls) => tokio::spawn(peer_router.serve_with_incoming_shutdown(
+        Some(tls) => tokio::spawn(grpc::serve(
             socket::coalesced(crate::tls::incoming(peer_listener, tls, "peer")),
+            peer_routes,
+            None,
             peers_stopped,
         )),
-        None => tokio::spawn(
-            peer_router.serve_with_incoming_shutdown(socket::coalesced(socket::incoming(peer_listener)), peers_stopped),
-        ),
+        None => tokio::spawn(grpc::serve(
+            socket::coalesced(socket::incoming(peer_listener)),
+            peer_routes,
+            None,
+            peers_stopped,
+        )),
     };
     // Stopping ends long-lived streams and lets requests in flight finish, for at most a
     // grace period.
@@ -698,18 +706,16 @@ pub async fn run(
             tokio::time::sleep(Duration::from_millis(SHUTDOWN_GRACE_MS)).await;
         }
     };
-    let served = tokio::select! {
-        served = serve(plane.clone(), listener, client_tls, stop_requested) => served,
+    tokio::select! {
+        () = serve(plane.clone(), listener, client_tls, stop_requested) => {}
         () = grace_over => {
             tracing::warn!(grace_ms = SHUTDOWN_GRACE_MS, "clients still connected after the grace period; stopping anyway");
-            Ok(())
         }
-    };
+    }
     background.shutdown().await;
     let _ = stop_peers.send(());
     match tokio::time::timeout(Duration::from_millis(SHUTDOWN_GRACE_MS), &mut peer_task).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(error))) => tracing::warn!(%error, "peer server stopped with an error"),
+        Ok(Ok(())) => {}
         Ok(Err(error)) => tracing::warn!(%error, "peer server task failed"),
         Err(_) => {
             tracing::warn!("peers still connected after the grace period; stopping anyway");
@@ -717,7 +723,6 @@ pub async fn run(
         }
     }
     let raft_stopped = started.raft.shutdown().await;
-    served?;
     raft_stopped.map_err(|error| anyhow::anyhow!("raft did not stop cleanly: {error}"))?;
     tracing::info!("plane stopped");
     Ok(())
@@ -798,7 +803,7 @@ async fn serve(
     listener: tokio::net::TcpListener,
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) {
     use capstan_proto::etcdserverpb::{
         auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
         maintenance_server::MaintenanceServer, watch_server::WatchServer,
@@ -808,21 +813,19 @@ async fn serve(
             $server.max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX).max_encoding_message_size(usize::MAX)
         };
     }
-    let router = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .layer(plane.metrics.grpc_layer())
-        .add_service(limited!(KvServer::new(kv::KvService(plane.clone()))))
-        .add_service(limited!(WatchServer::new(watch::WatchService(plane.clone()))))
-        .add_service(limited!(LeaseServer::new(lease::LeaseService(plane.clone()))))
-        .add_service(limited!(ClusterServer::new(membership::ClusterService(plane.clone()))))
-        .add_service(limited!(MaintenanceServer::new(maintenance::MaintenanceService(plane.clone()))))
-        .add_service(limited!(AuthServer::new(auth::AuthService(plane))));
-    let served = match tls {
+    let routes = grpc::Routes::measured(plane.metrics.grpc.clone())
+        .add(limited!(KvServer::new(kv::KvService(plane.clone()))))
+        .add(limited!(WatchServer::new(watch::WatchService(plane.clone()))))
+        .add(limited!(LeaseServer::new(lease::LeaseService(plane.clone()))))
+        .add(limited!(ClusterServer::new(membership::ClusterService(plane.clone()))))
+        .add(limited!(MaintenanceServer::new(maintenance::MaintenanceService(plane.clone()))))
+        .add(limited!(AuthServer::new(auth::AuthService(plane))));
+    let keepalive = Some(Duration::from_millis(CLIENT_KEEPALIVE_MS));
+    match tls {
         Some(tls) => {
             let incoming = socket::coalesced(crate::tls::incoming(listener, tls, "client"));
-            router.serve_with_incoming_shutdown(incoming, shutdown).await
+            grpc::serve(incoming, routes, keepalive, shutdown).await
         }
-        None => router.serve_with_incoming_shutdown(socket::coalesced(socket::incoming(listener)), shutdown).await,
-    };
-    served.context("gRPC server failed")
+        None => grpc::serve(socket::coalesced(socket::incoming(listener)), routes, keepalive, shutdown).await,
+    }
 }

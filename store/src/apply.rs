@@ -134,13 +134,15 @@ impl Store {
         }
         let write = self.revision_write();
         self.db().write(batch)?;
-        self.inner.revision.store(new_revision, Ordering::Release);
-        drop(write);
+        // Recorded before the revision is published: a reader at that revision may look
+        // here first (`Reader::version_at`).
         let mut newest = self.newest_versions();
         for (key, version) in pending {
             newest.record(key, version);
         }
         drop(newest);
+        self.inner.revision.store(new_revision, Ordering::Release);
+        drop(write);
         if let Some(auth) = auth {
             self.set_auth(auth);
         }

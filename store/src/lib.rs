@@ -243,7 +243,7 @@ impl Store {
     pub fn reader(&self) -> Reader<'_> {
         let stamp = self.inner.revision_stamp.load(Ordering::Acquire);
         let revision = self.revision();
-        let reader = Reader::snapshot(&self.inner.db);
+        let reader = Reader::snapshot(&self.inner.db).knowing(&self.inner.newest);
         atomic::fence(Ordering::Acquire);
         if stamp.is_multiple_of(2) && self.inner.revision_stamp.load(Ordering::Relaxed) == stamp {
             reader.holding(revision)

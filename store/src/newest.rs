@@ -5,10 +5,13 @@
 //! Bloom filters cannot answer a seek; keys written again and again (leases, pod status,
 //! counters) would pay it on every write.
 //!
-//! Only the apply path uses it, and it is the store's one writer: it looks here after its
-//! own pending writes and before RocksDB, and records each write's newest versions once
-//! the write is committed. A snapshot install replaces the whole store and so forgets
-//! everything. Compaction needs nothing: it never removes a key's newest version unless
+//! The apply path, the store's one writer, looks here after its own pending writes and
+//! before RocksDB, and records each write's newest versions once the write is committed
+//! and before its revision is published. Reads look here too (`Reader::version_at`): a
+//! key's newest version at or below the revision read is the answer, so a key read soon
+//! after it was written (a lease, a pod's status) costs a map lookup instead of a seek;
+//! a newer version, or none, sends the read to RocksDB. A snapshot install replaces the
+//! whole store and so forgets everything, before it publishes the new revision. Compaction needs nothing: it never removes a key's newest version unless
 //! that is a tombstone, and a tombstone here reads as "no live version", as its absence
 //! from RocksDB does.
 //!

@@ -2,6 +2,7 @@
 //! RocksDB snapshot so a read sees a single committed state.
 
 use std::cmp::Ordering as CmpOrdering;
+use std::sync::Mutex;
 
 use rocksdb::{DBPinnableSlice, DBRawIteratorWithThreadMode, ReadOptions, SnapshotWithThreadMode, DB};
 
@@ -10,6 +11,7 @@ use capstan_proto::mvccpb;
 
 use crate::codec::{self, Version};
 use crate::error::{Result, StoreError};
+use crate::newest::NewestVersions;
 use crate::{cf, Store};
 
 /// A read view of the store: a RocksDB snapshot, or the live database for the apply path
@@ -20,6 +22,9 @@ pub struct Reader<'a> {
     /// The revision the snapshot holds, when the store knew it as the snapshot was taken;
     /// else [`Reader::revision`] reads it from the snapshot.
     revision: Option<i64>,
+    /// The store's newest versions of the keys written lately, which a client's view
+    /// looks in before RocksDB ([`Reader::version_at`]).
+    newest: Option<&'a Mutex<NewestVersions>>,
 }
 
 /// Where a scan of live keys looks.
@@ -56,7 +61,7 @@ pub struct EventsPage {
 
 impl<'a> Reader<'a> {
     pub(crate) fn snapshot(db: &'a DB) -> Reader<'a> {
-        Reader { db, snapshot: Some(db.snapshot()), revision: None }
+        Reader { db, snapshot: Some(db.snapshot()), revision: None, newest: None }
     }
 
     /// This snapshot, known to hold `revision`.
@@ -64,8 +69,15 @@ impl<'a> Reader<'a> {
         Reader { revision: Some(revision), ..self }
     }
 
+    /// This view, looking up a key's version in `newest` before RocksDB. `newest` must
+    /// hold every write the view's state holds (the apply records a write's versions
+    /// there before it publishes the write's revision).
+    pub(crate) fn knowing(self, newest: &'a Mutex<NewestVersions>) -> Reader<'a> {
+        Reader { newest: Some(newest), ..self }
+    }
+
     pub(crate) fn latest(db: &'a DB) -> Reader<'a> {
-        Reader { db, snapshot: None, revision: None }
+        Reader { db, snapshot: None, revision: None, newest: None }
     }
 
     fn options(&self) -> ReadOptions {
@@ -153,7 +165,17 @@ impl<'a> Reader<'a> {
     }
 
     /// The newest version of `key` at or below `revision`, tombstones included.
+    ///
+    /// A key written lately may be answered from memory: its newest version, when that is
+    /// at or below `revision`, is also the newest there (a newer one sends the read to
+    /// RocksDB).
     pub(crate) fn version_at(&self, key: &[u8], revision: i64) -> Result<Option<Version>> {
+        if let Some(newest) = self.newest {
+            let newest = newest.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Some(version) = newest.get(key).filter(|version| version.mod_revision <= revision) {
+                return Ok(Some(version.clone()));
+            }
+        }
         let prefix = codec::kv_key_prefix(key);
         let mut iter = self.iter(codec::CF_KV, Some(codec::kv_next_key_seek(&prefix)));
         iter.seek(codec::kv_key(key, revision));
@@ -490,6 +512,59 @@ mod tests {
         assert_eq!(store.reader().revision().unwrap(), 3, "a view after it");
         put(&store, "a", "2");
         assert_eq!(store.reader().revision().unwrap(), 4);
+    }
+
+    fn get(store: &Store, key: &str, revision: i64) -> Vec<(i64, String)> {
+        let request = pb::RangeRequest { key: key.into(), revision, ..Default::default() };
+        let kvs = store.range(&request).unwrap().kvs;
+        kvs.into_iter().map(|kv| (kv.mod_revision, String::from_utf8(kv.value).unwrap())).collect()
+    }
+
+    /// A key written lately is read from the newest versions in memory only where its
+    /// newest version is the answer: at an older revision the read goes to RocksDB, and a
+    /// deletion reads as no key.
+    #[test]
+    fn reads_take_a_kept_newest_version_only_at_or_above_its_revision() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &[]).unwrap();
+        put(&store, "a", "1"); // revision 2
+        put(&store, "a", "2"); // 3
+        assert!(store.newest_versions().get(b"a").is_some(), "the newest version is kept");
+        assert_eq!(get(&store, "a", 0), vec![(3, "2".into())]);
+        assert_eq!(get(&store, "a", 3), vec![(3, "2".into())]);
+        assert_eq!(get(&store, "a", 2), vec![(2, "1".into())]);
+        apply(&store, Request::DeleteRange(pb::DeleteRangeRequest { key: "a".into(), ..Default::default() })); // 4
+        assert!(get(&store, "a", 0).is_empty());
+        assert_eq!(get(&store, "a", 3), vec![(3, "2".into())]);
+    }
+
+    /// Every write goes to one key, so at every revision the key's newest version is that
+    /// revision's: a view must never pair a revision with an older version (as it would
+    /// if the apply published a revision before recording the write's versions).
+    #[test]
+    fn a_view_never_sees_a_revision_without_its_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &[]).unwrap();
+        put(&store, "k", "0");
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let reader = scope.spawn(|| {
+                let mut reads = 0;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let view = store.reader();
+                    let revision = view.revision().unwrap();
+                    let request = pb::RangeRequest { key: "k".into(), ..Default::default() };
+                    let kvs = view.range(&request).unwrap().kvs;
+                    assert_eq!(kvs[0].mod_revision, revision, "read {reads}");
+                    reads += 1;
+                }
+            });
+            for value in 1..2_000 {
+                put(&store, "k", &value.to_string());
+            }
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            reader.join().unwrap();
+        });
     }
 
     #[test]

@@ -238,15 +238,17 @@ impl Store {
     ///
     /// The view's revision comes from `Inner::revision` when no write moved it while the
     /// snapshot was taken (the stamp was even and the same before and after), which spares
-    /// every read a RocksDB lookup of the revision; else the view reads it from its
-    /// snapshot.
+    /// every read a RocksDB lookup of the revision, and lets it find keys written lately in
+    /// memory (`Reader::version_at`); else the view reads both from its snapshot.
     pub fn reader(&self) -> Reader<'_> {
         let stamp = self.inner.revision_stamp.load(Ordering::Acquire);
         let revision = self.revision();
-        let reader = Reader::snapshot(&self.inner.db).knowing(&self.inner.newest);
+        let reader = Reader::snapshot(&self.inner.db);
         atomic::fence(Ordering::Acquire);
         if stamp.is_multiple_of(2) && self.inner.revision_stamp.load(Ordering::Relaxed) == stamp {
-            reader.holding(revision)
+            // A published revision: the newest versions in memory hold every write up to
+            // it. (Midway through a write they may not hold the write its snapshot has.)
+            reader.holding(revision).knowing(&self.inner.newest)
         } else {
             reader
         }

@@ -7,13 +7,14 @@
 //!
 //! The apply path, the store's one writer, looks here after its own pending writes and
 //! before RocksDB, and records each write's newest versions once the write is committed
-//! and before its revision is published. Reads look here too (`Reader::version_at`): a
-//! key's newest version at or below the revision read is the answer, so a key read soon
-//! after it was written (a lease, a pod's status) costs a map lookup instead of a seek;
-//! a newer version, or none, sends the read to RocksDB. A snapshot install replaces the
-//! whole store and so forgets everything, before it publishes the new revision. Compaction needs nothing: it never removes a key's newest version unless
-//! that is a tombstone, and a tombstone here reads as "no live version", as its absence
-//! from RocksDB does.
+//! and before its revision is published. Reads at a published revision look here too
+//! (`Reader::version_at`): a key's newest version at or below the revision read is the
+//! answer, so a key read soon after it was written (a lease, a pod's status) costs a map
+//! lookup instead of a seek; a newer version, or none, sends the read to RocksDB. A
+//! snapshot install replaces the whole store and so forgets everything, before it
+//! publishes the new revision. Compaction needs nothing: it never removes a key's newest
+//! version unless that is a tombstone, and a tombstone here reads as "no live version",
+//! as its absence from RocksDB does.
 //!
 //! Two generations bound the memory: entries go into the young one, and when it holds
 //! `YOUNG_BYTES_MAX` the old one is dropped and the young one takes its place. A key

@@ -70,8 +70,8 @@ impl<'a> Reader<'a> {
     }
 
     /// This view, looking up a key's version in `newest` before RocksDB. `newest` must
-    /// hold every write the view's state holds (the apply records a write's versions
-    /// there before it publishes the write's revision).
+    /// hold every write the view's state holds: the view is at a published revision, and
+    /// the apply records a write's versions there before it publishes the revision.
     pub(crate) fn knowing(self, newest: &'a Mutex<NewestVersions>) -> Reader<'a> {
         Reader { newest: Some(newest), ..self }
     }
@@ -487,9 +487,13 @@ mod tests {
         apply(store, Request::Put(pb::PutRequest { key: key.into(), value: value.into(), ..Default::default() }));
     }
 
+    /// Each key-value's mod revision and value.
+    fn revisions_and_values(kvs: Vec<capstan_proto::mvccpb::KeyValue>) -> Vec<(i64, String)> {
+        kvs.into_iter().map(|kv| (kv.mod_revision, String::from_utf8(kv.value).unwrap())).collect()
+    }
+
     fn values(store: &Store, key: &str) -> Vec<(i64, String)> {
-        let versions = store.versions(key.as_bytes()).unwrap();
-        versions.into_iter().map(|kv| (kv.mod_revision, String::from_utf8(kv.value).unwrap())).collect()
+        revisions_and_values(store.versions(key.as_bytes()).unwrap())
     }
 
     /// An apply caught between its write and publishing its revision: a view taken then
@@ -516,8 +520,7 @@ mod tests {
 
     fn get(store: &Store, key: &str, revision: i64) -> Vec<(i64, String)> {
         let request = pb::RangeRequest { key: key.into(), revision, ..Default::default() };
-        let kvs = store.range(&request).unwrap().kvs;
-        kvs.into_iter().map(|kv| (kv.mod_revision, String::from_utf8(kv.value).unwrap())).collect()
+        revisions_and_values(store.range(&request).unwrap().kvs)
     }
 
     /// A key written lately is read from the newest versions in memory only where its

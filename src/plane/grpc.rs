@@ -144,9 +144,9 @@ impl Future for Answering {
                 }
             },
         };
-        this.answer = None;
+        let served = this.answer.take().is_some();
         if let Some(timing) = this.timing.take() {
-            timing.finish(&response);
+            timing.finish(&response, served);
         }
         Poll::Ready(Ok(response))
     }

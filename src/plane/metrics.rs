@@ -254,9 +254,10 @@ pub struct GrpcMetrics(Arc<GrpcFamilies>);
 struct GrpcFamilies {
     requests: Family<Labels<3>, Counter>,
     seconds: Family<Labels<2>, Histogram>,
-    /// By path, the handles of each method that has answered, so that a request finds them
-    /// without building and hashing its labels. Only methods a service has (an unknown
-    /// path is answered `UNIMPLEMENTED` and not kept), so clients cannot grow it.
+    /// By path, the handles of each method a service has answered, so that a request finds
+    /// them without building and hashing its labels. A request the server refused before
+    /// any service saw it, or one a service answered `UNIMPLEMENTED`, counts as unknown and
+    /// is not kept, so clients cannot grow it.
     methods: RwLock<HashMap<String, Arc<MethodMetrics>>>,
 }
 
@@ -326,7 +327,9 @@ impl GrpcMetrics {
 impl Timing {
     /// Counts and times the request by its answer's status: an error status comes in the
     /// answer's headers (a trailers-only answer); a success's is in trailers not waited for.
-    pub fn finish<B>(self, answer: &http::Response<B>) {
+    /// `served` says whether a service gave the answer (else the server refused the request
+    /// before any service saw it: its path may name no method).
+    pub fn finish<B>(self, answer: &http::Response<B>, served: bool) {
         let code = answer
             .headers()
             .get("grpc-status")
@@ -336,7 +339,7 @@ impl Timing {
         let Timing { metrics, method, path, .. } = self;
         match method {
             // Paths no service serves are one label, so clients cannot grow the families.
-            _ if code == tonic::Code::Unimplemented => {
+            _ if !served || code == tonic::Code::Unimplemented => {
                 let unknown = [("grpc_service", "unknown".to_string()), ("grpc_method", "unknown".to_string())];
                 metrics.count(&unknown, code, elapsed);
             }
@@ -350,5 +353,54 @@ impl Timing {
                 metrics.keep(path);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(code: tonic::Code) -> http::Response<tonic::body::Body> {
+        match code {
+            tonic::Code::Ok => http::Response::new(tonic::body::Body::empty()),
+            code => tonic::Status::new(code, "refused").into_http(),
+        }
+    }
+
+    fn kept(metrics: &GrpcMetrics) -> Vec<String> {
+        let methods = metrics.0.methods.read().unwrap();
+        let mut paths: Vec<String> = methods.keys().cloned().collect();
+        paths.sort();
+        paths
+    }
+
+    /// A method's handles are kept once a service answered it; a path the server refused
+    /// before any service saw it, or one a service does not have, is counted as unknown
+    /// and never kept, so clients cannot grow the metrics.
+    #[test]
+    fn only_methods_a_service_answered_are_kept() {
+        let metrics = GrpcMetrics::default();
+        for made_up in 0..3 {
+            let path = format!("/made.Up/{made_up}");
+            metrics.start(&path).finish(&answer(tonic::Code::InvalidArgument), false);
+            metrics.start(&path).finish(&answer(tonic::Code::Unimplemented), true);
+        }
+        assert!(kept(&metrics).is_empty(), "{:?}", kept(&metrics));
+        metrics.start("/etcdserverpb.KV/Range").finish(&answer(tonic::Code::NotFound), true);
+        metrics.start("/etcdserverpb.KV/Range").finish(&answer(tonic::Code::Ok), true);
+        assert_eq!(kept(&metrics), ["/etcdserverpb.KV/Range"]);
+        let mut text = String::new();
+        let mut registry = Registry::default();
+        registry.register("requests", "", metrics.0.requests.clone());
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for counted in [
+            r#"{grpc_service="unknown",grpc_method="unknown",grpc_code="InvalidArgument"} 3"#,
+            r#"{grpc_service="unknown",grpc_method="unknown",grpc_code="Unimplemented"} 3"#,
+            r#"{grpc_service="etcdserverpb.KV",grpc_method="Range",grpc_code="NotFound"} 1"#,
+            r#"{grpc_service="etcdserverpb.KV",grpc_method="Range",grpc_code="OK"} 1"#,
+        ] {
+            assert!(text.contains(counted), "{counted} in {text}");
+        }
+        assert!(!text.contains("made.Up"), "{text}");
     }
 }

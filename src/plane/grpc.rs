@@ -81,7 +81,7 @@ impl Routes {
             Some((_, handler)) => handler(request),
             None => return Answering::refused(Status::unimplemented(format!("unknown service {name}")), timing),
         };
-        Answering { answer: Some(answer), deadline, timing, refused: None }
+        Answering { state: State::Served(answer), deadline, timing }
     }
 }
 
@@ -111,16 +111,23 @@ fn grpc_timeout(headers: &http::HeaderMap) -> Result<Option<Duration>, Status> {
 /// One request being answered: the service's answer, or the client's deadline passing
 /// first; the metrics learn the outcome.
 pub struct Answering {
-    answer: Option<Answer>,
+    state: State,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     timing: Option<Timing>,
-    /// The answer when the request reached no service.
-    refused: Option<Status>,
+}
+
+enum State {
+    /// A service is answering.
+    Served(Answer),
+    /// The server refused the request before any service saw it.
+    Refused(Status),
+    /// Answered already.
+    Done,
 }
 
 impl Answering {
     fn refused(status: Status, timing: Option<Timing>) -> Answering {
-        Answering { answer: None, deadline: None, timing, refused: Some(status) }
+        Answering { state: State::Refused(status), deadline: None, timing }
     }
 }
 
@@ -129,22 +136,22 @@ impl Future for Answering {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        let response = match (&mut this.answer, this.refused.take()) {
-            (_, Some(refused)) => refused.into_http(),
-            (None, None) => Status::internal("a request was polled after its answer").into_http(),
-            (Some(answer), None) => match answer.as_mut().poll(cx) {
-                Poll::Ready(Ok(response)) => response,
+        let (response, served) = match std::mem::replace(&mut this.state, State::Done) {
+            State::Refused(refused) => (refused.into_http(), false),
+            State::Done => (Status::internal("a request was polled after its answer").into_http(), false),
+            State::Served(mut answer) => match answer.as_mut().poll(cx) {
+                Poll::Ready(Ok(response)) => (response, true),
                 Poll::Ready(Err(never)) => match never {},
                 Poll::Pending => {
                     let passed = this.deadline.as_mut().is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
                     if !passed {
+                        this.state = State::Served(answer);
                         return Poll::Pending;
                     }
-                    Status::deadline_exceeded("the request's grpc-timeout passed").into_http()
+                    (Status::deadline_exceeded("the request's grpc-timeout passed").into_http(), true)
                 }
             },
         };
-        let served = this.answer.take().is_some();
         if let Some(timing) = this.timing.take() {
             timing.finish(&response, served);
         }

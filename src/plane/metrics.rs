@@ -305,22 +305,19 @@ impl GrpcMetrics {
         Timing { started: Instant::now(), metrics: self.clone(), method, path }
     }
 
-    /// Counts one answer of the method `labels` names.
-    fn count(&self, labels: &Labels<2>, code: tonic::Code, elapsed: f64) {
-        self.0.seconds.get_or_create(labels).observe(elapsed);
+    /// The counter of the method `labels` names, for answers with `code`.
+    fn requests(&self, [service, method]: &Labels<2>, code: tonic::Code) -> Counter {
         let code = GRPC_CODE_NAMES.get(code as usize).unwrap_or(&"Unknown").to_string();
-        let [service, method] = labels.clone();
-        self.0.requests.get_or_create(&[service, method, ("grpc_code", code)]).inc();
+        self.0.requests.get_or_create(&[service.clone(), method.clone(), ("grpc_code", code)]).clone()
     }
 
-    /// Keeps the handles of the method `path` names.
-    fn keep(&self, path: String) {
+    /// Keeps the handles of the method `path` names, and returns them.
+    fn keep(&self, path: String) -> Arc<MethodMetrics> {
         let labels = method_labels(&path);
         let seconds = self.0.seconds.get_or_create(&labels).clone();
-        let [service, method] = labels.clone();
-        let ok = self.0.requests.get_or_create(&[service, method, ("grpc_code", "OK".to_string())]).clone();
+        let ok = self.requests(&labels, tonic::Code::Ok);
         let kept = Arc::new(MethodMetrics { labels, seconds, ok });
-        self.0.methods.write().unwrap_or_else(|poisoned| poisoned.into_inner()).entry(path).or_insert(kept);
+        self.0.methods.write().unwrap_or_else(|poisoned| poisoned.into_inner()).entry(path).or_insert(kept).clone()
     }
 }
 
@@ -337,21 +334,19 @@ impl Timing {
             .map_or(tonic::Code::Ok, tonic::Code::from);
         let elapsed = self.started.elapsed().as_secs_f64();
         let Timing { metrics, method, path, .. } = self;
-        match method {
-            // Paths no service serves are one label, so clients cannot grow the families.
-            _ if !served || code == tonic::Code::Unimplemented => {
-                let unknown = [("grpc_service", "unknown".to_string()), ("grpc_method", "unknown".to_string())];
-                metrics.count(&unknown, code, elapsed);
-            }
-            Some(method) if code == tonic::Code::Ok => {
-                method.seconds.observe(elapsed);
-                method.ok.inc();
-            }
-            Some(method) => metrics.count(&method.labels, code, elapsed),
-            None => {
-                metrics.count(&method_labels(&path), code, elapsed);
-                metrics.keep(path);
-            }
+        // Paths no service serves are one label, so clients cannot grow the families.
+        if !served || code == tonic::Code::Unimplemented {
+            let unknown = [("grpc_service", "unknown".to_string()), ("grpc_method", "unknown".to_string())];
+            metrics.0.seconds.get_or_create(&unknown).observe(elapsed);
+            metrics.requests(&unknown, code).inc();
+            return;
+        }
+        let method = method.unwrap_or_else(|| metrics.keep(path));
+        method.seconds.observe(elapsed);
+        if code == tonic::Code::Ok {
+            method.ok.inc();
+        } else {
+            metrics.requests(&method.labels, code).inc();
         }
     }
 }

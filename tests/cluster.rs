@@ -106,3 +106,36 @@ async fn killing_the_leader_loses_no_acknowledged_write() {
     let seen = bounded(rejoined.get("stream/", Some(GetOptions::new().with_prefix().with_count_only()))).await.unwrap();
     assert_eq!(seen.count() as usize, present.len());
 }
+
+/// Peers hold long-lived streams (pipes) to each other: the leader's appends to each
+/// follower, a follower's forwarded writes to the leader. A plane that stops ends the ones
+/// it serves, so a follower and then a leader asked to stop (SIGTERM) each exit cleanly
+/// without waiting out the grace period for their peers to hang up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planes_stop_promptly_though_peers_hold_streams_to_them() {
+    let mut cluster = Cluster::start(3);
+    let leader = leader_index(&cluster).await;
+    let (first, second) = ((leader + 1) % 3, (leader + 2) % 3);
+    for follower in [first, second] {
+        let mut client = client_of(&cluster.planes[follower].endpoint()).await;
+        bounded(client.put(format!("through/{follower}"), "v", None)).await.unwrap();
+    }
+    let stop = |plane: common::PlaneProcess| {
+        plane.terminate();
+        let name = plane.name.clone();
+        let (status, log) = plane.wait_for_exit();
+        assert!(status.success(), "{name} exited with {status}:\n{log}");
+        assert!(log.contains("plane stopped"), "{name} did not stop cleanly:\n{log}");
+        assert!(!log.contains("still connected after the grace period"), "{name} waited for its peers:\n{log}");
+    };
+    // The follower first, then (two planes are still a quorum) a write, then the leader.
+    let (leader_plane, first_plane, second_plane) = {
+        let mut planes: Vec<Option<common::PlaneProcess>> = cluster.planes.drain(..).map(Some).collect();
+        (planes[leader].take().unwrap(), planes[first].take().unwrap(), planes[second].take().unwrap())
+    };
+    stop(first_plane);
+    let mut client = client_of(&second_plane.endpoint()).await;
+    bounded(client.put("after/follower-stopped", "v", None)).await.unwrap();
+    stop(leader_plane);
+    drop(second_plane);
+}

@@ -280,13 +280,40 @@ mod raw {
     }
 }
 
-/// Peers are trusted only as far as their requests check out: another cluster's Raft vote
-/// or forwarded proposal is refused, so is a vote meant for another member (a peer URL
-/// that points at the wrong plane), and a proposal no plane would send (a ready-made
-/// batch) gets an error, not a half-applied write.
+/// Sends `frames` on a pipe opened by `open` and returns each answer by the frame number
+/// it names, once there is one per frame (in whatever order they came).
+async fn pipe_answers<Frame, Answer, Opening>(
+    frames: Vec<Frame>,
+    open: impl FnOnce(tokio_stream::wrappers::ReceiverStream<Frame>) -> Opening,
+    seq: impl Fn(&Answer) -> u64,
+) -> Result<std::collections::BTreeMap<u64, Answer>, tonic::Status>
+where
+    Opening: std::future::Future<Output = Result<tonic::Response<tonic::Streaming<Answer>>, tonic::Status>>,
+{
+    let count = frames.len();
+    let (send, sent) = tokio::sync::mpsc::channel(count.max(1));
+    for frame in frames {
+        send.send(frame).await.unwrap();
+    }
+    let mut answers = bounded(open(tokio_stream::wrappers::ReceiverStream::new(sent))).await?.into_inner();
+    let mut by_seq = std::collections::BTreeMap::new();
+    while by_seq.len() < count {
+        let answer = bounded(answers.message()).await?.expect("the stream ended before every frame was answered");
+        assert!(by_seq.insert(seq(&answer), answer).is_none(), "a frame was answered twice");
+    }
+    Ok(by_seq)
+}
+
+/// Peers are trusted only as far as their requests check out: another cluster's Raft
+/// messages or forwarded writes are refused, so are those meant for another member (a peer
+/// URL that points at the wrong plane) and frames without a request, and a write no plane
+/// would send (a ready-made batch) gets an error, not a half-applied write. A refused
+/// frame on a pipe is answered under its own number and the pipe goes on serving.
 #[tokio::test]
 async fn peers_of_another_cluster_and_made_up_proposals_are_refused() {
-    use capstan_proto::raftpb::{self, plane_peer_client::PlanePeerClient, raft_peer_client::RaftPeerClient};
+    use capstan_proto::raftpb::{
+        self, append_answer, plane_peer_client::PlanePeerClient, propose_answer, raft_peer_client::RaftPeerClient,
+    };
 
     let dir = tempfile::tempdir().unwrap();
     let plane = PlaneProcess::start(&dir.path().join("plane"), &[]);
@@ -303,25 +330,88 @@ async fn peers_of_another_cluster_and_made_up_proposals_are_refused() {
     let refused = bounded(raft.vote(vote)).await.unwrap_err();
     assert!(refused.message().contains("member ID mismatch"), "{refused:?}");
 
-    let mut forwarding = bounded(PlanePeerClient::connect(peer)).await.unwrap();
+    let append = |seq, cluster_id, member_id| raftpb::AppendFrame {
+        seq,
+        request: Some(raftpb::AppendEntriesRequest { cluster_id, member_id, ..Default::default() }),
+    };
+    let frames = vec![
+        append(1, cluster_id ^ 1, member_id),
+        append(2, cluster_id, member_id ^ 1),
+        raftpb::AppendFrame { seq: 3, request: None },
+        append(4, cluster_id, member_id),
+    ];
+    let mut appends = raft.clone();
+    let answers =
+        pipe_answers(frames, |frames| appends.append_stream(frames), |answer: &raftpb::AppendAnswer| answer.seq)
+            .await
+            .unwrap();
+    let refusal = |seq: u64| match &answers[&seq].outcome {
+        Some(append_answer::Outcome::Refused(refused)) => refused.message.clone(),
+        other => panic!("append frame {seq} must be refused, got {other:?}"),
+    };
+    assert!(refusal(1).contains("cluster ID mismatch"), "{}", refusal(1));
+    assert!(refusal(2).contains("member ID mismatch"), "{}", refusal(2));
+    assert!(refusal(3).contains("without a request"), "{}", refusal(3));
+    assert!(refusal(4).contains("malformed raft message"), "an append without a vote: {}", refusal(4));
+
+    let forwarding = bounded(PlanePeerClient::connect(peer)).await.unwrap();
     let batch = raftpb::Command {
         request: Some(raftpb::command::Request::Batch(raftpb::CommandBatch { commands: Vec::new() })),
         caller: None,
         origin: 0,
     };
-    let propose = |cluster: u64| {
-        let mut request = tonic::Request::new(raftpb::ProposeRequest { commands: vec![batch.clone()] });
-        request.metadata_mut().insert("capstan-cluster-id", format!("{cluster:x}").parse().unwrap());
-        request
+    let put = raftpb::Command {
+        request: Some(raftpb::command::Request::Put(capstan_proto::etcdserverpb::PutRequest {
+            key: b"forwarded".to_vec(),
+            value: b"write".to_vec(),
+            ..Default::default()
+        })),
+        caller: None,
+        origin: 0,
     };
-    let refused = bounded(forwarding.propose(propose(cluster_id ^ 1))).await.unwrap_err();
+    let propose = |seq, commands| raftpb::ProposeFrame { seq, request: Some(raftpb::ProposeRequest { commands }) };
+    let frames = || {
+        vec![
+            propose(1, vec![put.clone()]),
+            raftpb::ProposeFrame { seq: 2, request: None },
+            propose(3, vec![batch.clone()]),
+        ]
+    };
+    let open = |cluster: u64| {
+        let mut forwarding = forwarding.clone();
+        move |frames| {
+            let mut request = tonic::Request::new(frames);
+            request.metadata_mut().insert("capstan-cluster-id", format!("{cluster:x}").parse().unwrap());
+            async move { forwarding.propose_stream(request).await }
+        }
+    };
+    let seq = |answer: &raftpb::ProposeAnswer| answer.seq;
+    let refused = pipe_answers(frames(), open(cluster_id ^ 1), seq).await.unwrap_err();
     assert!(refused.message().contains("cluster ID mismatch"), "{refused:?}");
-    let answered = bounded(forwarding.propose(propose(cluster_id))).await.unwrap().into_inner();
-    match answered.outcomes.as_slice() {
+    let answers = pipe_answers(frames(), open(cluster_id), seq).await.unwrap();
+    let outcomes = |seq: u64| match &answers[&seq].outcome {
+        Some(propose_answer::Outcome::Response(response)) => response.outcomes.clone(),
+        other => panic!("propose frame {seq} must be answered, got {other:?}"),
+    };
+    assert!(
+        matches!(
+            outcomes(1).as_slice(),
+            [raftpb::ProposeOutcome { outcome: Some(raftpb::propose_outcome::Outcome::Put(_)) }]
+        ),
+        "{:?}",
+        outcomes(1)
+    );
+    match &answers[&2].outcome {
+        Some(propose_answer::Outcome::Refused(refused)) => assert!(refused.message.contains("without a request")),
+        other => panic!("a frame without a request must be refused, got {other:?}"),
+    }
+    match outcomes(3).as_slice() {
         [raftpb::ProposeOutcome { outcome: Some(raftpb::propose_outcome::Outcome::Refused(refused)) }] => {
             assert_eq!(refused.code, tonic::Code::InvalidArgument as i32, "{refused:?}")
         }
         other => panic!("a made-up batch must be refused, got {other:?}"),
     }
+    let written = bounded(client.get("forwarded", None)).await.unwrap();
+    assert_eq!(written.kvs()[0].value(), b"write");
     bounded(client.put("still", "serving", None)).await.unwrap();
 }

@@ -17,6 +17,7 @@ pub mod log_store;
 pub mod metrics;
 pub mod network;
 pub mod own_proposals;
+pub mod pipe;
 pub mod service;
 pub mod snapshot_schedule;
 pub mod state_machine;

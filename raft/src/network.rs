@@ -5,6 +5,11 @@
 //! call is reported as `Unreachable`, so openraft backs off instead of retrying at once; a
 //! call with no answer within openraft's deadline is a `Timeout`, tried again without backing off.
 //!
+//! AppendEntries go to each peer on one [`Pipe`] (a long-lived stream), shared by every
+//! client of the peer: openraft's replication of each term, and the client it makes per
+//! heartbeat of a read-index round. A pipe that broke is opened anew by the next append;
+//! so is one whose append timed out, as a timed-out call would have been reset.
+//!
 //! openraft gives every AppendEntries one heartbeat interval, however many entries it
 //! carries, and sends the same entries again after a timeout. So each peer's AppendEntries
 //! carry at most a budget of entry bytes (`AppendBudget`), cut short and reported as a
@@ -38,10 +43,12 @@ use openraft::raft::{
 use prometheus_client::metrics::counter::Counter;
 use prost::Message;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::Status;
 
-use capstan_proto::raftpb::{self, raft_peer_client::RaftPeerClient};
+use capstan_proto::raftpb::{self, append_answer, raft_peer_client::RaftPeerClient};
 
 use crate::log_store::{Appends, Durability};
+use crate::pipe::Pipe;
 use crate::types::{self, NodeId, PeerNode, TypeConfig};
 use crate::StorageMetrics;
 
@@ -112,18 +119,18 @@ impl PeerChannels {
     async fn send<T>(
         &self,
         peer_url: &str,
-        call: impl std::future::Future<Output = Result<T, tonic::Status>>,
-    ) -> Result<T, tonic::Status> {
+        call: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
         match self.fate(peer_url) {
             Fate::Deliver => call.await,
             Fate::Delay(delay) => {
                 tokio::time::sleep(delay).await;
                 call.await
             }
-            Fate::Drop => Err(tonic::Status::unavailable("injected fault: request lost")),
+            Fate::Drop => Err(Status::unavailable("injected fault: request lost")),
             Fate::DropResponse => {
                 let _ = call.await;
-                Err(tonic::Status::unavailable("injected fault: response lost"))
+                Err(Status::unavailable("injected fault: response lost"))
             }
         }
     }
@@ -166,7 +173,21 @@ pub struct GrpcNetwork {
     /// terms: a new leader term starting at 1 MiB again would clog a narrow link anew,
     /// the follower behind it would miss heartbeats and campaign, and so on.
     append_budgets: Arc<Mutex<HashMap<NodeId, Arc<Mutex<AppendBudget>>>>>,
+    /// Each peer's append pipe and the URL it was opened to, shared by all its clients.
+    pipes: AppendPipes,
 }
+
+type AppendPipes = Arc<Mutex<HashMap<NodeId, (String, Arc<Pipe<AppendProtocol>>)>>>;
+
+/// AppendEntries and their answers as pipe frames (`RaftPeer.AppendStream`).
+pub(crate) struct AppendProtocol;
+
+crate::pipe_protocol!(
+    AppendProtocol: raftpb::AppendEntriesRequest => raftpb::AppendEntriesResponse,
+    raftpb::AppendFrame,
+    raftpb::AppendAnswer,
+    append_answer
+);
 
 impl GrpcNetwork {
     pub fn new(
@@ -186,6 +207,7 @@ impl GrpcNetwork {
             durability,
             appends,
             append_budgets: Arc::default(),
+            pipes: Arc::default(),
         }
     }
 }
@@ -211,6 +233,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
             durability: self.durability.clone(),
             appends: self.appends.clone(),
             append_budget: lock(&self.append_budgets).entry(target).or_default().clone(),
+            pipes: self.pipes.clone(),
             answered: false,
             folded: false,
         }
@@ -231,6 +254,7 @@ pub struct PeerClient {
     durability: Durability,
     appends: Appends,
     append_budget: Arc<Mutex<AppendBudget>>,
+    pipes: AppendPipes,
     /// Whether a call of this client has been answered.
     answered: bool,
     /// Whether its last AppendEntries was a commit notice folded into the next.
@@ -290,6 +314,28 @@ impl PeerClient {
     fn client<E: std::error::Error>(&self) -> Result<RaftPeerClient<Channel>, RPCError<NodeId, PeerNode, E>> {
         self.client.clone().map_err(|reason| self.unreachable(reason))
     }
+
+    /// The peer's append pipe, opened anew if it has none that works.
+    fn pipe<E: std::error::Error>(&self) -> Result<Arc<Pipe<AppendProtocol>>, RPCError<NodeId, PeerNode, E>> {
+        let mut pipes = lock(&self.pipes);
+        if let Some((_, pipe)) =
+            pipes.get(&self.target).filter(|(url, pipe)| *url == self.node.peer_url && !pipe.broken())
+        {
+            return Ok(pipe.clone());
+        }
+        let mut client = self.client()?;
+        let pipe = Arc::new(Pipe::open(|frames| async move { client.append_stream(frames).await }));
+        pipes.insert(self.target, (self.node.peer_url.clone(), pipe.clone()));
+        Ok(pipe)
+    }
+
+    /// Lets `pipe` go after an append on it timed out: the next append opens another.
+    fn discard(&self, pipe: &Arc<Pipe<AppendProtocol>>) {
+        let mut pipes = lock(&self.pipes);
+        if pipes.get(&self.target).is_some_and(|(_, current)| Arc::ptr_eq(current, pipe)) {
+            pipes.remove(&self.target);
+        }
+    }
 }
 
 /// Runs `call` (an `action`) within `deadline`. A call that failed makes the peer
@@ -306,9 +352,14 @@ macro_rules! call {
                 timeout: $deadline,
             })),
             Ok(Err(status)) => Err($self.unreachable(status.message())),
-            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Ok(response)) => Ok(response),
         }
     };
+}
+
+/// A unary call's answer.
+async fn unary<T>(call: impl std::future::Future<Output = Result<tonic::Response<T>, Status>>) -> Result<T, Status> {
+    call.await.map(tonic::Response::into_inner)
 }
 
 impl RaftNetwork<TypeConfig> for PeerClient {
@@ -327,7 +378,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             }
         }
         self.folded = false;
-        let mut client = self.client()?;
+        let pipe = self.pipe()?;
         // openraft counts the leader's own appends as durable before they are (see
         // `log_store`); a follower hears of a commit only once the leader's copy is.
         if let Some(committed) = &rpc.leader_commit {
@@ -363,12 +414,13 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         // By the soft deadline, before openraft's own, so that a timeout is seen here and
         // shrinks the budget.
         let deadline = option.soft_ttl().saturating_sub(started.elapsed());
-        let response = call!(self, deadline, RPCTypes::AppendEntries, client.append_entries(request));
+        let response = call!(self, deadline, RPCTypes::AppendEntries, pipe.call(request));
         let response = match response {
             Err(RPCError::Timeout(timeout)) => {
                 if bytes > 0 {
                     lock(&self.append_budget).timed_out(bytes);
                 }
+                self.discard(&pipe);
                 return Err(RPCError::Timeout(timeout));
             }
             response => response?,
@@ -401,7 +453,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             data: rpc.data,
             done,
         };
-        let response = call!(self, option.hard_ttl(), RPCTypes::InstallSnapshot, client.install_snapshot(request))?;
+        let response =
+            call!(self, option.hard_ttl(), RPCTypes::InstallSnapshot, unary(client.install_snapshot(request)))?;
         if done {
             self.snapshots_sent.inc();
         }
@@ -435,7 +488,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId>>> {
         let mut client = self.client()?;
         let request = types::vote_request_to_pb(self.cluster_id, self.target, &rpc);
-        let response = call!(self, option.hard_ttl(), RPCTypes::Vote, client.vote(request))?;
+        let response = call!(self, option.hard_ttl(), RPCTypes::Vote, unary(client.vote(request)))?;
         types::vote_response_from_pb(response).map_err(|error| self.unreachable(error))
     }
 }

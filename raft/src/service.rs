@@ -1,17 +1,25 @@
 //! The server side of the Raft transport: the `RaftPeer` gRPC service a plane serves on its
 //! peer address. Requests from another cluster or for another member, or that do not
 //! decode, are refused with a clear status; nothing a peer sends can panic the plane.
+//!
+//! A leader's AppendEntries come on a pipe (`pipe`): each is handed to Raft in the order
+//! sent, and answered once the log is durable up to its entries, the durability waits
+//! side by side.
 
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest};
-use tonic::{Request, Response, Status};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
 
 use capstan_proto::raftpb::{self, raft_peer_server::RaftPeer};
 
 use crate::error::DecodeError;
 use crate::log_store::{Appends, Durability};
+use crate::network::AppendProtocol;
+use crate::pipe;
 use crate::types::{self, NodeId, Raft};
 
+#[derive(Clone)]
 pub struct PeerService {
     raft: Raft,
     cluster_id: u64,
@@ -22,6 +30,8 @@ pub struct PeerService {
     /// How often the log was truncated, so that an answer does not claim entries that
     /// another leader's replaced at the same index before the sync.
     appends: Appends,
+    /// Ends the append pipes when the plane stops serving its peers.
+    stop: pipe::Stop,
 }
 
 impl PeerService {
@@ -32,7 +42,12 @@ impl PeerService {
         durability: Durability,
         appends: Appends,
     ) -> PeerService {
-        PeerService { raft, cluster_id, member_id, durability, appends }
+        PeerService { raft, cluster_id, member_id, durability, appends, stop: pipe::Stop::default() }
+    }
+
+    /// What ends the pipes this service serves.
+    pub fn stop(&self) -> pipe::Stop {
+        self.stop.clone()
     }
 
     /// Refuses a request of another cluster, or one meant for another member: a peer
@@ -73,13 +88,13 @@ fn raft_status<E: std::error::Error>(error: RaftError<NodeId, E>) -> Status {
     Status::unavailable(format!("raft: {error}"))
 }
 
-#[tonic::async_trait]
-impl RaftPeer for PeerService {
-    async fn append_entries(
+impl PeerService {
+    /// Hands one AppendEntries to Raft; the future it returns answers it, once the log is
+    /// durable as far as the answer claims.
+    async fn append(
         &self,
-        request: Request<raftpb::AppendEntriesRequest>,
-    ) -> Result<Response<raftpb::AppendEntriesResponse>, Status> {
-        let request = request.into_inner();
+        request: raftpb::AppendEntriesRequest,
+    ) -> Result<impl std::future::Future<Output = Result<raftpb::AppendEntriesResponse, Status>> + use<>, Status> {
         self.check_target(request.cluster_id, request.member_id)?;
         let vote =
             request.vote.as_ref().map(types::vote_from_pb).ok_or(DecodeError::Missing("vote")).map_err(malformed)?;
@@ -97,19 +112,40 @@ impl RaftPeer for PeerService {
         };
         let truncations = self.appends.truncations();
         let response = self.raft.append_entries(rpc).await.map_err(raft_status)?;
-        if let (AppendEntriesResponse::Success, Some(matching)) = (&response, matching) {
-            self.durability
-                .clone()
-                .until(matching.index)
-                .await
-                .map_err(|error| Status::unavailable(format!("the log is not durable: {error}")))?;
-            // Durable up to the index, but a truncation meanwhile (this request's own, or a
-            // newer leader's) may have put other entries there: the leader sends it again.
-            if self.appends.truncations() != truncations {
-                return Err(Status::unavailable("the log was truncated while this append was synced; send it again"));
+        let (mut durability, appends) = (self.durability.clone(), self.appends.clone());
+        Ok(async move {
+            if let (AppendEntriesResponse::Success, Some(matching)) = (&response, matching) {
+                durability
+                    .until(matching.index)
+                    .await
+                    .map_err(|error| Status::unavailable(format!("the log is not durable: {error}")))?;
+                // Durable up to the index, but a truncation meanwhile (this request's own, or
+                // a newer leader's) may have put other entries there: the leader sends it again.
+                if appends.truncations() != truncations {
+                    return Err(Status::unavailable(
+                        "the log was truncated while this append was synced; send it again",
+                    ));
+                }
             }
-        }
-        Ok(Response::new(types::append_response_to_pb(&response)))
+            Ok(types::append_response_to_pb(&response))
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl RaftPeer for PeerService {
+    type AppendStreamStream = ReceiverStream<Result<raftpb::AppendAnswer, Status>>;
+
+    async fn append_stream(
+        &self,
+        request: Request<Streaming<raftpb::AppendFrame>>,
+    ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        let service = self.clone();
+        let take = move |request| {
+            let service = service.clone();
+            async move { service.append(request).await }
+        };
+        Ok(Response::new(pipe::serve::<AppendProtocol, _, _, _>(request.into_inner(), &self.stop, take)))
     }
 
     async fn vote(&self, request: Request<raftpb::VoteRequest>) -> Result<Response<raftpb::VoteResponse>, Status> {

@@ -13,12 +13,13 @@
 //! state machine applies a batch command by command, each at its own revision, exactly as
 //! if they had come one by one (`capstan_raft::state_machine`).
 //!
-//! A follower's batcher forwards its batch to the leader in one `Propose` call instead,
-//! whose commands join the leader's queue (`forward`): a gRPC call per batch rather than
-//! per command, which the leader would otherwise pay for two thirds of the writes. A
-//! follower keeps two calls out at once: with one, the commands that queued while a call
-//! was out (to the leader, through its batch in flight, and back) waited for its answer
-//! before they even reached the leader's queue; put 4:16 ran 6% slower (session 21).
+//! A follower's batcher forwards its batch to the leader instead, as one frame on its pipe
+//! to the leader, whose commands join the leader's queue (`forward`): a message per batch
+//! rather than per command, which the leader would otherwise pay for two thirds of the
+//! writes. A follower keeps two batches out at once: with one, the commands that queued
+//! while a batch was out (to the leader, through its batch in flight, and back) waited for
+//! its answer before they even reached the leader's queue; put 4:16 ran 6% slower
+//! (session 21).
 //! The batcher's answer to a key write is the client's fallback: the plane that took the
 //! write answers it as it applies it if that comes first (`Plane::propose`), which on the
 //! leader it always does.

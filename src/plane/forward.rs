@@ -4,9 +4,13 @@
 //!
 //! Errors travel as the gRPC status etcd would return, so a client of a follower sees
 //! exactly what a client of the leader sees.
+//!
+//! Writes go to the leader in batches on a pipe (`capstan_raft::pipe`), one per follower
+//! and leader: the leader queues each batch's commands in the order the batches came and
+//! answers a batch once all its commands are done.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
@@ -15,9 +19,10 @@ use tonic::{Request, Response, Status};
 
 use capstan_proto::etcdserverpb as pb;
 use capstan_proto::raftpb::{
-    self, plane_peer_client::PlanePeerClient, plane_peer_server::PlanePeer, propose_outcome, Command,
+    self, plane_peer_client::PlanePeerClient, plane_peer_server::PlanePeer, propose_answer, propose_outcome, Command,
 };
 use capstan_raft::network::{Fate, PeerChannels, PEER_MESSAGE_BYTES_MAX};
+use capstan_raft::pipe::{self, Pipe};
 use capstan_raft::{NodeId, PeerNode};
 use capstan_store::CommandResponse;
 
@@ -33,15 +38,27 @@ pub type LeaderClient = PlanePeerClient<InterceptedService<Channel, AddCluster>>
 pub struct Forwarder {
     channels: PeerChannels,
     cluster_header: MetadataValue<Ascii>,
+    /// The pipe for writes to each peer URL that led while this plane followed.
+    pipes: Mutex<HashMap<String, Arc<Pipe<ProposeProtocol>>>>,
 }
 
 impl Forwarder {
     pub fn new(channels: PeerChannels, cluster_id: u64) -> Forwarder {
         let cluster_header =
             MetadataValue::try_from(format!("{cluster_id:x}")).expect("hex digits are a valid header value");
-        Forwarder { channels, cluster_header }
+        Forwarder { channels, cluster_header, pipes: Mutex::default() }
     }
 }
+
+/// Forwarded batches and their outcomes as pipe frames (`PlanePeer.ProposeStream`).
+pub struct ProposeProtocol;
+
+capstan_raft::pipe_protocol!(
+    ProposeProtocol: raftpb::ProposeRequest => raftpb::ProposeResponse,
+    raftpb::ProposeFrame,
+    raftpb::ProposeAnswer,
+    propose_answer
+);
 
 impl Plane {
     /// The leader's ID and node, if there is a leader.
@@ -93,9 +110,27 @@ impl Plane {
         &self,
         commands: Vec<Command>,
     ) -> Result<Vec<Result<CommandResponse, Status>>, Status> {
-        let mut client = self.leader_client()?;
-        let answer = client.propose(raftpb::ProposeRequest { commands }).await?.into_inner();
+        let (_, leader) = self.leader().ok_or_else(status::not_leader)?;
+        let pipe = self.propose_pipe(&leader.peer_url)?;
+        // Injected faults (tests only) lose forwarded writes, as any forwarded request.
+        if matches!(self.forwarder.channels.fate(&leader.peer_url), Fate::Drop | Fate::DropResponse) {
+            return Err(Status::unavailable("injected fault: request lost"));
+        }
+        let answer = pipe.call(raftpb::ProposeRequest { commands }).await?;
         Ok(answer.outcomes.into_iter().map(outcome_from_pb).collect())
+    }
+
+    /// The pipe for writes to the leader at `peer_url`, opened anew if there is none that
+    /// works.
+    fn propose_pipe(&self, peer_url: &str) -> Result<Arc<Pipe<ProposeProtocol>>, Status> {
+        let mut pipes = self.forwarder.pipes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(pipe) = pipes.get(peer_url).filter(|pipe| !pipe.broken()) {
+            return Ok(pipe.clone());
+        }
+        let mut client = self.peer_client(peer_url)?;
+        let pipe = Arc::new(Pipe::open(|frames| async move { client.propose_stream(frames).await }));
+        pipes.insert(peer_url.to_string(), pipe.clone());
+        Ok(pipe)
     }
 
     /// The log index the leader (at `leader_peer_url`) says a linearizable read must wait for.
@@ -115,9 +150,7 @@ fn outcome_to_pb(outcome: Result<CommandResponse, Status>) -> raftpb::ProposeOut
         Ok(CommandResponse::LeaseGrant(response)) => Outcome::LeaseGrant(response),
         Ok(CommandResponse::LeaseRevoke(response)) => Outcome::LeaseRevoke(response),
         Ok(CommandResponse::Auth(header)) => Outcome::Auth(header.unwrap_or_default()),
-        Err(refused) => {
-            Outcome::Refused(raftpb::Refusal { code: refused.code() as i32, message: refused.message().to_string() })
-        }
+        Err(refused) => Outcome::Refused(pipe::refusal(&refused)),
     };
     raftpb::ProposeOutcome { outcome: Some(outcome) }
 }
@@ -132,12 +165,40 @@ fn outcome_from_pb(outcome: raftpb::ProposeOutcome) -> Result<CommandResponse, S
         Outcome::LeaseGrant(response) => Ok(CommandResponse::LeaseGrant(response)),
         Outcome::LeaseRevoke(response) => Ok(CommandResponse::LeaseRevoke(response)),
         Outcome::Auth(header) => Ok(CommandResponse::Auth(Some(header))),
-        Outcome::Refused(refused) => Err(Status::new(tonic::Code::from(refused.code), refused.message)),
+        Outcome::Refused(refusal) => Err(pipe::refused(refusal)),
     }
 }
 
-/// The leader's side of forwarding.
-pub struct PlanePeerService(pub Arc<Plane>);
+/// The leader's side of forwarding; the `Stop` ends its pipes.
+pub struct PlanePeerService(pub Arc<Plane>, pub pipe::Stop);
+
+/// Queues a forwarded batch's commands on the leader, in order; the future returned
+/// answers the batch once each command is done.
+async fn take_batch(
+    plane: Arc<Plane>,
+    batch: raftpb::ProposeRequest,
+) -> Result<impl std::future::Future<Output = Result<raftpb::ProposeResponse, Status>> + use<>, Status> {
+    if !plane.is_leader() {
+        return Err(status::not_leader());
+    }
+    // Every command joins the leader's queue before any is awaited, so that they batch
+    // with each other and with the leader's own.
+    let mut queued = Vec::with_capacity(batch.commands.len());
+    for command in batch.commands {
+        queued.push(plane.enqueue(command, false).await);
+    }
+    Ok(async move {
+        let mut outcomes = Vec::with_capacity(queued.len());
+        for queued in queued {
+            let outcome = match queued {
+                Ok(answered) => answered.await.unwrap_or_else(|_| Err(status::stopped())),
+                Err(refused) => Err(refused),
+            };
+            outcomes.push(outcome_to_pb(outcome));
+        }
+        Ok(raftpb::ProposeResponse { outcomes })
+    })
+}
 
 /// Serves a forwarded membership request, which only the leader may do.
 macro_rules! leader_only {
@@ -171,27 +232,16 @@ impl PlanePeerService {
 
 #[tonic::async_trait]
 impl PlanePeer for PlanePeerService {
-    async fn propose(
+    type ProposeStreamStream = tokio_stream::wrappers::ReceiverStream<Result<raftpb::ProposeAnswer, Status>>;
+
+    async fn propose_stream(
         &self,
-        request: Request<raftpb::ProposeRequest>,
-    ) -> Result<Response<raftpb::ProposeResponse>, Status> {
+        request: Request<tonic::Streaming<raftpb::ProposeFrame>>,
+    ) -> Result<Response<Self::ProposeStreamStream>, Status> {
         self.check_cluster(&request)?;
-        self.require_leader()?;
-        // Every command joins the leader's queue before any is awaited, so that they batch
-        // with each other and with the leader's own.
-        let mut queued = Vec::new();
-        for command in request.into_inner().commands {
-            queued.push(self.0.enqueue(command, false).await);
-        }
-        let mut outcomes = Vec::with_capacity(queued.len());
-        for queued in queued {
-            let outcome = match queued {
-                Ok(answered) => answered.await.unwrap_or_else(|_| Err(status::stopped())),
-                Err(refused) => Err(refused),
-            };
-            outcomes.push(outcome_to_pb(outcome));
-        }
-        Ok(Response::new(raftpb::ProposeResponse { outcomes }))
+        let plane = self.0.clone();
+        let take = move |batch| take_batch(plane.clone(), batch);
+        Ok(Response::new(pipe::serve::<ProposeProtocol, _, _, _>(request.into_inner(), &self.1, take)))
     }
 
     async fn read_index(

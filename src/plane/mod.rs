@@ -656,6 +656,8 @@ pub async fn run(
         background.spawn(run_scheduler(plane.clone(), config));
     }
     let (stop_peers, peers_stopped) = tokio::sync::oneshot::channel::<()>();
+    // Ends the peers' pipes (appends to this plane, writes forwarded to it) as it stops.
+    let peer_pipes = started.peer_service.stop();
     let peer_routes = grpc::Routes::default()
         .add(
             capstan_proto::raftpb::raft_peer_server::RaftPeerServer::new(started.peer_service)
@@ -664,9 +666,12 @@ pub async fn run(
         )
         .add(
             // Forwarded proposals come a batch at a time.
-            capstan_proto::raftpb::plane_peer_server::PlanePeerServer::new(forward::PlanePeerService(plane.clone()))
-                .max_decoding_message_size(capstan_raft::network::PEER_MESSAGE_BYTES_MAX)
-                .max_encoding_message_size(usize::MAX),
+            capstan_proto::raftpb::plane_peer_server::PlanePeerServer::new(forward::PlanePeerService(
+                plane.clone(),
+                peer_pipes.clone(),
+            ))
+            .max_decoding_message_size(capstan_raft::network::PEER_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(usize::MAX),
         );
     // Graceful, so that the connections end with the server and drop their hold on the
     // plane.
@@ -713,6 +718,7 @@ pub async fn run(
         }
     }
     background.shutdown().await;
+    peer_pipes.stop();
     let _ = stop_peers.send(());
     match tokio::time::timeout(Duration::from_millis(SHUTDOWN_GRACE_MS), &mut peer_task).await {
         Ok(Ok(())) => {}

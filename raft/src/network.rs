@@ -378,12 +378,12 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             }
         }
         self.folded = false;
-        let pipe = self.pipe()?;
         // openraft counts the leader's own appends as durable before they are (see
         // `log_store`); a follower hears of a commit only once the leader's copy is.
         if let Some(committed) = &rpc.leader_commit {
             self.durability.until(committed.index).await.map_err(|error| self.unreachable(error))?;
         }
+        let pipe = self.pipe()?;
         let budget = lock(&self.append_budget).bytes();
         let offered = rpc.entries.len();
         let mut entries = Vec::with_capacity(offered);

@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -97,14 +97,43 @@ pub fn refused(refusal: Refusal) -> Status {
     Status::new(tonic::Code::from(refusal.code), refusal.message)
 }
 
-/// The client's end of one stream. The stream is reset when the last holder drops it,
-/// opened or not (a peer that does not answer would otherwise keep it waiting).
+/// The client's end of one stream. When the last holder drops it, opened or not, its
+/// frames end at once (those still queued are not sent) and its task lets go of the
+/// answers, so that HTTP/2 resets the stream, dropping a frame still partly sent, as a
+/// dropped unary call is reset: a call abandoned after a timeout does not go on using the
+/// link, and a peer that does not answer keeps nothing waiting.
 pub struct Pipe<P: Protocol> {
     frames: mpsc::Sender<P::Frame>,
     next_seq: AtomicU64,
     waiting: Arc<Mutex<Waiting<P::Response>>>,
+    /// Set as the pipe is dropped: its frames end at once.
+    released: Arc<AtomicBool>,
     /// Dropped with the pipe, which stops its task.
     _held: oneshot::Sender<()>,
+}
+
+impl<P: Protocol> Drop for Pipe<P> {
+    fn drop(&mut self) {
+        // Before `frames` is dropped, which wakes the stream of frames to end.
+        self.released.store(true, Ordering::Release);
+    }
+}
+
+/// The frames a pipe sends (what its callers queue) until the pipe is let go.
+pub struct Frames<F> {
+    queued: mpsc::Receiver<F>,
+    released: Arc<AtomicBool>,
+}
+
+impl<F> futures::Stream for Frames<F> {
+    type Item = F;
+
+    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<F>> {
+        if self.released.load(Ordering::Acquire) {
+            return std::task::Poll::Ready(None);
+        }
+        self.queued.poll_recv(cx)
+    }
 }
 
 /// Where the answers to a pipe's frames go, or why none will come.
@@ -131,15 +160,16 @@ impl<R> Drop for Pending<'_, R> {
 
 impl<P: Protocol> Pipe<P> {
     /// Opens a stream with `open`, which makes the call with the stream of frames given.
-    pub fn open<Opening>(open: impl FnOnce(ReceiverStream<P::Frame>) -> Opening) -> Pipe<P>
+    pub fn open<Opening>(open: impl FnOnce(Frames<P::Frame>) -> Opening) -> Pipe<P>
     where
         Opening: Future<Output = Result<tonic::Response<Streaming<P::Answer>>, Status>> + Send + 'static,
     {
         let (frames, queued) = mpsc::channel(FRAMES_QUEUED_MAX);
+        let released = Arc::new(AtomicBool::new(false));
         let waiting = Arc::new(Mutex::new(Waiting { answers: HashMap::new(), broken: None }));
-        let opening = open(ReceiverStream::new(queued));
+        let opening = open(Frames { queued, released: released.clone() });
         let answers_to = waiting.clone();
-        let (held, let_go) = oneshot::channel();
+        let (held, let_go) = oneshot::channel::<()>();
         tokio::spawn(async move {
             let run = async {
                 match opening.await {
@@ -157,7 +187,7 @@ impl<P: Protocol> Pipe<P> {
             }
             waiting.broken = Some(ended);
         });
-        Pipe { frames, next_seq: AtomicU64::new(1), waiting, _held: held }
+        Pipe { frames, next_seq: AtomicU64::new(1), waiting, released, _held: held }
     }
 
     /// Whether the stream has ended: calls on it fail at once.
@@ -177,15 +207,11 @@ impl<P: Protocol> Pipe<P> {
             waiting.answers.insert(seq, answer);
         }
         let _pending = Pending { waiting: &*self.waiting, seq };
-        if self.frames.send(P::frame(seq, request)).await.is_err() {
-            return Err(self.ended());
-        }
-        answered.await.unwrap_or_else(|_| Err(self.ended()))
-    }
-
-    /// Why the stream ended, once its task has said.
-    fn ended(&self) -> Status {
-        lock(&self.waiting).broken.clone().unwrap_or_else(|| Status::unavailable("the stream ended"))
+        // A frame not taken means the stream ended (tonic drops the frames of a call that
+        // failed, before the task hears why); the task answers every waiting caller then,
+        // with the status the stream ended with.
+        let _ = self.frames.send(P::frame(seq, request)).await;
+        answered.await.unwrap_or_else(|_| Err(Status::unavailable("the stream ended")))
     }
 }
 
@@ -294,8 +320,20 @@ mod tests {
     const FAIL: u64 = u64::MAX;
 
     /// A peer that answers its streams' frames `HELD` at a time in reverse order, each
-    /// answer naming its request's cluster ID as the matching index.
-    struct Reversing;
+    /// answer naming its request's cluster ID as the matching index; says when a stream's
+    /// frames end.
+    struct Reversing {
+        ended: mpsc::UnboundedSender<()>,
+    }
+
+    /// Says, when dropped, that a stream's frames ended.
+    struct Ended(mpsc::UnboundedSender<()>);
+
+    impl Drop for Ended {
+        fn drop(&mut self) {
+            let _ = self.0.send(());
+        }
+    }
 
     fn naming(id: u64) -> raftpb::AppendEntriesResponse {
         let matching = raftpb::LogId { index: id, ..Default::default() };
@@ -318,7 +356,9 @@ mod tests {
         ) -> Result<Response<Self::AppendStreamStream>, Status> {
             let mut frames = request.into_inner();
             let (answers, answered) = mpsc::channel(HELD);
+            let ended = Ended(self.ended.clone());
             tokio::spawn(async move {
+                let _ended = ended;
                 let mut held = Vec::new();
                 while let Ok(Some(frame)) = frames.message().await {
                     let id = frame.request.map_or(0, |request| request.cluster_id);
@@ -349,17 +389,20 @@ mod tests {
         }
     }
 
-    /// A pipe to a `Reversing` peer served on a loopback port.
-    async fn pipe_to_peer() -> Pipe<AppendProtocol> {
+    /// A pipe to a `Reversing` peer served on a loopback port, and where the peer says
+    /// that a stream's frames ended.
+    async fn pipe_and_peer() -> (Pipe<AppendProtocol>, mpsc::UnboundedReceiver<()>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(RaftPeerServer::new(Reversing))
-                .serve_with_incoming(incoming),
-        );
-        pipe_to(Endpoint::from_shared(format!("http://{address}")).unwrap().connect_lazy())
+        let (ended, ends) = mpsc::unbounded_channel();
+        let peer = RaftPeerServer::new(Reversing { ended });
+        tokio::spawn(tonic::transport::Server::builder().add_service(peer).serve_with_incoming(incoming));
+        (pipe_to(Endpoint::from_shared(format!("http://{address}")).unwrap().connect_lazy()), ends)
+    }
+
+    async fn pipe_to_peer() -> Pipe<AppendProtocol> {
+        pipe_and_peer().await.0
     }
 
     fn pipe_to(channel: Channel) -> Pipe<AppendProtocol> {
@@ -400,6 +443,16 @@ mod tests {
         let (eighth, ninth) = tokio::join!(pipe.call(request(8)), pipe.call(request(9)));
         assert_eq!([matching(eighth), matching(ninth)], [8, 9]);
         assert!(!pipe.broken());
+    }
+
+    #[tokio::test]
+    async fn a_pipe_let_go_ends_its_stream_at_the_peer() {
+        let (pipe, mut ends) = pipe_and_peer().await;
+        let (first, second, third) = tokio::join!(pipe.call(request(1)), pipe.call(request(2)), pipe.call(request(3)));
+        assert_eq!([matching(first), matching(second), matching(third)], [1, 2, 3]);
+        drop(pipe);
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(30), ends.recv());
+        assert_eq!(ended.await.expect("the peer's stream never ended"), Some(()));
     }
 
     #[tokio::test]

@@ -51,8 +51,9 @@ pub const QUOTA_BYTES_DEFAULT: u64 = 2 << 30;
 pub const SHUTDOWN_GRACE_MS: u64 = 3_000;
 /// How long a write or read-index waits for Raft before the client gets a timeout.
 pub const PROPOSE_TIMEOUT_MS: u64 = 7_000;
-/// Clients' connections are pinged after this long without a frame, so that dead ones end.
-const CLIENT_KEEPALIVE_MS: u64 = 10_000;
+/// Client and peer connections are pinged after this long without a frame, so that dead
+/// ones end (with the streams they carry, a peer's pipes among them).
+const KEEPALIVE_MS: u64 = 10_000;
 
 /// Everything a plane is started with.
 #[derive(Clone, Debug)]
@@ -678,17 +679,18 @@ pub async fn run(
     let peers_stopped = async {
         let _ = peers_stopped.await;
     };
+    let keepalive = Some(Duration::from_millis(KEEPALIVE_MS));
     let mut peer_task = match peer_tls {
         Some(tls) => tokio::spawn(grpc::serve(
             socket::coalesced(crate::tls::incoming(peer_listener, tls, "peer")),
             peer_routes,
-            None,
+            keepalive,
             peers_stopped,
         )),
         None => tokio::spawn(grpc::serve(
             socket::coalesced(socket::incoming(peer_listener)),
             peer_routes,
-            None,
+            keepalive,
             peers_stopped,
         )),
     };
@@ -826,7 +828,7 @@ async fn serve(
         .add(limited!(ClusterServer::new(membership::ClusterService(plane.clone()))))
         .add(limited!(MaintenanceServer::new(maintenance::MaintenanceService(plane.clone()))))
         .add(limited!(AuthServer::new(auth::AuthService(plane))));
-    let keepalive = Some(Duration::from_millis(CLIENT_KEEPALIVE_MS));
+    let keepalive = Some(Duration::from_millis(KEEPALIVE_MS));
     match tls {
         Some(tls) => {
             let incoming = socket::coalesced(crate::tls::incoming(listener, tls, "client"));

@@ -230,6 +230,28 @@ async fn route<P: Protocol>(mut answers: Streaming<P::Answer>, waiting: &Mutex<W
     }
 }
 
+/// One pipe per peer URL, opened on first use and again once broken.
+pub struct PipesByUrl<P: Protocol>(Mutex<HashMap<String, Arc<Pipe<P>>>>);
+
+impl<P: Protocol> Default for PipesByUrl<P> {
+    fn default() -> PipesByUrl<P> {
+        PipesByUrl(Mutex::default())
+    }
+}
+
+impl<P: Protocol> PipesByUrl<P> {
+    /// The pipe to `url`, opened with `open` if there is none that works.
+    pub fn get(&self, url: &str, open: impl FnOnce() -> Result<Pipe<P>, Status>) -> Result<Arc<Pipe<P>>, Status> {
+        let mut pipes = lock(&self.0);
+        if let Some(pipe) = pipes.get(url).filter(|pipe| !pipe.broken()) {
+            return Ok(pipe.clone());
+        }
+        let pipe = Arc::new(open()?);
+        pipes.insert(url.to_string(), pipe.clone());
+        Ok(pipe)
+    }
+}
+
 /// Ends the streams a server serves, open or opened later, when the server stops: the
 /// clients would hold them open for good. Clones stop together.
 #[derive(Clone)]

@@ -7,10 +7,11 @@
 //!
 //! Writes go to the leader in batches on a pipe (`capstan_raft::pipe`), one per follower
 //! and leader: the leader queues each batch's commands in the order the batches came and
-//! answers a batch once all its commands are done.
+//! answers a batch once all its commands are done. Read-index rounds go on a pipe of
+//! their own.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
@@ -19,10 +20,11 @@ use tonic::{Request, Response, Status};
 
 use capstan_proto::etcdserverpb as pb;
 use capstan_proto::raftpb::{
-    self, plane_peer_client::PlanePeerClient, plane_peer_server::PlanePeer, propose_answer, propose_outcome, Command,
+    self, plane_peer_client::PlanePeerClient, plane_peer_server::PlanePeer, propose_answer, propose_outcome,
+    read_index_answer, Command,
 };
 use capstan_raft::network::{Fate, PeerChannels, PEER_MESSAGE_BYTES_MAX};
-use capstan_raft::pipe::{self, Pipe};
+use capstan_raft::pipe::{self, Pipe, PipesByUrl};
 use capstan_raft::{NodeId, PeerNode};
 use capstan_store::CommandResponse;
 
@@ -38,15 +40,17 @@ pub type LeaderClient = PlanePeerClient<InterceptedService<Channel, AddCluster>>
 pub struct Forwarder {
     channels: PeerChannels,
     cluster_header: MetadataValue<Ascii>,
-    /// The pipe for writes to each peer URL that led while this plane followed.
-    pipes: Mutex<HashMap<String, Arc<Pipe<ProposeProtocol>>>>,
+    /// The pipes for writes and for read-index rounds to each peer URL that led while
+    /// this plane followed.
+    proposals: PipesByUrl<ProposeProtocol>,
+    reads: PipesByUrl<ReadIndexProtocol>,
 }
 
 impl Forwarder {
     pub fn new(channels: PeerChannels, cluster_id: u64) -> Forwarder {
         let cluster_header =
             MetadataValue::try_from(format!("{cluster_id:x}")).expect("hex digits are a valid header value");
-        Forwarder { channels, cluster_header, pipes: Mutex::default() }
+        Forwarder { channels, cluster_header, proposals: PipesByUrl::default(), reads: PipesByUrl::default() }
     }
 }
 
@@ -58,6 +62,16 @@ capstan_raft::pipe_protocol!(
     raftpb::ProposeFrame,
     raftpb::ProposeAnswer,
     propose_answer
+);
+
+/// Read-index rounds and their indexes as pipe frames (`PlanePeer.ReadIndexStream`).
+pub struct ReadIndexProtocol;
+
+capstan_raft::pipe_protocol!(
+    ReadIndexProtocol: raftpb::ReadIndexRequest => raftpb::ReadIndexResponse,
+    raftpb::ReadIndexFrame,
+    raftpb::ReadIndexAnswer,
+    read_index_answer
 );
 
 impl Plane {
@@ -111,32 +125,33 @@ impl Plane {
         commands: Vec<Command>,
     ) -> Result<Vec<Result<CommandResponse, Status>>, Status> {
         let (_, leader) = self.leader().ok_or_else(status::not_leader)?;
-        let pipe = self.propose_pipe(&leader.peer_url)?;
-        // Injected faults (tests only) lose forwarded writes, as any forwarded request.
-        if matches!(self.forwarder.channels.fate(&leader.peer_url), Fate::Drop | Fate::DropResponse) {
-            return Err(Status::unavailable("injected fault: request lost"));
-        }
+        let url = &leader.peer_url;
+        let pipe = self.forwarder.proposals.get(url, || {
+            let mut client = self.peer_client(url)?;
+            Ok(Pipe::open(|frames| async move { client.propose_stream(frames).await }))
+        })?;
+        self.injected_loss(url)?;
         let answer = pipe.call(raftpb::ProposeRequest { commands }).await?;
         Ok(answer.outcomes.into_iter().map(outcome_from_pb).collect())
     }
 
-    /// The pipe for writes to the leader at `peer_url`, opened anew if there is none that
-    /// works.
-    fn propose_pipe(&self, peer_url: &str) -> Result<Arc<Pipe<ProposeProtocol>>, Status> {
-        let mut pipes = self.forwarder.pipes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(pipe) = pipes.get(peer_url).filter(|pipe| !pipe.broken()) {
-            return Ok(pipe.clone());
-        }
-        let mut client = self.peer_client(peer_url)?;
-        let pipe = Arc::new(Pipe::open(|frames| async move { client.propose_stream(frames).await }));
-        pipes.insert(peer_url.to_string(), pipe.clone());
-        Ok(pipe)
-    }
-
     /// The log index the leader (at `leader_peer_url`) says a linearizable read must wait for.
     pub(super) async fn forward_read_index(&self, leader_peer_url: &str) -> Result<u64, Status> {
-        let mut client = self.peer_client(leader_peer_url)?;
-        Ok(client.read_index(raftpb::ReadIndexRequest {}).await?.into_inner().read_index)
+        let pipe = self.forwarder.reads.get(leader_peer_url, || {
+            let mut client = self.peer_client(leader_peer_url)?;
+            Ok(Pipe::open(|frames| async move { client.read_index_stream(frames).await }))
+        })?;
+        self.injected_loss(leader_peer_url)?;
+        Ok(pipe.call(raftpb::ReadIndexRequest {}).await?.read_index)
+    }
+
+    /// Injected faults (tests only) lose forwarded requests on pipes, as any forwarded
+    /// request.
+    fn injected_loss(&self, peer_url: &str) -> Result<(), Status> {
+        match self.forwarder.channels.fate(peer_url) {
+            Fate::Drop | Fate::DropResponse => Err(Status::unavailable("injected fault: request lost")),
+            Fate::Deliver | Fate::Delay(_) => Ok(()),
+        }
     }
 }
 
@@ -244,13 +259,25 @@ impl PlanePeer for PlanePeerService {
         Ok(Response::new(pipe::serve::<ProposeProtocol, _, _, _>(request.into_inner(), &self.1, take)))
     }
 
-    async fn read_index(
+    type ReadIndexStreamStream = tokio_stream::wrappers::ReceiverStream<Result<raftpb::ReadIndexAnswer, Status>>;
+
+    async fn read_index_stream(
         &self,
-        request: Request<raftpb::ReadIndexRequest>,
-    ) -> Result<Response<raftpb::ReadIndexResponse>, Status> {
+        request: Request<tonic::Streaming<raftpb::ReadIndexFrame>>,
+    ) -> Result<Response<Self::ReadIndexStreamStream>, Status> {
         self.check_cluster(&request)?;
-        self.require_leader()?;
-        Ok(Response::new(raftpb::ReadIndexResponse { read_index: self.0.read_index().await? }))
+        let plane = self.0.clone();
+        // Each round is answered beside the others: they share the leader's rounds.
+        let take = move |_: raftpb::ReadIndexRequest| {
+            let plane = plane.clone();
+            async move {
+                if !plane.is_leader() {
+                    return Err(status::not_leader());
+                }
+                Ok(async move { Ok(raftpb::ReadIndexResponse { read_index: plane.read_index().await? }) })
+            }
+        };
+        Ok(Response::new(pipe::serve::<ReadIndexProtocol, _, _, _>(request.into_inner(), &self.1, take)))
     }
 
     async fn lease_keep_alive(

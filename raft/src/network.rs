@@ -48,7 +48,7 @@ use tonic::Status;
 use capstan_proto::raftpb::{self, append_answer, raft_peer_client::RaftPeerClient};
 
 use crate::log_store::{Appends, Durability};
-use crate::pipe::Pipe;
+use crate::pipe::{Pipe, PipesByUrl};
 use crate::types::{self, NodeId, PeerNode, TypeConfig};
 use crate::StorageMetrics;
 
@@ -173,11 +173,9 @@ pub struct GrpcNetwork {
     /// terms: a new leader term starting at 1 MiB again would clog a narrow link anew,
     /// the follower behind it would miss heartbeats and campaign, and so on.
     append_budgets: Arc<Mutex<HashMap<NodeId, Arc<Mutex<AppendBudget>>>>>,
-    /// Each peer's append pipe and the URL it was opened to, shared by all its clients.
-    pipes: AppendPipes,
+    /// Each peer's append pipe, shared by all its clients.
+    pipes: Arc<PipesByUrl<AppendProtocol>>,
 }
-
-type AppendPipes = Arc<Mutex<HashMap<NodeId, (String, Arc<Pipe<AppendProtocol>>)>>>;
 
 /// AppendEntries and their answers as pipe frames (`RaftPeer.AppendStream`).
 pub(crate) struct AppendProtocol;
@@ -254,7 +252,7 @@ pub struct PeerClient {
     durability: Durability,
     appends: Appends,
     append_budget: Arc<Mutex<AppendBudget>>,
-    pipes: AppendPipes,
+    pipes: Arc<PipesByUrl<AppendProtocol>>,
     /// Whether a call of this client has been answered.
     answered: bool,
     /// Whether its last AppendEntries was a commit notice folded into the next.
@@ -317,24 +315,11 @@ impl PeerClient {
 
     /// The peer's append pipe, opened anew if it has none that works.
     fn pipe<E: std::error::Error>(&self) -> Result<Arc<Pipe<AppendProtocol>>, RPCError<NodeId, PeerNode, E>> {
-        let mut pipes = lock(&self.pipes);
-        if let Some((_, pipe)) =
-            pipes.get(&self.target).filter(|(url, pipe)| *url == self.node.peer_url && !pipe.broken())
-        {
-            return Ok(pipe.clone());
-        }
-        let mut client = self.client()?;
-        let pipe = Arc::new(Pipe::open(|frames| async move { client.append_stream(frames).await }));
-        pipes.insert(self.target, (self.node.peer_url.clone(), pipe.clone()));
-        Ok(pipe)
-    }
-
-    /// Lets `pipe` go after an append on it timed out: the next append opens another.
-    fn discard(&self, pipe: &Arc<Pipe<AppendProtocol>>) {
-        let mut pipes = lock(&self.pipes);
-        if pipes.get(&self.target).is_some_and(|(_, current)| Arc::ptr_eq(current, pipe)) {
-            pipes.remove(&self.target);
-        }
+        let open = || {
+            let mut client = self.client.clone().map_err(Status::unavailable)?;
+            Ok(Pipe::open(|frames| async move { client.append_stream(frames).await }))
+        };
+        self.pipes.get(&self.node.peer_url, open).map_err(|status| self.unreachable(status.message()))
     }
 }
 
@@ -420,7 +405,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 if bytes > 0 {
                     lock(&self.append_budget).timed_out(bytes);
                 }
-                self.discard(&pipe);
+                // As a timed-out call would have been reset: the next append opens another.
+                self.pipes.discard(&self.node.peer_url, &pipe);
                 return Err(RPCError::Timeout(timeout));
             }
             response => response?,

@@ -1,8 +1,8 @@
 //! Pipes: many request/answer pairs on one long-lived bidirectional gRPC stream, as etcd
 //! streams its peer messages, instead of a unary call each. A call costs a new HTTP/2
 //! stream, with its headers and trailers, on both sides and a task on the server; a frame
-//! on an open stream costs neither. Planes send AppendEntries to their followers and
-//! forwarded writes to their leader this way.
+//! on an open stream costs neither. Planes send AppendEntries to their followers, and
+//! forwarded writes and read-index rounds to their leader, this way.
 //!
 //! Each request goes out as a frame numbered in its stream, and its answer names the
 //! number, so answers may come in any order and a caller that stops waiting (a timeout)
@@ -249,6 +249,14 @@ impl<P: Protocol> PipesByUrl<P> {
         let pipe = Arc::new(open()?);
         pipes.insert(url.to_string(), pipe.clone());
         Ok(pipe)
+    }
+
+    /// Lets `pipe` go, if it is still the one to `url`: the next `get` opens another.
+    pub fn discard(&self, url: &str, pipe: &Arc<Pipe<P>>) {
+        let mut pipes = lock(&self.0);
+        if pipes.get(url).is_some_and(|current| Arc::ptr_eq(current, pipe)) {
+            pipes.remove(url);
+        }
     }
 }
 

@@ -140,7 +140,8 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<Streaming<raftpb::AppendFrame>>,
     ) -> Result<Response<Self::AppendStreamStream>, Status> {
-        let service = self.clone();
+        // Shared by the stream's frames, each of which holds it until answered.
+        let service = std::sync::Arc::new(self.clone());
         let take = move |request| {
             let service = service.clone();
             async move { service.append(request).await }

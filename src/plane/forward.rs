@@ -105,10 +105,7 @@ impl Plane {
         let cluster = self.forwarder.cluster_header.clone();
         let (channels, peer_url) = (self.forwarder.channels.clone(), peer_url.to_string());
         let add_cluster: AddCluster = Box::new(move |mut request: Request<()>| {
-            // Injected faults (tests only) lose forwarded requests; delays apply to Raft alone.
-            if matches!(channels.fate(&peer_url), Fate::Drop | Fate::DropResponse) {
-                return Err(Status::unavailable("injected fault: request lost"));
-            }
+            injected_loss(&channels, &peer_url)?;
             request.metadata_mut().insert(CLUSTER_HEADER, cluster.clone());
             Ok(request)
         });
@@ -130,7 +127,7 @@ impl Plane {
             let mut client = self.peer_client(url)?;
             Ok(Pipe::open(|frames| async move { client.propose_stream(frames).await }))
         })?;
-        self.injected_loss(url)?;
+        injected_loss(&self.forwarder.channels, url)?;
         let answer = pipe.call(raftpb::ProposeRequest { commands }).await?;
         Ok(answer.outcomes.into_iter().map(outcome_from_pb).collect())
     }
@@ -141,17 +138,26 @@ impl Plane {
             let mut client = self.peer_client(leader_peer_url)?;
             Ok(Pipe::open(|frames| async move { client.read_index_stream(frames).await }))
         })?;
-        self.injected_loss(leader_peer_url)?;
+        injected_loss(&self.forwarder.channels, leader_peer_url)?;
         Ok(pipe.call(raftpb::ReadIndexRequest {}).await?.read_index)
     }
 
-    /// Injected faults (tests only) lose forwarded requests on pipes, as any forwarded
-    /// request.
-    fn injected_loss(&self, peer_url: &str) -> Result<(), Status> {
-        match self.forwarder.channels.fate(peer_url) {
-            Fate::Drop | Fate::DropResponse => Err(Status::unavailable("injected fault: request lost")),
-            Fate::Deliver | Fate::Delay(_) => Ok(()),
+    /// Refuses, with "not leader", what only the leader may do.
+    fn require_leader(&self) -> Result<(), Status> {
+        if self.is_leader() {
+            Ok(())
+        } else {
+            Err(status::not_leader())
         }
+    }
+}
+
+/// Injected faults (tests only) lose forwarded requests, a call or a pipe's frame; delays
+/// apply to Raft alone.
+fn injected_loss(channels: &PeerChannels, peer_url: &str) -> Result<(), Status> {
+    match channels.fate(peer_url) {
+        Fate::Drop | Fate::DropResponse => Err(Status::unavailable("injected fault: request lost")),
+        Fate::Deliver | Fate::Delay(_) => Ok(()),
     }
 }
 
@@ -193,9 +199,7 @@ async fn take_batch(
     plane: Arc<Plane>,
     batch: raftpb::ProposeRequest,
 ) -> Result<impl std::future::Future<Output = Result<raftpb::ProposeResponse, Status>> + use<>, Status> {
-    if !plane.is_leader() {
-        return Err(status::not_leader());
-    }
+    plane.require_leader()?;
     // Every command joins the leader's queue before any is awaited, so that they batch
     // with each other and with the leader's own.
     let mut queued = Vec::with_capacity(batch.commands.len());
@@ -219,7 +223,7 @@ async fn take_batch(
 macro_rules! leader_only {
     ($service:expr, $request:expr, $local:ident) => {{
         $service.check_cluster(&$request)?;
-        $service.require_leader()?;
+        $service.0.require_leader()?;
         Ok(Response::new($service.0.$local(&$request.into_inner()).await?))
     }};
 }
@@ -234,14 +238,6 @@ impl PlanePeerService {
             )));
         }
         Ok(())
-    }
-
-    fn require_leader(&self) -> Result<(), Status> {
-        if self.0.is_leader() {
-            Ok(())
-        } else {
-            Err(status::not_leader())
-        }
     }
 }
 
@@ -271,9 +267,7 @@ impl PlanePeer for PlanePeerService {
         let take = move |_: raftpb::ReadIndexRequest| {
             let plane = plane.clone();
             async move {
-                if !plane.is_leader() {
-                    return Err(status::not_leader());
-                }
+                plane.require_leader()?;
                 Ok(async move { Ok(raftpb::ReadIndexResponse { read_index: plane.read_index().await? }) })
             }
         };
@@ -285,7 +279,7 @@ impl PlanePeer for PlanePeerService {
         request: Request<pb::LeaseKeepAliveRequest>,
     ) -> Result<Response<pb::LeaseKeepAliveResponse>, Status> {
         self.check_cluster(&request)?;
-        self.require_leader()?;
+        self.0.require_leader()?;
         let id = request.into_inner().id;
         let ttl = self.0.keep_alive_local(id)?;
         Ok(Response::new(pb::LeaseKeepAliveResponse { header: self.0.header(self.0.store.revision()), id, ttl }))
@@ -296,7 +290,7 @@ impl PlanePeer for PlanePeerService {
         request: Request<pb::LeaseTimeToLiveRequest>,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
         self.check_cluster(&request)?;
-        self.require_leader()?;
+        self.0.require_leader()?;
         Ok(Response::new(self.0.time_to_live_local(&request.into_inner())?))
     }
 
@@ -305,7 +299,7 @@ impl PlanePeer for PlanePeerService {
         request: Request<raftpb::PublishMemberRequest>,
     ) -> Result<Response<raftpb::Empty>, Status> {
         self.check_cluster(&request)?;
-        self.require_leader()?;
+        self.0.require_leader()?;
         let request = request.into_inner();
         let node = request.node.ok_or_else(|| Status::invalid_argument("publish without a node"))?;
         let update = BTreeMap::from([(request.member_id, capstan_raft::types::peer_from_pb(node))]);

@@ -108,9 +108,9 @@ pub struct PlaneArgs {
     /// --election-timeout: each plane waits between this and about twice this.
     #[arg(long, default_value_t = 300)]
     pub election_timeout_ms: u64,
-    /// Entries between Raft snapshots, at least (etcd's --snapshot-count); a plane also
-    /// waits until it has logged as many bytes as its last snapshot took, so a large store
-    /// is not written out again after every few writes.
+    /// Entries between Raft snapshots (etcd's --snapshot-count). A snapshot lets the log
+    /// behind it go and copies nothing: the store is exported only for a follower that
+    /// needs it.
     #[arg(long, default_value_t = 10_000)]
     pub snapshot_count: u64,
     /// Entries kept behind a snapshot for slow followers (etcd's

@@ -19,7 +19,7 @@ pub mod network;
 pub mod own_proposals;
 pub mod pipe;
 pub mod service;
-pub mod snapshot_schedule;
+pub mod snapshot;
 pub mod state_machine;
 pub mod types;
 
@@ -32,8 +32,6 @@ use prost::Message;
 use tokio::sync::broadcast;
 
 use capstan_store::Store;
-
-use snapshot_schedule::SnapshotSchedule;
 
 pub use error::RaftError;
 pub use metrics::StorageMetrics;
@@ -63,8 +61,8 @@ pub struct RaftConfig {
     /// `--election-timeout`: each plane waits between this and about twice this
     /// ([`RaftConfig::openraft_election_timeouts`]).
     pub election_timeout_ms: u64,
-    /// Build a snapshot after at least this many entries since the last one (and as many
-    /// log bytes as the last one took: [`snapshot_schedule`]).
+    /// Take a snapshot (and so purge the log behind it) every this many entries: cheap at
+    /// any store size ([`snapshot`]).
     pub snapshot_entries: u64,
     /// Entries kept behind a snapshot for followers that are a little behind.
     pub log_entries_kept: u64,
@@ -195,13 +193,7 @@ pub async fn start(
 ) -> Result<PlaneRaft, RaftError> {
     check_identity(&store, identity)?;
     let (events, _) = broadcast::channel(EVENT_CHANNEL_REVISIONS);
-    let (snapshots, snapshots_due) = SnapshotSchedule::new(config.snapshot_entries);
-    let log_store = log_store::LogStore::new(
-        store.db().clone(),
-        metrics.wal_fsync_seconds.clone(),
-        snapshots.clone(),
-        sync_faults,
-    )?;
+    let log_store = log_store::LogStore::new(store.db().clone(), metrics.wal_fsync_seconds.clone(), sync_faults)?;
     let own_proposals = Arc::new(OwnProposals::random()?);
     let state_machine = StateMachine::new(
         store.clone(),
@@ -209,7 +201,6 @@ pub async fn start(
         events.clone(),
         metrics.clone(),
         log_store.durability(),
-        snapshots,
         own_proposals.clone(),
     )?;
     let (election_timeout_min, election_timeout_max) = config.openraft_election_timeouts();
@@ -218,10 +209,8 @@ pub async fn start(
         heartbeat_interval: config.heartbeat_interval_ms,
         election_timeout_min,
         election_timeout_max,
-        // The schedule (`snapshot_schedule`) decides when.
-        snapshot_policy: openraft::SnapshotPolicy::Never,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_entries),
         max_in_snapshot_log_to_keep: config.log_entries_kept,
-        snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
         ..Default::default()
     }
     .validate()?;
@@ -235,7 +224,6 @@ pub async fn start(
     );
     let (log_store_durability, log_store_appends) = (log_store.durability(), log_store.appends());
     let raft = Raft::new(identity.node_id, Arc::new(raft_config), network, log_store, state_machine).await?;
-    tokio::spawn(snapshot_schedule::snapshot_when_due(raft.clone(), snapshots_due));
     if !identity.initial_members.is_empty() && !raft.is_initialized().await? {
         let stagger = config.longest_election_wait() * BOOTSTRAP_STAGGER_ELECTIONS;
         tokio::spawn(bootstrap(raft.clone(), identity.initial_members.clone(), identity.node_id, stagger));

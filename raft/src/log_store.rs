@@ -31,7 +31,6 @@ use tokio::sync::watch;
 use capstan_proto::raftpb;
 
 use crate::error::DecodeError;
-use crate::snapshot_schedule::SnapshotSchedule;
 use crate::types::{self, Entry, NodeId, StorageError, TypeConfig};
 
 pub const CF_RAFT_LOG: &str = "raft_log";
@@ -135,8 +134,6 @@ pub struct LogStore {
     /// Written appends, in log order, for the sync thread: a callback to call once synced,
     /// or `None` for a leader's append openraft was told of already.
     unsynced: tokio::sync::mpsc::Sender<Option<LogFlushed<TypeConfig>>>,
-    /// Told of every append, to decide when the next snapshot is due.
-    snapshots: Arc<SnapshotSchedule>,
 }
 
 /// The sync thread: waits for appends, syncs the WAL once for all that are queued, then
@@ -207,12 +204,11 @@ pub(crate) fn synced() -> WriteOptions {
 }
 
 impl LogStore {
-    /// The log in `db`, timing each WAL sync into `fsync_seconds` and
-    /// telling `snapshots` of each append; `faults` runs before each sync (tests only).
+    /// The log in `db`, timing each WAL sync into `fsync_seconds`; `faults` runs before
+    /// each sync (tests only).
     pub fn new(
         db: Arc<DB>,
         fsync_seconds: prometheus_client::metrics::histogram::Histogram,
-        snapshots: Arc<SnapshotSchedule>,
         faults: Option<Arc<dyn SyncFaults>>,
     ) -> Result<LogStore, StorageError> {
         // Whatever an earlier run wrote and did not sync is made durable now, so the log
@@ -224,7 +220,7 @@ impl LogStore {
             committed: Mutex::default(),
             synced: watch::Sender::new(Ok(None)),
         });
-        let store = LogStore { db: db.clone(), shared: shared.clone(), unsynced, snapshots };
+        let store = LogStore { db: db.clone(), shared: shared.clone(), unsynced };
         let last = store.last_log_id()?;
         shared.written.send_modify(|written| written.last = last);
         shared.synced.send_modify(|synced| *synced = Ok(last));
@@ -393,7 +389,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             last = Some(entry.log_id);
             batch.put_cf(family, index_key(entry.log_id.index), types::entry_into_pb(entry).encode_to_vec());
         }
-        let bytes = batch.size_in_bytes() as u64;
         // Written now (readable at once, as openraft requires), synced by the sync thread.
         if let Err(error) = self.db.write(batch) {
             callback.log_io_completed(Err(std::io::Error::other(error.to_string())));
@@ -401,7 +396,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         if let Some(last) = last {
             self.shared.written.send_modify(|written| written.last = Some(last));
-            self.snapshots.appended(last.index, bytes);
         }
         let waiting = if membership {
             Some(callback)
@@ -474,7 +468,7 @@ mod tests {
         let store = capstan_store::Store::open(&dir, &[CF_RAFT_LOG, CF_RAFT_META]).unwrap();
         let db = store.db().clone();
         let fsync_seconds = prometheus_client::metrics::histogram::Histogram::new(crate::metrics::duration_buckets());
-        let mut log = LogStore::new(db.clone(), fsync_seconds, SnapshotSchedule::new(1).0, None).unwrap();
+        let mut log = LogStore::new(db.clone(), fsync_seconds, None).unwrap();
         let mut batch = WriteBatch::default();
         for index in 1..=200 {
             batch.put_cf(log.family(CF_RAFT_LOG), index_key(index), types::entry_into_pb(entry(index)).encode_to_vec());

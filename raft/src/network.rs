@@ -34,21 +34,23 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, SnapshotMismatch, Timeout, Unreachable};
+use openraft::error::{Fatal, RPCError, RaftError, ReplicationClosed, StreamingError, Timeout, Unreachable};
 use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
-};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::storage::Snapshot;
+use openraft::{ErrorVerb, Vote};
 use prometheus_client::metrics::counter::Counter;
 use prost::Message;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::Status;
 
-use capstan_proto::raftpb::{self, append_answer, raft_peer_client::RaftPeerClient};
+use capstan_proto::raftpb::{self, append_answer, raft_peer_client::RaftPeerClient, snapshot_chunk};
 
 use crate::log_store::{Appends, Durability};
 use crate::pipe::{Pipe, PipesByUrl};
+use crate::snapshot::SnapshotData;
+use crate::state_machine::snapshot_error;
 use crate::types::{self, NodeId, PeerNode, TypeConfig};
 use crate::StorageMetrics;
 
@@ -304,8 +306,12 @@ struct PeerUnreachable {
 
 impl PeerClient {
     fn unreachable<E: std::error::Error>(&self, reason: impl ToString) -> RPCError<NodeId, PeerNode, E> {
+        RPCError::Unreachable(self.peer_unreachable(reason))
+    }
+
+    fn peer_unreachable(&self, reason: impl ToString) -> Unreachable {
         let error = PeerUnreachable { peer: self.node.clone(), target: self.target, reason: reason.to_string() };
-        RPCError::Unreachable(Unreachable::new(&error))
+        Unreachable::new(&error)
     }
 
     /// The client for a call bounded by `option`'s deadline.
@@ -345,6 +351,40 @@ macro_rules! call {
 /// A unary call's answer.
 async fn unary<T>(call: impl std::future::Future<Output = Result<tonic::Response<T>, Status>>) -> Result<T, Status> {
     call.await.map(tonic::Response::into_inner)
+}
+
+/// Why a snapshot stream stopped short.
+enum Fed {
+    /// The export could not be read; holds the stream's sender so that it outlives the call.
+    Unread(std::io::Error, tokio::sync::mpsc::Sender<raftpb::SnapshotChunk>),
+    /// The peer (or the link) failed the call.
+    Refused(Status),
+}
+
+/// Sends `file` on `chunks` in chunks of [`crate::SNAPSHOT_CHUNK_BYTES`]; the stream ends when
+/// this returns `Ok` and drops `chunks`.
+async fn feed(
+    file: std::io::Result<std::fs::File>,
+    chunks: tokio::sync::mpsc::Sender<raftpb::SnapshotChunk>,
+) -> Result<(), Fed> {
+    use tokio::io::AsyncReadExt;
+    let mut file = match file {
+        Ok(file) => tokio::fs::File::from_std(file),
+        Err(error) => return Err(Fed::Unread(error, chunks)),
+    };
+    loop {
+        let mut data = Vec::with_capacity(crate::SNAPSHOT_CHUNK_BYTES as usize);
+        match (&mut file).take(crate::SNAPSHOT_CHUNK_BYTES).read_to_end(&mut data).await {
+            Err(error) => return Err(Fed::Unread(error, chunks)),
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+        }
+        let chunk = raftpb::SnapshotChunk { part: Some(snapshot_chunk::Part::Data(data)) };
+        if chunks.send(chunk).await.is_err() {
+            // The call ended first; its outcome says why.
+            return Ok(());
+        }
+    }
 }
 
 impl RaftNetwork<TypeConfig> for PeerClient {
@@ -422,42 +462,56 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         })
     }
 
-    async fn install_snapshot(
+    /// Exports the store as it stands and streams it to the peer, which installs it under
+    /// the export's own meta (`crate::snapshot` says why that is the snapshot's or newer).
+    /// No deadline: a large store takes as long as it takes; a peer that stops answering
+    /// is found by the connection's keepalive, and openraft cancels a stream it gave up.
+    async fn full_snapshot(
         &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
-        option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId, InstallSnapshotError>>>
-    {
-        let mut client = self.client()?;
-        let done = rpc.done;
-        let request = raftpb::InstallSnapshotRequest {
-            cluster_id: self.cluster_id,
-            member_id: self.target,
-            vote: Some(types::vote_to_pb(&rpc.vote)),
-            meta: Some(types::snapshot_meta_to_pb(&rpc.meta)),
-            offset: rpc.offset,
-            data: rpc.data,
-            done,
+        vote: Vote<NodeId>,
+        snapshot: Snapshot<TypeConfig>,
+        cancel: impl std::future::Future<Output = ReplicationClosed> + Send + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        let SnapshotData::Live(live) = *snapshot.snapshot else {
+            let error = std::io::Error::other("only a plane's own snapshot is sent");
+            return Err(StreamingError::StorageError(snapshot_error(ErrorVerb::Read, error)));
         };
-        let response =
-            call!(self, option.hard_ttl(), RPCTypes::InstallSnapshot, unary(client.install_snapshot(request)))?;
-        if done {
-            self.snapshots_sent.inc();
-        }
-        if let Some(mismatch) = response.mismatch {
-            let mismatch = SnapshotMismatch {
-                expect: types::segment_from_pb(mismatch.expect.unwrap_or_default()),
-                got: types::segment_from_pb(mismatch.got.unwrap_or_default()),
+        let mut client = self.client.clone().map_err(|reason| self.peer_unreachable(reason))?;
+        let sending = async {
+            let (file, meta) = tokio::task::spawn_blocking(move || live.export())
+                .await
+                .map_err(|error| snapshot_error(ErrorVerb::Write, error))??;
+            let header = raftpb::SnapshotHeader {
+                cluster_id: self.cluster_id,
+                member_id: self.target,
+                vote: Some(types::vote_to_pb(&vote)),
+                meta: Some(types::snapshot_meta_to_pb(&meta)),
             };
-            let error = RaftError::APIError(InstallSnapshotError::SnapshotMismatch(mismatch));
-            return Err(RPCError::RemoteError(RemoteError::new_with_node(self.target, self.node.clone(), error)));
-        }
+            let (chunks, stream) = tokio::sync::mpsc::channel(2);
+            let _ = chunks.send(raftpb::SnapshotChunk { part: Some(snapshot_chunk::Part::Header(header)) }).await;
+            let call = self.channels.send(&self.node.peer_url, client.install_snapshot(ReceiverStream::new(stream)));
+            match futures::try_join!(feed(file.reopen(), chunks), async { call.await.map_err(Fed::Refused) }) {
+                Ok(((), answer)) => Ok(answer.into_inner()),
+                // The call is dropped (and its stream reset) before `chunks`, which the
+                // error holds, so the peer never sees a cut-short export end as if whole.
+                Err(Fed::Unread(error, _chunks)) => {
+                    Err(StreamingError::StorageError(snapshot_error(ErrorVerb::Read, error)))
+                }
+                Err(Fed::Refused(status)) => Err(self.peer_unreachable(status.message()).into()),
+            }
+        };
+        let response = tokio::select! {
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+            response = sending => response?,
+        };
+        self.snapshots_sent.inc();
         let vote = response
             .vote
             .as_ref()
             .map(types::vote_from_pb)
-            .ok_or_else(|| self.unreachable("snapshot answer without a vote"))?;
-        Ok(InstallSnapshotResponse { vote })
+            .ok_or_else(|| self.peer_unreachable("snapshot answer without a vote"))?;
+        Ok(SnapshotResponse { vote })
     }
 
     /// After a failed call openraft waits before retrying the peer: briefly at first, since

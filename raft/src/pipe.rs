@@ -413,7 +413,7 @@ mod tests {
 
         async fn install_snapshot(
             &self,
-            _: Request<raftpb::InstallSnapshotRequest>,
+            _: Request<Streaming<raftpb::SnapshotChunk>>,
         ) -> Result<Response<raftpb::InstallSnapshotResponse>, Status> {
             Err(Status::unimplemented("not in this test"))
         }

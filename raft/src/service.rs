@@ -6,8 +6,9 @@
 //! sent, and answered once the log is durable up to its entries, the durability waits
 //! side by side.
 
-use openraft::error::{InstallSnapshotError, RaftError};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest};
+use openraft::error::RaftError;
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
+use openraft::storage::Snapshot;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -17,6 +18,7 @@ use crate::error::DecodeError;
 use crate::log_store::{Appends, Durability};
 use crate::network::AppendProtocol;
 use crate::pipe;
+use crate::snapshot::SnapshotData;
 use crate::types::{self, NodeId, Raft};
 
 #[derive(Clone)]
@@ -157,37 +159,41 @@ impl RaftPeer for PeerService {
         Ok(Response::new(types::vote_response_to_pb(&response)))
     }
 
+    /// Receives a whole snapshot, checks it arrived whole, and has Raft install it (which
+    /// it does only for a leader whose vote is current).
     async fn install_snapshot(
         &self,
-        request: Request<raftpb::InstallSnapshotRequest>,
+        request: Request<Streaming<raftpb::SnapshotChunk>>,
     ) -> Result<Response<raftpb::InstallSnapshotResponse>, Status> {
-        let request = request.into_inner();
-        self.check_target(request.cluster_id, request.member_id)?;
-        let vote =
-            request.vote.as_ref().map(types::vote_from_pb).ok_or(DecodeError::Missing("vote")).map_err(malformed)?;
-        let meta = request.meta.ok_or(DecodeError::Missing("meta")).map_err(malformed)?;
-        let rpc = InstallSnapshotRequest {
-            vote,
-            meta: types::snapshot_meta_from_pb(meta),
-            offset: request.offset,
-            data: request.data,
-            done: request.done,
+        use raftpb::snapshot_chunk::Part;
+        let mut chunks = request.into_inner();
+        let Some(Part::Header(header)) = chunks.message().await?.and_then(|chunk| chunk.part) else {
+            return Err(malformed(DecodeError::Missing("snapshot header")));
         };
-        match self.raft.install_snapshot(rpc).await {
-            Ok(response) => Ok(Response::new(raftpb::InstallSnapshotResponse {
-                vote: Some(types::vote_to_pb(&response.vote)),
-                mismatch: None,
-            })),
-            Err(RaftError::APIError(InstallSnapshotError::SnapshotMismatch(mismatch))) => {
-                Ok(Response::new(raftpb::InstallSnapshotResponse {
-                    vote: None,
-                    mismatch: Some(raftpb::SnapshotMismatch {
-                        expect: Some(types::segment_to_pb(&mismatch.expect)),
-                        got: Some(types::segment_to_pb(&mismatch.got)),
-                    }),
-                }))
+        self.check_target(header.cluster_id, header.member_id)?;
+        let vote =
+            header.vote.as_ref().map(types::vote_from_pb).ok_or(DecodeError::Missing("vote")).map_err(malformed)?;
+        let meta = types::snapshot_meta_from_pb(header.meta.ok_or(DecodeError::Missing("meta")).map_err(malformed)?);
+        let data = self.raft.begin_receiving_snapshot().await.map_err(raft_status)?;
+        let SnapshotData::Received(mut received) = *data else {
+            return Err(Status::internal("the state machine gave no file to receive a snapshot in"));
+        };
+        while let Some(chunk) = chunks.message().await? {
+            match chunk.part {
+                Some(Part::Data(data)) => received
+                    .write(&data)
+                    .await
+                    .map_err(|error| Status::internal(format!("cannot write the snapshot arriving: {error}")))?,
+                _ => return Err(malformed(DecodeError::Missing("snapshot data after the header"))),
             }
-            Err(error) => Err(raft_status(error)),
         }
+        received.finish().await.map_err(|error| Status::data_loss(format!("the snapshot arrived damaged: {error}")))?;
+        let snapshot = Snapshot { meta, snapshot: Box::new(SnapshotData::Received(received)) };
+        let response = self
+            .raft
+            .install_full_snapshot(vote, snapshot)
+            .await
+            .map_err(|error| Status::unavailable(format!("raft: {error}")))?;
+        Ok(Response::new(raftpb::InstallSnapshotResponse { vote: Some(types::vote_to_pb(&response.vote)) }))
     }
 }

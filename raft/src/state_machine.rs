@@ -3,10 +3,10 @@
 //! about what has been applied. Watch events of each applied command are published on a
 //! bounded broadcast channel; a watcher that falls behind reads the store's history.
 //!
-//! Snapshots are files: the store's export, plus a `.meta` file with the snapshot's
-//! protobuf `SnapshotMeta`.
+//! A snapshot notes how far the store has applied; its data is the store itself, exported
+//! only when a follower needs it (`crate::snapshot`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -22,15 +22,12 @@ use capstan_store::{Applied, Store};
 use crate::error::DecodeError;
 use crate::log_store::Durability;
 use crate::own_proposals::OwnProposals;
-use crate::snapshot_schedule::SnapshotSchedule;
+use crate::snapshot::{LiveStore, SnapshotData};
 use crate::types::{self, Entry, NodeId, PeerNode, Response, StorageError, TypeConfig};
 
-const META_APPLIED: &[u8] = b"raft/applied";
-const META_MEMBERSHIP: &[u8] = b"raft/membership";
-const META_BATCH_PROGRESS: &[u8] = b"raft/batch_progress";
-const SNAPSHOT_FILE: &str = "current.snap";
-const SNAPSHOT_META_FILE: &str = "current.meta";
-const RECEIVING_FILE: &str = "receiving.snap";
+pub(crate) const META_APPLIED: &[u8] = b"raft/applied";
+pub(crate) const META_MEMBERSHIP: &[u8] = b"raft/membership";
+pub(crate) const META_BATCH_PROGRESS: &[u8] = b"raft/batch_progress";
 
 /// The last applied log ID and the membership in force, as openraft asks for them.
 type AppliedState = (Option<LogId<NodeId>>, StoredMembership<NodeId, PeerNode>);
@@ -82,17 +79,17 @@ fn txn_keys(txn: &etcdserverpb::TxnRequest) -> Option<usize> {
     Some(compares + branch(&txn.success)?.max(branch(&txn.failure)?))
 }
 
-/// The state machine: the store plus where its snapshots live.
+/// The state machine: the store plus where its snapshot exports go.
 #[derive(Clone)]
 pub struct StateMachine {
     store: Store,
     snapshot_dir: PathBuf,
+    /// The newest snapshot taken or installed since the plane started.
+    current: Arc<Mutex<Option<SnapshotMeta<NodeId, PeerNode>>>>,
     events: broadcast::Sender<Arc<RevisionEvents>>,
     metrics: crate::StorageMetrics,
     /// How far the log is durable: an entry is applied only once it is.
     durability: Durability,
-    /// Told of each snapshot taken, to decide when the next is due.
-    snapshots: Arc<SnapshotSchedule>,
     /// This plane's clients waiting on the commands they proposed.
     own: Arc<OwnProposals>,
     /// How far into a batch entry the store got before this process started (a crash cut
@@ -115,7 +112,7 @@ fn sm_error(verb: ErrorVerb, error: impl std::error::Error + 'static) -> Storage
     StorageIOError::new(ErrorSubject::StateMachine, verb, openraft::AnyError::new(&error)).into()
 }
 
-fn snapshot_error(verb: ErrorVerb, error: impl std::error::Error + 'static) -> StorageError {
+pub(crate) fn snapshot_error(verb: ErrorVerb, error: impl std::error::Error + 'static) -> StorageError {
     StorageIOError::new(ErrorSubject::Snapshot(None), verb, openraft::AnyError::new(&error)).into()
 }
 
@@ -126,24 +123,28 @@ impl StateMachine {
         events: broadcast::Sender<Arc<RevisionEvents>>,
         metrics: crate::StorageMetrics,
         durability: Durability,
-        snapshots: Arc<SnapshotSchedule>,
         own: Arc<OwnProposals>,
     ) -> Result<StateMachine, StorageError> {
+        // What is there is left over: exports a stop cut short, or an earlier version's
+        // snapshot files.
+        match std::fs::remove_dir_all(&snapshot_dir) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                return Err(snapshot_error(ErrorVerb::Delete, error))
+            }
+            _ => {}
+        }
         std::fs::create_dir_all(&snapshot_dir).map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
         let machine = StateMachine {
             store,
             snapshot_dir,
+            current: Arc::default(),
             events,
             metrics,
             durability,
-            snapshots,
             own,
             cut_short: Arc::default(),
         };
         machine.read_batch_progress()?;
-        if let Some(meta) = machine.current_snapshot_meta()? {
-            machine.schedule_after(&meta).map_err(|error| snapshot_error(ErrorVerb::Read, error))?;
-        }
         Ok(machine)
     }
 
@@ -266,96 +267,32 @@ impl StateMachine {
         Ok(())
     }
 
-    fn snapshot_path(&self) -> PathBuf {
-        self.snapshot_dir.join(SNAPSHOT_FILE)
+    /// This plane's snapshot data: its store.
+    fn live(&self) -> Box<SnapshotData> {
+        Box::new(SnapshotData::Live(LiveStore { store: self.store.clone(), dir: self.snapshot_dir.clone() }))
     }
 
-    fn snapshot_meta_path(&self) -> PathBuf {
-        self.snapshot_dir.join(SNAPSHOT_META_FILE)
-    }
-
-    /// Makes `data` the current snapshot with `meta`: data first, then meta, each renamed
-    /// into place, so a crash leaves the old pair or a new data file the old meta ignores;
-    /// then the schedule counts from it.
-    fn keep_snapshot(&self, data: &Path, meta: &SnapshotMeta<NodeId, PeerNode>) -> std::io::Result<()> {
-        let encoded = raftpb::SnapshotMeta {
-            last_log_id: meta.last_log_id.as_ref().map(types::log_id_to_pb),
-            last_membership: Some(types::stored_membership_to_pb(&meta.last_membership)),
-            snapshot_id: meta.snapshot_id.clone(),
-        };
-        let meta_tmp = self.snapshot_dir.join("current.meta.tmp");
-        std::fs::write(&meta_tmp, encoded.encode_to_vec())?;
-        std::fs::rename(data, self.snapshot_path())?;
-        std::fs::rename(meta_tmp, self.snapshot_meta_path())?;
-        self.schedule_after(meta)
-    }
-
-    /// Tells the schedule that `meta` is the current snapshot, with its size on disk.
-    fn schedule_after(&self, meta: &SnapshotMeta<NodeId, PeerNode>) -> std::io::Result<()> {
-        let bytes = std::fs::metadata(self.snapshot_path())?.len();
-        self.snapshots.taken(meta.last_log_id.map_or(0, |id| id.index), bytes);
-        Ok(())
-    }
-
-    fn current_snapshot_meta(&self) -> Result<Option<SnapshotMeta<NodeId, PeerNode>>, StorageError> {
-        let raw = match std::fs::read(self.snapshot_meta_path()) {
-            Ok(raw) => raw,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(error) => return Err(snapshot_error(ErrorVerb::Read, error)),
-        };
-        let meta = raftpb::SnapshotMeta::decode(raw.as_slice())
-            .map_err(|error| snapshot_error(ErrorVerb::Read, DecodeError::from(error)))?;
-        Ok(Some(SnapshotMeta {
-            last_log_id: meta.last_log_id.as_ref().map(types::log_id_from_pb),
-            last_membership: types::stored_membership_from_pb(meta.last_membership.unwrap_or_default()),
-            snapshot_id: meta.snapshot_id,
-        }))
+    fn set_current(&self, meta: &SnapshotMeta<NodeId, PeerNode>) {
+        *self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(meta.clone());
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    /// Notes the log id applied so far as the snapshot, once the store is durable that far:
+    /// openraft then purges the log behind it.
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let building = this.snapshot_dir.join("building.snap");
-            // The export and the applied state come from one RocksDB snapshot.
-            let exported = this
-                .store
-                .export(&building, &[META_APPLIED, META_MEMBERSHIP, META_BATCH_PROGRESS])
-                .map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
-            let decode_error = |error: prost::DecodeError| snapshot_error(ErrorVerb::Read, DecodeError::from(error));
-            let last_log_id = exported.meta[0]
-                .as_deref()
-                .map(raftpb::LogId::decode)
-                .transpose()
-                .map_err(decode_error)?
-                .map(|id| types::log_id_from_pb(&id));
-            let last_membership = exported.meta[1]
-                .as_deref()
-                .map(raftpb::StoredMembership::decode)
-                .transpose()
-                .map_err(decode_error)?
-                .map(types::stored_membership_from_pb)
-                .unwrap_or_default();
-            let snapshot_id = match &last_log_id {
-                Some(id) => format!("{}-{}-{}", id.leader_id.term, id.leader_id.node_id, id.index),
-                None => "empty".to_string(),
-            };
-            let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id };
-            this.keep_snapshot(&building, &meta).map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
-            this.metrics.snapshots_built.inc();
-            tracing::info!(snapshot = %meta.snapshot_id, bytes = exported.bytes, "built snapshot");
-            Ok(meta)
-        })
-        .await
-        .map_err(|error| snapshot_error(ErrorVerb::Write, error))
-        .and_then(|meta| meta)
-        .inspect_err(|_| self.snapshots.failed())
-        .and_then(|meta| {
-            let file =
-                std::fs::File::open(self.snapshot_path()).map_err(|error| snapshot_error(ErrorVerb::Read, error))?;
-            Ok(Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) })
-        })
+        let (last_log_id, last_membership) = self.read_applied()?;
+        let db = self.store.db().clone();
+        tokio::task::spawn_blocking(move || db.flush_wal(true))
+            .await
+            .map_err(|error| snapshot_error(ErrorVerb::Write, error))?
+            .map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
+        let meta =
+            SnapshotMeta { snapshot_id: crate::snapshot::snapshot_id(&last_log_id), last_log_id, last_membership };
+        self.set_current(&meta);
+        self.metrics.snapshots_built.inc();
+        tracing::info!(snapshot = %meta.snapshot_id, "took a snapshot");
+        Ok(Snapshot { meta, snapshot: self.live() })
     }
 }
 
@@ -405,29 +342,33 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
-        let file = tokio::fs::File::create(self.snapshot_dir.join(RECEIVING_FILE))
-            .await
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, StorageError> {
+        let file = crate::snapshot::ReceivedFile::create(&self.snapshot_dir)
             .map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
-        Ok(Box::new(file))
+        Ok(Box::new(SnapshotData::Received(file)))
     }
 
+    /// Replaces the store with a received export, which must have applied what `meta`
+    /// says (the leader names the export's own log id).
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, PeerNode>,
-        snapshot: Box<tokio::fs::File>,
+        snapshot: Box<SnapshotData>,
     ) -> Result<(), StorageError> {
-        let mut file = *snapshot;
-        tokio::io::AsyncWriteExt::flush(&mut file).await.map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
-        file.sync_all().await.map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
-        drop(file);
+        let SnapshotData::Received(received) = *snapshot else {
+            return Err(snapshot_error(ErrorVerb::Write, std::io::Error::other("only a received snapshot installs")));
+        };
         let this = self.clone();
         let meta = meta.clone();
         tokio::task::spawn_blocking(move || {
-            let received = this.snapshot_dir.join(RECEIVING_FILE);
-            this.store.import(&received).map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
+            this.store.import(received.path()).map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
             this.read_batch_progress()?;
-            this.keep_snapshot(&received, &meta).map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
+            let (applied, _) = this.read_applied()?;
+            if applied != meta.last_log_id {
+                let error = format!("the snapshot {} holds a store applied to {applied:?}", meta.snapshot_id);
+                return Err(snapshot_error(ErrorVerb::Read, std::io::Error::other(error)));
+            }
+            this.set_current(&meta);
             this.metrics.snapshots_received.inc();
             tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
             Ok(())
@@ -437,11 +378,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let Some(meta) = self.current_snapshot_meta()? else { return Ok(None) };
-        let file = tokio::fs::File::open(self.snapshot_path())
-            .await
-            .map_err(|error| snapshot_error(ErrorVerb::Read, error))?;
-        Ok(Some(Snapshot { meta, snapshot: Box::new(file) }))
+        let current = self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        Ok(current.map(|meta| Snapshot { meta, snapshot: self.live() }))
     }
 }
 
@@ -474,14 +412,12 @@ mod tests {
             let store = Store::open(&self.0.join("db"), &[]).unwrap();
             // These tests apply entries directly, which does not ask how far the log is durable.
             let durability = Durability(tokio::sync::watch::channel(Ok(None)).1);
-            let (snapshots, _) = SnapshotSchedule::new(1);
             StateMachine::new(
                 store,
                 self.0.join("snapshots"),
                 broadcast::channel(16).0,
                 Default::default(),
                 durability,
-                snapshots,
                 own,
             )
             .unwrap()
@@ -634,5 +570,58 @@ mod tests {
         let answered = batched.applied.try_recv().expect("a batched command is answered as it applies");
         assert_eq!(Some(&answered), response.batch[1].as_ref().ok());
         assert!(refused.applied.try_recv().is_err(), "a refusal waits for the batcher's answer");
+    }
+
+    /// A snapshot notes how far the store had applied; the data a follower gets is the
+    /// store when it is sent, under the export's own (newer) log id, and it installs only
+    /// if it arrived whole and holds what its meta says.
+    #[tokio::test]
+    async fn a_snapshot_sends_the_store_as_it_stands_and_installs_under_the_exports_own_id() {
+        let (leader_dir, follower_dir) = (Scratch::new("snap-leader"), Scratch::new("snap-follower"));
+        let mut leader = leader_dir.machine();
+        let entry = |index: u64, command: raftpb::Command| RaftEntry::<TypeConfig> {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(command),
+        };
+        leader.apply_entry(entry(1, put("a", "1"))).unwrap();
+        leader.apply_entry(entry(2, put("b", "2"))).unwrap();
+        let built = leader.build_snapshot().await.unwrap();
+        assert_eq!(built.meta.last_log_id.map(|id| id.index), Some(2));
+        assert_eq!(std::fs::read_dir(leader_dir.0.join("snapshots")).unwrap().count(), 0, "nothing is written out");
+        leader.apply_entry(entry(3, put("c", "3"))).unwrap();
+
+        let current = leader.get_current_snapshot().await.unwrap().expect("the snapshot taken");
+        assert_eq!(current.meta, built.meta);
+        let SnapshotData::Live(live) = *current.snapshot else { panic!("a plane's own snapshot is its store") };
+        let (file, meta) = live.export().unwrap();
+        assert_eq!(meta.last_log_id.map(|id| id.index), Some(3), "exported as the store stands");
+        let bytes = std::fs::read(file.path()).unwrap();
+
+        let mut follower = follower_dir.machine();
+        let receive = |follower: &mut StateMachine, bytes: Vec<u8>| {
+            let mut follower = follower.clone();
+            async move {
+                let SnapshotData::Received(mut received) = *follower.begin_receiving_snapshot().await.unwrap() else {
+                    panic!("a file to receive into")
+                };
+                received.write(&bytes).await.unwrap();
+                received.finish().await.map(|()| received)
+            }
+        };
+        let cut_short = receive(&mut follower, bytes[..bytes.len() / 2].to_vec()).await;
+        assert!(cut_short.is_err(), "a snapshot cut short is found before it is installed");
+
+        let received = receive(&mut follower, bytes.clone()).await.unwrap();
+        let older = SnapshotMeta { last_log_id: built.meta.last_log_id, ..meta.clone() };
+        let refused = follower.install_snapshot(&older, Box::new(SnapshotData::Received(received))).await;
+        assert!(refused.is_err(), "an export installed under another log id than its own is refused");
+
+        let received = receive(&mut follower, bytes).await.unwrap();
+        follower.install_snapshot(&meta, Box::new(SnapshotData::Received(received))).await.unwrap();
+        assert_eq!(follower.applied_state().await.unwrap().0, meta.last_log_id);
+        let all = pb::RangeRequest { key: b"a".to_vec(), range_end: b"d".to_vec(), ..Default::default() };
+        assert_eq!(follower.store.reader().range(&all).unwrap().kvs.len(), 3);
+        assert_eq!(follower.get_current_snapshot().await.unwrap().map(|snapshot| snapshot.meta), Some(meta));
+        assert_eq!(std::fs::read_dir(follower_dir.0.join("snapshots")).unwrap().count(), 0, "received files go");
     }
 }

@@ -7,7 +7,7 @@ use std::fmt;
 
 use capstan_proto::raftpb;
 use openraft::raft::{AppendEntriesResponse, VoteRequest, VoteResponse};
-use openraft::{EntryPayload, LeaderId, LogId, Membership, SnapshotSegmentId, StoredMembership, Vote};
+use openraft::{EntryPayload, LeaderId, LogId, Membership, StoredMembership, Vote};
 
 use crate::error::DecodeError;
 
@@ -19,7 +19,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = PeerNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = tokio::fs::File,
+        SnapshotData = crate::snapshot::SnapshotData,
         AsyncRuntime = openraft::TokioRuntime,
 );
 
@@ -233,14 +233,6 @@ pub fn vote_response_from_pb(response: raftpb::VoteResponse) -> Result<VoteRespo
         vote_granted: response.vote_granted,
         last_log_id: response.last_log_id.as_ref().map(log_id_from_pb),
     })
-}
-
-pub fn segment_to_pb(segment: &SnapshotSegmentId) -> raftpb::SnapshotSegment {
-    raftpb::SnapshotSegment { snapshot_id: segment.id.clone(), offset: segment.offset }
-}
-
-pub fn segment_from_pb(segment: raftpb::SnapshotSegment) -> SnapshotSegmentId {
-    SnapshotSegmentId { id: segment.snapshot_id, offset: segment.offset }
 }
 
 #[cfg(test)]

@@ -139,3 +139,59 @@ async fn planes_stop_promptly_though_peers_hold_streams_to_them() {
     stop(leader_plane);
     drop(second_plane);
 }
+
+/// A follower that missed more than the log keeps gets a snapshot while writes go on: the
+/// leader's store as it stands when sent (newer than the snapshot the leader last took),
+/// installed under the export's own log id. The follower then skips the entries up to it
+/// that the leader sends next, and ends with the same keys and revisions as the others
+/// (etcd's HashKV at one revision, on every plane).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_far_behind_catches_up_by_a_snapshot_taken_while_writes_go_on() {
+    let mut cluster = Cluster::start_with(3, &["--snapshot-count", "20", "--snapshot-catchup-entries", "5"]);
+    let leader = leader_index(&cluster).await;
+    let behind = (leader + 1) % 3;
+    let endpoints = cluster.endpoints();
+    cluster.planes[behind].kill();
+    let mut client = client_of(&endpoints[leader]).await;
+    for index in 0..200 {
+        bounded(client.put(format!("missed/{index:04}"), "v", None)).await.unwrap();
+    }
+
+    // Writes go on through the leader while the follower comes back and is sent the store.
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let writer_endpoint = endpoints[leader].clone();
+    let writer = tokio::spawn(async move {
+        let mut client = client_of(&writer_endpoint).await;
+        let mut index = 0u64;
+        while !*stopped.borrow_and_update() {
+            bounded(client.put(format!("during/{index:06}"), "v", None)).await.unwrap();
+            index += 1;
+        }
+        index
+    });
+    cluster.planes[behind].restart();
+    cluster.planes[behind].wait_for_logs(&["installed snapshot"]);
+    let _ = stop.send(true);
+    let written = bounded(writer).await.unwrap();
+    assert!(written > 0, "writes went on while the snapshot was sent");
+    let last = bounded(client.put("last", "v", None)).await.unwrap().header().unwrap().revision();
+
+    let mut hashes = Vec::new();
+    for endpoint in &endpoints {
+        let mut plane = client_of(endpoint).await;
+        let caught_up = async {
+            loop {
+                let serializable = GetOptions::new().with_serializable();
+                let found = plane.get("last", Some(serializable)).await.unwrap();
+                if let Some(kv) = found.kvs().first() {
+                    return kv.mod_revision();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        assert_eq!(bounded(caught_up).await, last, "{endpoint} applied the last write at another revision");
+        let hash = bounded(plane.hash_kv(last)).await.unwrap();
+        hashes.push(hash.hash());
+    }
+    assert!(hashes.iter().all(|hash| *hash == hashes[0]), "the planes' stores differ at revision {last}: {hashes:?}");
+}

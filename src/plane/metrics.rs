@@ -113,8 +113,16 @@ impl PlaneMetrics {
         );
         let storage = &self.storage;
         raft.register_with_unit("wal_fsync_duration", "One WAL sync", Unit::Seconds, storage.wal_fsync_seconds.clone());
-        raft.register("snapshots_built", "Snapshots this plane built of its store", storage.snapshots_built.clone());
-        raft.register("snapshots_sent", "Snapshots sent whole to peers", storage.snapshots_sent.clone());
+        raft.register(
+            "snapshots_built",
+            "Snapshots this plane took (each lets the log behind it go)",
+            storage.snapshots_built.clone(),
+        );
+        raft.register(
+            "snapshots_sent",
+            "Exports of the store sent to peers as snapshots",
+            storage.snapshots_sent.clone(),
+        );
         raft.register("snapshots_received", "Snapshots received and installed", storage.snapshots_received.clone());
         raft.register(
             "commit_notices_folded",

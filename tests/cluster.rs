@@ -144,7 +144,9 @@ async fn planes_stop_promptly_though_peers_hold_streams_to_them() {
 /// leader's store as it stands when sent (newer than the snapshot the leader last took),
 /// installed under the export's own log id. The follower then skips the entries up to it
 /// that the leader sends next, and ends with the same keys and revisions as the others
-/// (etcd's HashKV at one revision, on every plane).
+/// (etcd's HashKV at one revision, on every plane). A leader that cannot write the export
+/// at first (its snapshot directory replaced by a file) keeps serving and sends it once it
+/// can.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_far_behind_catches_up_by_a_snapshot_taken_while_writes_go_on() {
     let mut cluster = Cluster::start_with(3, &["--snapshot-count", "20", "--snapshot-catchup-entries", "5"]);
@@ -169,7 +171,14 @@ async fn a_follower_far_behind_catches_up_by_a_snapshot_taken_while_writes_go_on
         }
         index
     });
+    let exports = cluster.planes[leader].data_dir.join("snapshots");
+    std::fs::remove_dir_all(&exports).unwrap();
+    std::fs::write(&exports, "not a directory").unwrap();
     cluster.planes[behind].restart();
+    cluster.planes[leader].wait_for_logs(&["a snapshot was not sent"]);
+    bounded(client.put("while/unsent", "v", None)).await.expect("the leader serves on");
+    std::fs::remove_file(&exports).unwrap();
+    std::fs::create_dir(&exports).unwrap();
     cluster.planes[behind].wait_for_logs(&["installed snapshot"]);
     let _ = stop.send(true);
     let written = bounded(writer).await.unwrap();

@@ -38,7 +38,7 @@ use openraft::error::{Fatal, RPCError, RaftError, ReplicationClosed, StreamingEr
 use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
 use openraft::storage::Snapshot;
-use openraft::{ErrorVerb, Vote};
+use openraft::Vote;
 use prometheus_client::metrics::counter::Counter;
 use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
@@ -50,7 +50,6 @@ use capstan_proto::raftpb::{self, append_answer, raft_peer_client::RaftPeerClien
 use crate::log_store::{Appends, Durability};
 use crate::pipe::{Pipe, PipesByUrl};
 use crate::snapshot::SnapshotData;
-use crate::state_machine::snapshot_error;
 use crate::types::{self, NodeId, PeerNode, TypeConfig};
 use crate::StorageMetrics;
 
@@ -473,15 +472,19 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         cancel: impl std::future::Future<Output = ReplicationClosed> + Send + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        // A failure here is this send's, not the store's: openraft would stop the leader for
+        // a storage error, so the peer is reported unreachable and tried again later.
         let SnapshotData::Live(live) = *snapshot.snapshot else {
-            let error = std::io::Error::other("only a plane's own snapshot is sent");
-            return Err(StreamingError::StorageError(snapshot_error(ErrorVerb::Read, error)));
+            return Err(self.peer_unreachable("only a plane's own snapshot is sent").into());
         };
         let mut client = self.client.clone().map_err(|reason| self.peer_unreachable(reason))?;
         let sending = async {
-            let (file, meta) = tokio::task::spawn_blocking(move || live.export())
-                .await
-                .map_err(|error| snapshot_error(ErrorVerb::Write, error))??;
+            let exported = tokio::task::spawn_blocking(move || live.export()).await;
+            let (file, meta) = match exported {
+                Ok(Ok(exported)) => exported,
+                Ok(Err(error)) => return Err(format!("cannot export the store: {error}")),
+                Err(error) => return Err(format!("the export stopped: {error}")),
+            };
             let header = raftpb::SnapshotHeader {
                 cluster_id: self.cluster_id,
                 member_id: self.target,
@@ -495,15 +498,16 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 Ok(((), answer)) => Ok(answer.into_inner()),
                 // The call is dropped (and its stream reset) before `chunks`, which the
                 // error holds, so the peer never sees a cut-short export end as if whole.
-                Err(Fed::Unread(error, _chunks)) => {
-                    Err(StreamingError::StorageError(snapshot_error(ErrorVerb::Read, error)))
-                }
-                Err(Fed::Refused(status)) => Err(self.peer_unreachable(status.message()).into()),
+                Err(Fed::Unread(error, _chunks)) => Err(format!("cannot read the export: {error}")),
+                Err(Fed::Refused(status)) => Err(status.message().to_string()),
             }
         };
         let response = tokio::select! {
             closed = cancel => return Err(StreamingError::Closed(closed)),
-            response = sending => response?,
+            response = sending => response.map_err(|reason| {
+                tracing::warn!(peer = %self.node.peer_url, %reason, "a snapshot was not sent");
+                self.peer_unreachable(reason)
+            })?,
         };
         self.snapshots_sent.inc();
         let vote = response

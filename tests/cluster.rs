@@ -204,3 +204,26 @@ async fn a_follower_far_behind_catches_up_by_a_snapshot_taken_while_writes_go_on
     }
     assert!(hashes.iter().all(|hash| *hash == hashes[0]), "the planes' stores differ at revision {last}: {hashes:?}");
 }
+
+/// A follower restored by a snapshot newer than the last one the leader took, with nothing
+/// written since, answers the leader at once: the leader sends the entries up to the
+/// export's id again (it counts from its own snapshot), the follower has them in its store,
+/// not its log, and says so. With the third plane down, a linearizable read through the
+/// leader needs that answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_restored_by_a_snapshot_answers_though_nothing_is_written_after_it() {
+    let mut cluster = Cluster::start_with(3, &["--snapshot-count", "20", "--snapshot-catchup-entries", "5"]);
+    let leader = leader_index(&cluster).await;
+    let (behind, other) = ((leader + 1) % 3, (leader + 2) % 3);
+    cluster.planes[behind].kill();
+    let mut client = client_of(&cluster.planes[leader].endpoint()).await;
+    // Past a snapshot boundary, so that the export is newer than the leader's snapshot.
+    for index in 0..205 {
+        bounded(client.put(format!("missed/{index:04}"), "v", None)).await.unwrap();
+    }
+    cluster.planes[behind].restart();
+    cluster.planes[behind].wait_for_logs(&["installed snapshot"]);
+    cluster.planes[other].kill();
+    let read = bounded(client.get("missed/0204", None)).await.expect("a linearizable read with the restored follower");
+    assert_eq!(read.kvs().len(), 1);
+}

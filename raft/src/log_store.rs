@@ -438,11 +438,32 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         truncated
     }
 
+    /// Drops the entries up to `log_id`, which a snapshot covers. The log then counts as
+    /// written and durable at least that far, as it does when a plane starts: a follower
+    /// that installed a snapshot past the end of its own log gets no appends up to it (they
+    /// are at or below its commit, so openraft skips them when the leader sends them
+    /// again), and its answers to those appends claim that far.
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
         self.put_meta(META_PURGED, &types::log_id_to_pb(&log_id))?;
         self.db
             .delete_range_cf(self.family(CF_RAFT_LOG), index_key(0), index_key(log_id.index + 1))
-            .map_err(write_error)
+            .map_err(write_error)?;
+        let purged = Some(log_id);
+        self.shared.written.send_if_modified(|written| {
+            let behind = written.last < purged;
+            if behind {
+                written.last = purged;
+            }
+            behind
+        });
+        self.shared.synced.send_if_modified(|synced| match synced {
+            Ok(upto) if *upto < purged => {
+                *upto = purged;
+                true
+            }
+            _ => false,
+        });
+        Ok(())
     }
 }
 

@@ -362,15 +362,8 @@ enum Fed {
 
 /// Sends `file` on `chunks` in chunks of [`crate::SNAPSHOT_CHUNK_BYTES`]; the stream ends when
 /// this returns `Ok` and drops `chunks`.
-async fn feed(
-    file: std::io::Result<std::fs::File>,
-    chunks: tokio::sync::mpsc::Sender<raftpb::SnapshotChunk>,
-) -> Result<(), Fed> {
+async fn feed(mut file: tokio::fs::File, chunks: tokio::sync::mpsc::Sender<raftpb::SnapshotChunk>) -> Result<(), Fed> {
     use tokio::io::AsyncReadExt;
-    let mut file = match file {
-        Ok(file) => tokio::fs::File::from_std(file),
-        Err(error) => return Err(Fed::Unread(error, chunks)),
-    };
     loop {
         let mut data = Vec::with_capacity(crate::SNAPSHOT_CHUNK_BYTES as usize);
         match (&mut file).take(crate::SNAPSHOT_CHUNK_BYTES).read_to_end(&mut data).await {
@@ -485,6 +478,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 Ok(Err(error)) => return Err(format!("cannot export the store: {error}")),
                 Err(error) => return Err(format!("the export stopped: {error}")),
             };
+            let export = file.reopen().map_err(|error| format!("cannot read the export: {error}"))?;
             let header = raftpb::SnapshotHeader {
                 cluster_id: self.cluster_id,
                 member_id: self.target,
@@ -494,7 +488,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             let (chunks, stream) = tokio::sync::mpsc::channel(2);
             let _ = chunks.send(raftpb::SnapshotChunk { part: Some(snapshot_chunk::Part::Header(header)) }).await;
             let call = self.channels.send(&self.node.peer_url, client.install_snapshot(ReceiverStream::new(stream)));
-            match futures::try_join!(feed(file.reopen(), chunks), async { call.await.map_err(Fed::Refused) }) {
+            match futures::try_join!(feed(tokio::fs::File::from_std(export), chunks), async {
+                call.await.map_err(Fed::Refused)
+            }) {
                 Ok(((), answer)) => Ok(answer.into_inner()),
                 // The call is dropped (and its stream reset) before `chunks`, which the
                 // error holds, so the peer never sees a cut-short export end as if whole.

@@ -17,16 +17,14 @@
 use std::path::{Path, PathBuf};
 
 use openraft::{ErrorVerb, SnapshotMeta};
-use prost::Message;
 use tempfile::NamedTempFile;
 use tokio::io::AsyncWriteExt;
 
-use capstan_proto::raftpb;
 use capstan_store::Store;
 
 use crate::error::DecodeError;
-use crate::state_machine::{snapshot_error, META_APPLIED, META_BATCH_PROGRESS, META_MEMBERSHIP};
-use crate::types::{self, NodeId, PeerNode, StorageError};
+use crate::state_machine::{decode_applied, snapshot_error, META_APPLIED, META_BATCH_PROGRESS, META_MEMBERSHIP};
+use crate::types::{NodeId, PeerNode, StorageError};
 
 /// openraft's `SnapshotData`.
 #[derive(Debug)]
@@ -62,20 +60,9 @@ impl LiveStore {
             .store
             .export(file.path(), &[META_APPLIED, META_MEMBERSHIP, META_BATCH_PROGRESS])
             .map_err(|error| snapshot_error(ErrorVerb::Write, error))?;
-        let decode_error = |error: prost::DecodeError| snapshot_error(ErrorVerb::Read, DecodeError::from(error));
-        let last_log_id = exported.meta[0]
-            .as_deref()
-            .map(raftpb::LogId::decode)
-            .transpose()
-            .map_err(decode_error)?
-            .map(|id| types::log_id_from_pb(&id));
-        let last_membership = exported.meta[1]
-            .as_deref()
-            .map(raftpb::StoredMembership::decode)
-            .transpose()
-            .map_err(decode_error)?
-            .map(types::stored_membership_from_pb)
-            .unwrap_or_default();
+        let (last_log_id, last_membership) =
+            decode_applied(exported.meta[0].as_deref(), exported.meta[1].as_deref())
+                .map_err(|error| snapshot_error(ErrorVerb::Read, DecodeError::from(error)))?;
         tracing::info!(bytes = exported.bytes, "exported the store for a snapshot");
         Ok((file, SnapshotMeta { last_log_id, snapshot_id: snapshot_id(&last_log_id), last_membership }))
     }

@@ -30,7 +30,22 @@ pub(crate) const META_MEMBERSHIP: &[u8] = b"raft/membership";
 pub(crate) const META_BATCH_PROGRESS: &[u8] = b"raft/batch_progress";
 
 /// The last applied log ID and the membership in force, as openraft asks for them.
-type AppliedState = (Option<LogId<NodeId>>, StoredMembership<NodeId, PeerNode>);
+pub(crate) type AppliedState = (Option<LogId<NodeId>>, StoredMembership<NodeId, PeerNode>);
+
+/// The applied state from the raw `META_APPLIED` and `META_MEMBERSHIP` values of one view
+/// of the store.
+pub(crate) fn decode_applied(
+    applied: Option<&[u8]>,
+    membership: Option<&[u8]>,
+) -> Result<AppliedState, prost::DecodeError> {
+    let applied = applied.map(raftpb::LogId::decode).transpose()?.map(|id| types::log_id_from_pb(&id));
+    let membership = membership
+        .map(raftpb::StoredMembership::decode)
+        .transpose()?
+        .map(types::stored_membership_from_pb)
+        .unwrap_or_default();
+    Ok((applied, membership))
+}
 
 /// The events of one applied revision, as published to watchers.
 #[derive(Debug)]
@@ -157,12 +172,10 @@ impl StateMachine {
     }
 
     fn read_applied(&self) -> Result<AppliedState, StorageError> {
-        let applied = self.read_meta::<raftpb::LogId>(META_APPLIED)?.map(|id| types::log_id_from_pb(&id));
-        let membership = self
-            .read_meta::<raftpb::StoredMembership>(META_MEMBERSHIP)?
-            .map(types::stored_membership_from_pb)
-            .unwrap_or_default();
-        Ok((applied, membership))
+        let reader = self.store.reader();
+        let read = |name| reader.meta(name).map_err(|error| sm_error(ErrorVerb::Read, error));
+        decode_applied(read(META_APPLIED)?.as_deref(), read(META_MEMBERSHIP)?.as_deref())
+            .map_err(|error| sm_error(ErrorVerb::Read, DecodeError::from(error)))
     }
 
     fn apply_entry(&self, entry: Entry) -> Result<Response, StorageError> {

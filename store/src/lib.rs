@@ -89,8 +89,22 @@ const SIZE_STALE_MAX: std::time::Duration = std::time::Duration::from_millis(100
 const BLOCK_CACHE_BYTES: usize = 64 << 20;
 /// The memtables of every family together, at most: past this RocksDB flushes the largest.
 const MEMTABLE_BUDGET_BYTES: usize = 64 << 20;
-/// One family's memtable before it is flushed.
-const WRITE_BUFFER_BYTES: usize = 16 << 20;
+/// One family's memtable before it is full. Every write is a skip-list insert into it, a
+/// search that costs less in a smaller list: at put 8:64 the skip list took 7–8% of the
+/// planes' CPU with 16 MiB memtables, 4% with 4 MiB ones (session 28 in BENCHMARKS.md).
+const WRITE_BUFFER_BYTES: usize = 4 << 20;
+/// Full memtables written out together, as one L0 file, so that files stay as large as a
+/// 16 MiB memtable made them and compaction runs as rarely.
+const MEMTABLES_PER_FLUSH: i32 = 4;
+/// Memtables per family, at most: the active one, the full ones waiting for their flush,
+/// and room for two more filling while it runs, before writes stall.
+const MEMTABLES_MAX: i32 = MEMTABLES_PER_FLUSH + 2;
+/// L0 files before RocksDB compacts them. The store keeps every version of every key until
+/// an etcd compaction, and the versions of all keys interleave, so while the store is
+/// small each compaction rewrites the whole last level: the rarer they are, the less is
+/// rewritten. Over 60 s of put 16:256 on a fresh cluster compaction took 5.7% of the
+/// planes' CPU at RocksDB's default of 4, and 3.5% at 8 (session 28).
+const L0_FILES_PER_COMPACTION: i32 = 8;
 /// The write-ahead log, at most: past this RocksDB flushes the families that hold its
 /// oldest file, so a family written rarely does not keep every log file alive.
 const WAL_BYTES_MAX: u64 = 128 << 20;
@@ -107,6 +121,9 @@ fn family_options(cache: &rocksdb::Cache) -> Options {
     let mut options = Options::default();
     options.set_compression_type(rocksdb::DBCompressionType::Lz4);
     options.set_write_buffer_size(WRITE_BUFFER_BYTES);
+    options.set_min_write_buffer_number_to_merge(MEMTABLES_PER_FLUSH);
+    options.set_max_write_buffer_number(MEMTABLES_MAX);
+    options.set_level_zero_file_num_compaction_trigger(L0_FILES_PER_COMPACTION);
     let mut table = rocksdb::BlockBasedOptions::default();
     table.set_block_cache(cache);
     options.set_block_based_table_factory(&table);

@@ -121,6 +121,18 @@ struct Shared {
 }
 
 impl Shared {
+    /// Raises how far the log counts as durable to `upto`, unless it is there already or a
+    /// sync failed.
+    fn raise_synced(&self, upto: Option<LogId<NodeId>>) {
+        self.synced.send_if_modified(|synced| match synced {
+            Ok(durable) if *durable < upto => {
+                *durable = upto;
+                true
+            }
+            _ => false,
+        });
+    }
+
     fn committed(&self) -> std::sync::MutexGuard<'_, Option<LogId<NodeId>>> {
         self.committed.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -165,13 +177,7 @@ fn sync_appends(
             Ok(()) => {
                 let current = shared.written.borrow();
                 if current.truncations == written.truncations {
-                    shared.synced.send_if_modified(|synced| match synced {
-                        Ok(upto) if *upto < written.last => {
-                            *upto = written.last;
-                            true
-                        }
-                        _ => false,
-                    });
+                    shared.raise_synced(written.last);
                 }
             }
             Err(error) => {
@@ -456,13 +462,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             behind
         });
-        self.shared.synced.send_if_modified(|synced| match synced {
-            Ok(upto) if *upto < purged => {
-                *upto = purged;
-                true
-            }
-            _ => false,
-        });
+        self.shared.raise_synced(purged);
         Ok(())
     }
 }

@@ -96,8 +96,8 @@ const WRITE_BUFFER_BYTES: usize = 4 << 20;
 /// Full memtables written out together, as one L0 file, so that files stay as large as a
 /// 16 MiB memtable made them and compaction runs as rarely.
 const MEMTABLES_PER_FLUSH: i32 = 4;
-/// Memtables per family, at most: the active one, the full ones waiting for their flush,
-/// and room for two more filling while it runs, before writes stall.
+/// Memtables per family, at most, before writes stall: the full ones a flush writes out
+/// together, and two more that fill while it runs (the active one and the next).
 const MEMTABLES_MAX: i32 = MEMTABLES_PER_FLUSH + 2;
 /// L0 files before RocksDB compacts them. The store keeps every version of every key until
 /// an etcd compaction, and the versions of all keys interleave, so while the store is

@@ -111,8 +111,10 @@ const WAL_BYTES_MAX: u64 = 128 << 20;
 /// Write-ahead log files kept for reuse once RocksDB no longer needs them. A synced append
 /// to a new file must also write the file's grown size (an inode write on ext4), one to a
 /// reused file overwrites blocks already there: 104–125 µs against 149–160 µs per
-/// `fdatasync` of 300 bytes here. Recovery tells a reused file's new records from the
-/// older ones past them (RocksDB's recyclable record format), in the default
+/// `fdatasync` of 300 bytes here. Only up to the file's previous size, though: RocksDB
+/// truncates a log file to what it wrote when it closes it, so a reused file grows again
+/// past that (session 30 in BENCHMARKS.md). Recovery tells a reused file's new records
+/// from the older ones past them (RocksDB's recyclable record format), in the default
 /// point-in-time recovery mode. The cost: up to this many obsolete files stay on disk.
 const WAL_FILES_REUSED: usize = 4;
 

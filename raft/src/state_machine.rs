@@ -55,8 +55,14 @@ pub struct RevisionEvents {
 }
 
 /// Entries touching up to this many keys in all, each command bounded work, are applied on
-/// the async worker itself.
-const APPLY_INLINE_COMMANDS_MAX: usize = 32;
+/// the async worker itself: a full batch of puts (the batcher's 512 commands, at most 4 MiB),
+/// about 2 ms of one worker at the most. The state machine is one task, so this holds at
+/// most one worker at a time while the others serve everything else, and it spares the two
+/// thread hand-offs of a blocking thread on every larger apply. With 32 here, more than
+/// half of the applying at put 8:64 went to blocking threads (a follower applies entries
+/// several at a time); 512 took 10–15% of the context switches per put off and ran put
+/// 16:256 5% and 9.5% faster and put 8:64 9% faster (session 31 in BENCHMARKS.md).
+const APPLY_INLINE_COMMANDS_MAX: usize = 512;
 
 /// How many keys applying `entry` touches when each of its commands is bounded work (it
 /// names single keys, or only meta); `None` when its work can grow with the store (range
@@ -332,10 +338,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .await
                 .map_err(|error| sm_error(ErrorVerb::Write, std::io::Error::other(error)))?;
         }
-        // A few small commands apply faster here than the hand-off to a blocking thread and
-        // back takes (each put is one lookup, mostly in memory, and the entries one unsynced
-        // RocksDB batch each); more, or any whose work grows with the store, go to a
-        // blocking thread.
+        // Bounded commands apply faster here than the hand-off to a blocking thread and back
+        // takes (each put is one lookup, mostly in memory, and the entries one unsynced
+        // RocksDB batch each); more than a batch of them, or any whose work grows with the
+        // store, go to a blocking thread.
         let apply_all = |this: &StateMachine, entries: Vec<Entry>| {
             crate::metrics::timed(&this.metrics.apply_seconds, || {
                 entries.into_iter().map(|entry| this.apply_entry(entry)).collect()

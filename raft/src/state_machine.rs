@@ -56,12 +56,13 @@ pub struct RevisionEvents {
 
 /// Entries touching up to this many keys in all, each command bounded work, are applied on
 /// the async worker itself: a full batch of puts (the batcher's 512 commands, at most 4 MiB),
-/// about 2 ms of one worker at the most. The state machine is one task, so this holds at
-/// most one worker at a time while the others serve everything else, and it spares the two
+/// 2–3 ms of one worker at the most. The state machine is one task, so this holds at
+/// most one worker at a time while any other serves everything else, and it spares the two
 /// thread hand-offs of a blocking thread on every larger apply. With 32 here, more than
 /// half of the applying at put 8:64 went to blocking threads (a follower applies entries
-/// several at a time); 512 took 10–15% of the context switches per put off and ran put
-/// 16:256 5% and 9.5% faster and put 8:64 9% faster (session 31 in BENCHMARKS.md).
+/// several at a time); 512 took 7–15% of the context switches per put off and ran put
+/// 16:256 4–10% faster in three sets of rounds and put 8:64 1–9% in two (session 31 in
+/// BENCHMARKS.md).
 const APPLY_INLINE_COMMANDS_MAX: usize = 512;
 
 /// How many keys applying `entry` touches when each of its commands is bounded work (it

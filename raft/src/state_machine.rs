@@ -56,15 +56,11 @@ pub struct RevisionEvents {
 
 /// Entries touching up to this many keys in all, each command bounded work, are applied on
 /// the async worker itself: up to a full batch of puts (the batcher's 512 commands), 2–3 ms
-/// of one worker with small values, longer only as large values take to copy. The state
-/// machine is one task, so this holds at most one worker at a time while any other serves
-/// everything else (with one worker, it delays the rest by far less than an election
-/// timeout), and it spares the two thread hand-offs of a blocking thread on every larger
-/// apply. With 32 here, more than
-/// half of the applying at put 8:64 went to blocking threads (a follower applies entries
-/// several at a time); 512 took 7–15% of the context switches per put off and ran put
-/// 16:256 4–10% faster in three sets of rounds and put 8:64 1–9% in two (session 31 in
-/// BENCHMARKS.md).
+/// of one worker with small values. The state machine is one task, so this holds at most
+/// one worker at a time, and it spares the two thread hand-offs of a blocking thread that a
+/// follower otherwise paid whenever it applied several entries at once: put 16:256 4–10%
+/// and put 8:64 1–9% faster than at 32, with 7–15% fewer context switches per put (session
+/// 31 in BENCHMARKS.md).
 const APPLY_INLINE_COMMANDS_MAX: usize = 512;
 
 /// How many keys applying `entry` touches when each of its commands is bounded work (it

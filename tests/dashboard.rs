@@ -10,13 +10,40 @@ use std::io::{BufRead, BufReader, Write};
 use std::time::Duration;
 
 use capstan_client::Objects;
-use capstan_proto::objects::{Node, Object, Pod};
+use capstan_proto::objects::{Node, Object, Pod, NODE_LEASE_PREFIX};
 use common::{http_get, leader_index, wait_for, Cluster};
 use serde_json::Value;
 
 fn json(address: std::net::SocketAddr, path: &str) -> (u16, Value) {
     let (status, body) = http_get(address, path);
     (status, serde_json::from_str(&body).unwrap_or_else(|error| panic!("{path}: not JSON ({error}): {body}")))
+}
+
+/// The dashboard's event stream, line by line, from the first line after its headers
+/// (so a change made once this returns is streamed).
+fn event_stream(http: std::net::SocketAddr, headers: &[&str]) -> impl Iterator<Item = String> {
+    let mut stream = std::net::TcpStream::connect(http).unwrap();
+    stream.set_read_timeout(Some(common::CONVERGE_TIMEOUT)).unwrap();
+    let headers: String = headers.iter().map(|header| format!("{header}\r\n")).collect();
+    write!(stream, "GET /api/events HTTP/1.1\r\nHost: {http}\r\n{headers}Accept: text/event-stream\r\n\r\n").unwrap();
+    let mut lines = BufReader::new(stream).lines().map_while(Result::ok);
+    assert!(lines.next().unwrap().contains("200"), "the stream opens");
+    for line in lines.by_ref() {
+        if line.is_empty() {
+            break;
+        }
+    }
+    lines
+}
+
+/// The first line of an event stream that contains `needle`; a panic if none comes within
+/// `CONVERGE_TIMEOUT` (the stream's keep-alives, every 15 s, keep its reads from timing out).
+fn streamed(lines: &mut impl Iterator<Item = String>, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + common::CONVERGE_TIMEOUT;
+    lines
+        .take_while(|_| std::time::Instant::now() < deadline)
+        .find(|line| line.contains(needle))
+        .unwrap_or_else(|| panic!("no change of {needle} was streamed"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -93,21 +120,22 @@ async fn the_dashboard_api_serves_the_cluster_and_follows_it() {
     assert!(status == 404 && missing["error"].as_str().unwrap().contains("not found"), "{missing}");
 
     // The event stream reports a change as it happens.
-    let mut stream = std::net::TcpStream::connect(http).unwrap();
-    stream.set_read_timeout(Some(common::CONVERGE_TIMEOUT)).unwrap();
-    write!(stream, "GET /api/events HTTP/1.1\r\nHost: {http}\r\nAccept: text/event-stream\r\n\r\n").unwrap();
-    let mut lines = BufReader::new(stream).lines().map_while(Result::ok);
-    assert!(lines.next().unwrap().contains("200"), "the stream opens");
-    // The stream is open once its headers are through; then the change is made.
-    for line in lines.by_ref() {
-        if line.is_empty() {
-            break;
-        }
-    }
+    let mut lines = event_stream(http, &[]);
     let pod = Pod::requesting("default", "late", &["sleep", "600"], "100m", "64Mi");
     objects.create(&Object::Pod(pod)).await.unwrap();
-    let change = lines.find(|line| line.contains("/registry/pods/default/late")).expect("the change is streamed");
+    let change = streamed(&mut lines, "/registry/pods/default/late");
     assert!(change.contains("\"PUT\""), "{change}");
+    // A node's lease key is a change the page follows too (the nodes view shows who holds
+    // one), though it is not an object: an agent that takes its lease after its node was
+    // last written would otherwise show "none" until something else changed.
+    let mut writer = objects.client().clone();
+    let lease = writer.lease_grant(60, None).await.unwrap().id();
+    let options = etcd_client::PutOptions::new().with_lease(lease);
+    writer.put(format!("{NODE_LEASE_PREFIX}n1"), "", Some(options)).await.unwrap();
+    let change = streamed(&mut lines, "/registry/leases/nodes/n1");
+    assert!(change.contains("\"Lease\""), "{change}");
+    let (_, n1) = json(http, "/api/nodes/n1");
+    assert_eq!(n1["summary"]["lease"]["ttl"], 60, "{n1}");
 
     // Without quorum a plane says so rather than serve what may be stale.
     let leader = leader_index(&cluster).await;
@@ -409,20 +437,11 @@ async fn with_auth_the_dashboard_shows_each_user_what_the_user_may_read() {
     assert_eq!(status, 200, "the planes' state is for anyone signed in, as etcd's Status");
 
     // Alice's event stream: a change she may not read is not sent; one she may read is.
-    let mut stream = std::net::TcpStream::connect(http).unwrap();
-    stream.set_read_timeout(Some(common::CONVERGE_TIMEOUT)).unwrap();
-    write!(stream, "GET /api/events HTTP/1.1\r\nHost: {http}\r\n{alice}\r\nAccept: text/event-stream\r\n\r\n").unwrap();
-    let mut lines = BufReader::new(stream).lines().map_while(Result::ok);
-    assert!(lines.next().unwrap().contains("200"), "the stream opens");
-    for line in lines.by_ref() {
-        if line.is_empty() {
-            break;
-        }
-    }
+    let mut lines = event_stream(http, &[&alice]);
     for (namespace, name) in [("team-b", "b2"), ("team-a", "a2")] {
         objects.create(&Object::Pod(Pod::requesting(namespace, name, &["sleep"], "100m", "64Mi"))).await.unwrap();
     }
-    let first = lines.find(|line| line.contains("/registry/")).expect("a change is streamed");
+    let first = streamed(&mut lines, "/registry/");
     assert!(first.contains("/registry/pods/team-a/a2"), "alice was sent {first}");
 
     // The page asks a visitor to sign in, then shows alice her pods.

@@ -12,8 +12,9 @@
 //!   their lease, from the leader.
 //! - `GET /api/nodes/{name}`, `/api/pods/{namespace}/{name}`: one object, 404 if none; a
 //!   pod with its events ([`timeline`]) and the tail of its log.
-//! - `GET /api/events`: an event per change under `/registry/` (kind, key, revision), for
-//!   the page to fetch again what it shows; `resync` when this stream fell behind.
+//! - `GET /api/events`: an event per change of an object or a node lease (kind, key,
+//!   revision), for the page to fetch again what it shows; `resync` when this stream fell
+//!   behind.
 //! - `GET|POST|DELETE /api/session`: who is looking; sign in (etcd's Authenticate, the
 //!   token kept in an HttpOnly cookie) and out. With auth on, every other call needs a
 //!   session and shows only what its user may read; with auth off anyone sees everything.
@@ -570,8 +571,8 @@ async fn sign_out() -> Response {
     ([(header::SET_COOKIE, session_cookie("", 0))], Json(json!({}))).into_response()
 }
 
-/// Server-sent events: one per change under `/registry/` the viewer may read, from the
-/// store's event channel. A signed-in viewer's stream ends when the session does.
+/// Server-sent events: one per change of an object or node lease the viewer may read,
+/// from the store's event channel. A signed-in viewer's stream ends when the session does.
 async fn events(
     State(dashboard): State<Arc<Dashboard>>,
     headers: HeaderMap,
@@ -604,9 +605,9 @@ async fn events(
             let viewer = Viewer { user: viewer.user.clone(), auth: plane.store.auth() };
             for event in &batch.events {
                 let Some(kv) = event.kv.as_ref().filter(|kv| viewer.may_read(&kv.key)) else { continue };
-                let Some(kind) = Kind::of_key(&kv.key) else { continue };
+                let Some(kind) = changed_kind(&kv.key) else { continue };
                 let data = json!({
-                    "kind": kind.name(),
+                    "kind": kind,
                     "key": String::from_utf8_lossy(&kv.key),
                     "type": if event.r#type == 0 { "PUT" } else { "DELETE" },
                     "revision": batch.revision,
@@ -618,6 +619,15 @@ async fn events(
         }
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// What a change of `key` is a change of, for the page: an object's kind, or `Lease` for
+/// a node's lease key (the nodes view shows who holds one); `None` for other keys.
+fn changed_kind(key: &[u8]) -> Option<&'static str> {
+    match key.starts_with(objects::NODE_LEASE_PREFIX.as_bytes()) {
+        true => Some("Lease"),
+        false => Kind::of_key(key).map(Kind::name),
+    }
 }
 
 /// A stream fed by `produce` through a bounded channel, ending when `produce` returns or
